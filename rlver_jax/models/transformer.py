@@ -1,0 +1,365 @@
+"""Decoder-only transformer for the Llama (Llama-3, SmolLM2), Qwen2/Qwen2.5 and Qwen3 families.
+
+The model is a pure function of a params pytree:
+
+    logits, cache = forward(params, tokens, positions, token_mask, config, cache=None)
+
+- GQA attention with RoPE (HF "rotate half" layout, optional linear / llama3 scaling), RMSNorm,
+  SwiGLU MLP; q/k/v biases for Qwen2, per-head q/k RMSNorm for Qwen3; tied or untied embeddings.
+- Layers are stacked on a leading `layers` axis so that they can run under `lax.scan` (one
+  compiled layer; fast compiles) or an unrolled Python loop (`config.scan_layers=False`).
+- `token_mask` marks real tokens; padded positions are never attended to, so left-padded batches
+  give the same logits on their real tokens as unpadded ones.
+- With a `KVCache` the call appends the block's keys/values at slot `cache.end` (shared by all
+  rows: prompts are left-padded to a common length) and attends over the whole cache.
+- Every weight has logical axis names (`param_logical_axes`) and activations are constrained with
+  `rules.constrain`, so the sharding layer maps them to any mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from rlver_jax.models.config import ModelConfig
+from rlver_jax.parallel.rules import LogicalAxes, constrain
+
+Params = dict[str, Any]
+
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer, written left to right at slot `end`.
+
+    k, v:      [layers, batch, max_len, kv_heads, head_dim]
+    key_mask:  [batch, max_len] True where the slot holds a real (non-pad) token
+    end:       [] int32, the next slot to write (the same for every row)
+    """
+
+    k: jax.Array
+    v: jax.Array
+    key_mask: jax.Array
+    end: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+CACHE_LOGICAL_AXES = KVCache(
+    k=("layers", "cache_batch", "cache_seq", "act_kv_heads", "head_dim"),  # type: ignore[arg-type]
+    v=("layers", "cache_batch", "cache_seq", "act_kv_heads", "head_dim"),  # type: ignore[arg-type]
+    key_mask=("cache_batch", "cache_seq"),  # type: ignore[arg-type]
+    end=(),  # type: ignore[arg-type]
+)
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+    """An empty cache for `batch` rows of up to `max_len` tokens."""
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    dtype = jnp.dtype(dtype or config.dtype)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        key_mask=jnp.zeros((batch, max_len), bool),
+        end=jnp.zeros((), jnp.int32),
+    )
+
+
+# --------------------------------------------------------------------------- parameters
+def param_logical_axes(config: ModelConfig) -> Params:
+    """Logical axis names of every weight, in the same pytree structure as the params."""
+    layers: dict[str, LogicalAxes] = {
+        "attn_norm": ("layers", "norm"),
+        "wq": ("layers", "embed", "heads", "head_dim"),
+        "wk": ("layers", "embed", "kv_heads", "head_dim"),
+        "wv": ("layers", "embed", "kv_heads", "head_dim"),
+        "wo": ("layers", "heads", "head_dim", "embed"),
+        "mlp_norm": ("layers", "norm"),
+        "w_gate": ("layers", "embed", "mlp"),
+        "w_up": ("layers", "embed", "mlp"),
+        "w_down": ("layers", "mlp", "embed"),
+    }
+    if config.attention_bias:
+        layers |= {
+            "bq": ("layers", "heads", "head_dim"),
+            "bk": ("layers", "kv_heads", "head_dim"),
+            "bv": ("layers", "kv_heads", "head_dim"),
+        }
+    if config.qk_norm:
+        layers |= {"q_norm": ("layers", "norm"), "k_norm": ("layers", "norm")}
+    axes: Params = {"embed": ("vocab", "embed"), "layers": layers, "final_norm": ("norm",)}
+    if not config.tie_word_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def param_shapes(config: ModelConfig) -> Params:
+    """`jax.ShapeDtypeStruct` of every weight (no memory is allocated)."""
+    dims = {
+        "layers": config.num_layers,
+        "embed": config.hidden_size,
+        "mlp": config.intermediate_size,
+        "heads": config.num_heads,
+        "kv_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "vocab": config.vocab_size,
+    }
+    dtype = jnp.dtype(config.param_dtype)
+    axes = param_logical_axes(config)
+
+    def struct_of(names: LogicalAxes, norm_dim: int) -> jax.ShapeDtypeStruct:
+        shape = tuple(norm_dim if n == "norm" else dims[n] for n in names)  # type: ignore[index]
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    shapes: Params = {k: struct_of(v, config.hidden_size) for k, v in axes.items() if k != "layers"}
+    shapes["layers"] = {
+        k: struct_of(v, config.head_dim if k in ("q_norm", "k_norm") else config.hidden_size)
+        for k, v in axes["layers"].items()
+    }
+    return shapes
+
+
+def is_logical_axes(x: Any) -> bool:
+    """True for a tuple of logical axis names (a leaf of `param_logical_axes`)."""
+    return isinstance(x, tuple) and all(isinstance(n, str | None) for n in x)
+
+
+def init_params(config: ModelConfig, key: jax.Array, std: float = 0.02) -> Params:
+    """Random initialisation: N(0, std) matrices, zero biases, unit norm scales."""
+    shapes = param_shapes(config)
+    leaves, treedef = jax.tree.flatten(shapes)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]]
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for path, leaf, k in zip(paths, leaves, keys, strict=True):
+        if "norm" in path:
+            out.append(jnp.ones(leaf.shape, leaf.dtype))
+        elif path.endswith("['bq']") or path.endswith("['bk']") or path.endswith("['bv']"):
+            out.append(jnp.zeros(leaf.shape, leaf.dtype))
+        else:
+            out.append((std * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+# --------------------------------------------------------------------------- building blocks
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32 (as HF does)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y.astype(x.dtype) * scale.astype(x.dtype)).astype(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> jax.Array:
+    """Inverse frequencies theta^(-2i/d), with linear or llama3 scaling where configured."""
+    dh = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv
+    if scaling.rope_type == "linear":
+        return inv / scaling.factor
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    old = scaling.original_max_position_embeddings
+    low_wavelen = old / scaling.low_freq_factor
+    high_wavelen = old / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+    smooth = (old / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, blended, scaled)
+
+
+def rope_tables(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables [B, T, head_dim] for integer `positions` [B, T]."""
+    freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(config)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x * cos + rotate_half(x) * sin on x [B, T, heads, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def positions_from_mask(token_mask: jax.Array) -> jax.Array:
+    """Positions 0, 1, ... counted over real tokens only (left padding gets position 0)."""
+    return jnp.maximum(jnp.cumsum(token_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, config: ModelConfig
+) -> jax.Array:
+    """Grouped-query attention. q [B,T,H,Dh], k/v [B,S,K,Dh], mask [B,T,S] -> [B,T,H,Dh]."""
+    B, T, H, Dh = q.shape
+    q = q.reshape(B, T, config.num_kv_heads, config.num_groups, Dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(Dh)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(B, T, H, Dh)
+
+
+def _layer(
+    h: jax.Array,
+    p: Params,
+    cos: jax.Array,
+    sin: jax.Array,
+    mask: jax.Array,
+    kv: tuple[jax.Array, jax.Array, jax.Array] | None,
+    config: ModelConfig,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """One pre-norm block. `kv` = (k_cache_l, v_cache_l, write slot) or None.
+
+    Returns the new hidden states and this layer's (k, v) as attended to: the updated cache
+    layer when a cache is used, else the block's own keys and values.
+    """
+    dtype = h.dtype
+    x = rms_norm(h, p["attn_norm"], config.rms_norm_eps)
+    q = jnp.einsum("btd,dhk->bthk", x, p["wq"].astype(dtype))
+    k = jnp.einsum("btd,dhk->bthk", x, p["wk"].astype(dtype))
+    v = jnp.einsum("btd,dhk->bthk", x, p["wv"].astype(dtype))
+    if config.attention_bias:
+        q, k, v = q + p["bq"].astype(dtype), k + p["bk"].astype(dtype), v + p["bv"].astype(dtype)
+    if config.qk_norm:
+        q = rms_norm(q, p["q_norm"], config.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"], config.rms_norm_eps)
+    q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", "head_dim"))
+    k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", "head_dim"))
+    v = constrain(v, ("batch", "seq", "act_kv_heads", "head_dim"))
+    if kv is not None:
+        k_cache, v_cache, start = kv
+        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, start, 0, 0))
+        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, start, 0, 0))
+    attn = _attention(q, k.astype(dtype), v.astype(dtype), mask, config)
+    h = h + jnp.einsum("bthk,hkd->btd", attn, p["wo"].astype(dtype))
+    h = constrain(h, ("batch", "seq", "act_embed"))
+
+    x = rms_norm(h, p["mlp_norm"], config.rms_norm_eps)
+    gate = jnp.einsum("btd,df->btf", x, p["w_gate"].astype(dtype))
+    up = jnp.einsum("btd,df->btf", x, p["w_up"].astype(dtype))
+    act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
+    h = h + jnp.einsum("btf,fd->btd", act, p["w_down"].astype(dtype))
+    return constrain(h, ("batch", "seq", "act_embed")), (k, v)
+
+
+def _remat(fn: Any, policy: str) -> Any:
+    if policy == "none":
+        return fn
+    saveable = (
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots" else None
+    )
+    return jax.checkpoint(fn, policy=saveable, static_argnums=(6,))
+
+
+# --------------------------------------------------------------------------- forward
+def forward(
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array,
+    token_mask: jax.Array,
+    config: ModelConfig,
+    cache: KVCache | None = None,
+    *,
+    return_hidden: bool = False,
+) -> tuple[jax.Array, KVCache | None]:
+    """Run the decoder on a block of tokens.
+
+    Args:
+      tokens: [B, T] int token ids (pad ids are ignored through `token_mask`).
+      positions: [B, T] int RoPE positions (see `positions_from_mask`).
+      token_mask: [B, T] bool, True on real tokens.
+      cache: optional KV cache; the block is written at slots [cache.end, cache.end + T).
+      return_hidden: return final-norm hidden states [B, T, D] instead of logits.
+
+    Returns:
+      (logits [B, T, V] float32 | hidden [B, T, D], the updated cache or None).
+    """
+    dtype = jnp.dtype(config.dtype)
+    token_mask = token_mask.astype(bool)
+    h = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+    h = constrain(h, ("batch", "seq", "act_embed"))
+    cos, sin = rope_tables(positions, config)
+    T = tokens.shape[1]
+
+    if cache is None:
+        causal = jnp.tril(jnp.ones((T, T), bool))
+        mask = causal[None] & token_mask[:, None, :]
+        start = None
+        key_mask = None
+    else:
+        start = cache.end
+        key_mask = jax.lax.dynamic_update_slice(cache.key_mask, token_mask, (0, start))
+        q_slot = start + jnp.arange(T)
+        k_slot = jnp.arange(cache.max_len)
+        mask = (k_slot[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :]
+
+    layer_fn = _remat(_layer, config.remat)
+    layers = params["layers"]
+
+    if config.scan_layers:
+        if cache is None:
+
+            def body(carry: jax.Array, p: Params) -> tuple[jax.Array, None]:
+                out, _ = layer_fn(carry, p, cos, sin, mask, None, config)
+                return out, None
+
+            h, _ = jax.lax.scan(body, h, layers)
+            new_k = new_v = None
+        else:
+
+            def body_cached(
+                carry: tuple[jax.Array, jax.Array, jax.Array], xs: tuple[Params, jax.Array]
+            ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
+                h_c, k_all, v_all = carry
+                p, i = xs
+                out, (k_l, v_l) = layer_fn(
+                    h_c, p, cos, sin, mask, (k_all[i], v_all[i], start), config
+                )
+                k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_l, i, 0)
+                v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_l, i, 0)
+                return (out, k_all, v_all), None
+
+            idx = jnp.arange(config.num_layers)
+            (h, new_k, new_v), _ = jax.lax.scan(body_cached, (h, cache.k, cache.v), (layers, idx))
+    else:
+        new_k_list, new_v_list = [], []
+        for i in range(config.num_layers):
+            p = jax.tree.map(lambda x, i=i: x[i], layers)
+            kv = None if cache is None else (cache.k[i], cache.v[i], start)
+            h, (k_l, v_l) = layer_fn(h, p, cos, sin, mask, kv, config)
+            new_k_list.append(k_l)
+            new_v_list.append(v_l)
+        new_k = jnp.stack(new_k_list) if cache is not None else None
+        new_v = jnp.stack(new_v_list) if cache is not None else None
+
+    h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
+    new_cache = None
+    if cache is not None:
+        new_cache = KVCache(k=new_k, v=new_v, key_mask=key_mask, end=start + T)
+    if return_hidden:
+        return h, new_cache
+    return lm_logits(params, h, config), new_cache
+
+
+def lm_logits(params: Params, hidden: jax.Array, config: ModelConfig) -> jax.Array:
+    """Logits [.., V] in float32 from final hidden states [.., D]."""
+    if config.tie_word_embeddings:
+        head = params["embed"].astype(hidden.dtype).T
+    else:
+        head = params["lm_head"].astype(hidden.dtype)
+    logits = jnp.einsum("...d,dv->...v", hidden, head, preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "seq", "act_vocab"))

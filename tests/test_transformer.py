@@ -1,0 +1,196 @@
+"""Logits parity with transformers' torch models, KV-cache decoding, scan/remat/bf16 options."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlver_jax.models.config import ModelConfig, ModelConfigError
+from rlver_jax.models.transformer import (
+    forward,
+    init_cache,
+    init_params,
+    param_logical_axes,
+    param_shapes,
+    positions_from_mask,
+)
+from tests.hf_reference import params_from_torch, tiny_torch_model, torch_logits
+
+FAMILIES = ["llama", "qwen2", "qwen3"]
+
+
+def _config_of(model, **runtime) -> ModelConfig:
+    return ModelConfig.from_hf_dict(model.config.to_dict()).replace(**runtime)
+
+
+def _run(params, tokens, mask, config):
+    pos = positions_from_mask(jnp.asarray(mask))
+    logits, _ = forward(params, jnp.asarray(tokens), pos, jnp.asarray(mask), config)
+    return np.asarray(logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tie", [False, True])
+def test_logits_match_transformers(family: str, tie: bool) -> None:
+    model = tiny_torch_model(family, tie=tie)
+    config = _config_of(model)
+    assert config.family == family and config.tie_word_embeddings == tie
+    params = params_from_torch(model, config)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, config.vocab_size, (2, 11))
+    mask = np.ones_like(tokens)
+    ours = _run(params, tokens, mask, config)
+    ref = torch_logits(model, tokens, mask)
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_batch_matches_transformers(family: str) -> None:
+    model = tiny_torch_model(family, seed=3)
+    config = _config_of(model)
+    params = params_from_torch(model, config)
+    rng = np.random.default_rng(2)
+    lengths = [9, 5, 1]
+    T = max(lengths)
+    tokens = np.zeros((3, T), np.int64)
+    mask = np.zeros((3, T), np.int64)
+    for row, n in enumerate(lengths):
+        tokens[row, T - n :] = rng.integers(1, config.vocab_size, n)
+        mask[row, T - n :] = 1
+    ours = _run(params, tokens, mask, config)
+    ref = torch_logits(model, tokens, mask)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(ours[real], ref[real], atol=1e-4, rtol=0)
+    # Each padded row equals the same sequence run alone, unpadded.
+    for row, n in enumerate(lengths):
+        alone = _run(params, tokens[row : row + 1, T - n :], mask[row : row + 1, T - n :], config)
+        np.testing.assert_allclose(ours[row, T - n :], alone[0], atol=1e-4, rtol=0)
+
+
+def test_llama3_rope_scaling_matches_transformers() -> None:
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    model = tiny_torch_model("llama", rope_scaling=scaling, rope_theta=500000.0)
+    config = _config_of(model)
+    assert config.rope_scaling is not None and config.rope_scaling.factor == 8.0
+    params = params_from_torch(model, config)
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, 120))
+    mask = np.ones_like(tokens)
+    np.testing.assert_allclose(
+        _run(params, tokens, mask, config), torch_logits(model, tokens, mask), atol=1e-4, rtol=0
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("scan", [True, False])
+def test_incremental_decoding_equals_full_forward(family: str, scan: bool) -> None:
+    model = tiny_torch_model(family, seed=5)
+    config = _config_of(model, scan_layers=scan)
+    params = params_from_torch(model, config)
+    rng = np.random.default_rng(4)
+    B, P, N = 2, 6, 5
+    tokens = rng.integers(1, config.vocab_size, (B, P + N))
+    mask = np.ones((B, P + N), bool)
+    mask[1, :2] = False  # row 1 is left-padded by two tokens
+    full = _run(params, tokens, mask, config)
+
+    cache = init_cache(config, B, P + N + 3)
+    pos = positions_from_mask(jnp.asarray(mask))
+    step_logits, cache = forward(
+        params, jnp.asarray(tokens[:, :P]), pos[:, :P], jnp.asarray(mask[:, :P]), config, cache
+    )
+    outs = [np.asarray(step_logits)]
+    for t in range(P, P + N):
+        logit, cache = forward(
+            params,
+            jnp.asarray(tokens[:, t : t + 1]),
+            pos[:, t : t + 1],
+            jnp.asarray(mask[:, t : t + 1]),
+            config,
+            cache,
+        )
+        outs.append(np.asarray(logit))
+    incremental = np.concatenate(outs, axis=1)
+    np.testing.assert_allclose(incremental[mask], full[mask], atol=1e-4, rtol=0)
+    assert int(cache.end) == P + N
+
+
+def test_remat_and_bf16_options() -> None:
+    config = ModelConfig(
+        family="qwen3",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        qk_norm=True,
+    )
+    params = init_params(config, jax.random.key(0))
+    tokens = jnp.arange(12).reshape(2, 6) % 64
+    mask = jnp.ones((2, 6), bool)
+    pos = positions_from_mask(mask)
+
+    def loss(p, cfg):
+        logits, _ = forward(p, tokens, pos, mask, cfg)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    g_plain = jax.grad(loss)(params, config)
+    g_remat = jax.grad(loss)(params, config.replace(remat="full"))
+    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    bf16 = _run(params, np.asarray(tokens), np.asarray(mask), config.replace(dtype="bfloat16"))
+    fp32 = _run(params, np.asarray(tokens), np.asarray(mask), config)
+    assert bf16.dtype == np.float32
+    np.testing.assert_allclose(bf16, fp32, atol=5e-2)
+
+
+def test_logical_axes_cover_every_weight() -> None:
+    for family, extra in [
+        ("llama", {}),
+        ("qwen2", {"attention_bias": True}),
+        ("qwen3", {"qk_norm": True}),
+    ]:
+        config = ModelConfig(
+            family=family,
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=24,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=4,
+            **extra,
+        )
+        shapes = param_shapes(config)
+        axes = param_logical_axes(config)
+        assert jax.tree.structure(shapes) == jax.tree.structure(
+            jax.tree.map(lambda _: 0, axes, is_leaf=lambda x: isinstance(x, tuple))
+        )
+        for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+            names = axes
+            for k in path:
+                names = names[k.key]
+            assert len(names) == len(leaf.shape), path
+
+
+def test_bad_config_errors_name_the_key() -> None:
+    good = tiny_torch_model("llama").config.to_dict()
+    with pytest.raises(ModelConfigError, match="unsupported architecture"):
+        ModelConfig.from_hf_dict(
+            {**good, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
+        )
+    broken = dict(good)
+    del broken["hidden_size"]
+    with pytest.raises(ModelConfigError, match="hidden_size"):
+        ModelConfig.from_hf_dict(broken, source="x/config.json")
+    with pytest.raises(ModelConfigError, match="num_hidden_layers"):
+        ModelConfig.from_hf_dict({**good, "num_hidden_layers": "3"})
