@@ -1,0 +1,275 @@
+"""Policy / value / entropy / KL losses as unreduced ``(total, count)`` pairs (pure JAX).
+
+Every loss is returned as a :class:`LossTerm` so that gradient accumulation over micro-batches
+reproduces the full-batch mean exactly: accumulate ``total`` and ``count`` over micro-batches,
+then ``value = sum_i total_i / sum_i count_i``. (To differentiate, take the gradient of each
+micro-batch's ``total`` and divide the summed gradients by the global ``count``.)
+
+Token arrays are ``[B, T]``; ``mask`` is 1 on policy tokens. Math runs in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rlver_jax.rl.advantages import masked_sum
+from rlver_jax.rl.registry import register_policy_loss
+
+Array = jax.Array
+
+__all__ = [
+    "AGG_MODES",
+    "KL_KINDS",
+    "LossTerm",
+    "aggregate",
+    "apply_kl_reward_penalty",
+    "combine_terms",
+    "entropy_bonus",
+    "entropy_from_logits",
+    "grpo_policy_loss",
+    "kl_loss",
+    "kl_penalty",
+    "ppo_policy_loss",
+    "token_logprobs",
+    "value_loss",
+]
+
+AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+KL_KINDS: dict[str, str] = {
+    "k1": "k1",
+    "kl": "k1",
+    "k2": "k2",
+    "mse": "k2",
+    "k3": "k3",
+    "low_var_kl": "k3",
+}
+_LOG_RATIO_CLAMP = 20.0
+
+
+def _f32(x: Array) -> Array:
+    return jnp.asarray(x, dtype=jnp.float32)
+
+
+class LossTerm(NamedTuple):
+    """An unreduced loss ``(total, count)``; its value is ``total / count`` (0 if ``count == 0``).
+
+    A pytree (NamedTuple), so it passes through ``jit`` / ``scan`` / ``tree_map``.
+    """
+
+    total: Array
+    count: Array
+
+    def combine(self, other: LossTerm) -> LossTerm:
+        """``(t1 + t2, c1 + c2)``: merge two micro-batches."""
+        return LossTerm(self.total + other.total, self.count + other.count)
+
+    def value(self) -> Array:
+        """``total / count``, or 0 when ``count == 0``."""
+        ok = self.count > 0
+        return jnp.where(ok, self.total / jnp.where(ok, self.count, 1.0), 0.0)
+
+    def scale(self, factor: float | Array) -> LossTerm:
+        """``(factor * total, count)``: multiply the loss value by ``factor``."""
+        return LossTerm(self.total * factor, self.count)
+
+    @staticmethod
+    def zero() -> LossTerm:
+        return LossTerm(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+
+
+def combine_terms(terms: Iterable[LossTerm]) -> LossTerm:
+    """Sum ``total`` and ``count`` over micro-batches."""
+    out = LossTerm.zero()
+    for term in terms:
+        out = out.combine(term)
+    return out
+
+
+def aggregate(per_token: Array, mask: Array, mode: str = "token-mean") -> LossTerm:
+    """Reduce a ``[B, T]`` per-token loss ``x`` under ``mask`` ``m`` to a :class:`LossTerm`.
+
+    - ``"token-mean"``: ``(sum_{b,t} x m, sum_{b,t} m)``, i.e. the mean over all policy tokens.
+    - ``"seq-mean-token-mean"``: ``(sum_b [sum_t x m / sum_t m], #{b : sum_t m > 0})``, i.e. the
+      mean over non-empty sequences of each sequence's token mean.
+    - ``"seq-mean-token-sum"``: ``(sum_b sum_t x m, #{b : sum_t m > 0})``.
+    """
+    x, m = _f32(per_token), _f32(mask)
+    if mode == "token-mean":
+        return LossTerm(masked_sum(x, m), jnp.sum(m))
+    if mode in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        seq_sum = masked_sum(x, m, axis=-1)
+        seq_len = jnp.sum(m, axis=-1)
+        nonempty = seq_len > 0
+        if mode == "seq-mean-token-mean":
+            seq_sum = jnp.where(nonempty, seq_sum / jnp.where(nonempty, seq_len, 1.0), 0.0)
+        return LossTerm(jnp.sum(seq_sum), jnp.sum(nonempty.astype(jnp.float32)))
+    raise ValueError(f"unknown aggregation mode {mode!r}; available: {', '.join(AGG_MODES)}")
+
+
+def _token_mean(x: Array, mask: Array) -> LossTerm:
+    return aggregate(jax.lax.stop_gradient(x), mask, "token-mean")
+
+
+@register_policy_loss("ppo")
+def ppo_policy_loss(
+    logprobs: Array,
+    old_logprobs: Array,
+    advantages: Array,
+    mask: Array,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    agg_mode: str = "token-mean",
+    clip_ratio_c: float | None = None,
+) -> tuple[LossTerm, dict[str, LossTerm]]:
+    """PPO clipped surrogate (with optional dual clip); returns ``(loss, metrics)``.
+
+    ``r = exp(clamp(logp - logp_old, -20, 20))`` and per token::
+
+        L = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))
+        if clip_ratio_c (dual clip, c > 1) and A < 0:  L = min(L, -A c)
+
+    aggregated with ``agg_mode``. ``advantages`` may be ``[B, T]`` or per-sample ``[B]``.
+    Metrics (token-mean LossTerms, no gradient): ``clipfrac`` (fraction where the clipped term
+    is active), ``clipfrac_lower`` (dual clip active), ``approx_kl`` (``mean(logp_old - logp)``)
+    and ``ratio``.
+    """
+    logp, old = _f32(logprobs), _f32(old_logprobs)
+    adv = _f32(advantages)
+    if adv.ndim == 1:
+        adv = adv[:, None]
+    mask = _f32(mask)
+    log_ratio = jnp.clip(logp - old, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    ratio = jnp.exp(log_ratio)
+    loss1 = -adv * ratio
+    loss2 = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    per_token = jnp.maximum(loss1, loss2)
+    metrics = {
+        "clipfrac": _token_mean((loss2 > loss1).astype(jnp.float32), mask),
+        "approx_kl": _token_mean(-log_ratio, mask),
+        "ratio": _token_mean(ratio, mask),
+    }
+    if clip_ratio_c is not None:
+        if clip_ratio_c <= 1.0:
+            raise ValueError(f"clip_ratio_c must be > 1, got {clip_ratio_c}")
+        loss3 = -adv * clip_ratio_c
+        lower = (adv < 0) & (per_token > loss3)
+        per_token = jnp.where(adv < 0, jnp.minimum(per_token, loss3), per_token)
+        metrics["clipfrac_lower"] = _token_mean(lower.astype(jnp.float32), mask)
+    else:
+        metrics["clipfrac_lower"] = _token_mean(jnp.zeros_like(per_token), mask)
+    return aggregate(per_token, mask, agg_mode), metrics
+
+
+@register_policy_loss("grpo")
+def grpo_policy_loss(
+    logprobs: Array,
+    old_logprobs: Array,
+    advantages: Array,
+    mask: Array,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    agg_mode: str = "token-mean",
+    clip_ratio_c: float | None = None,
+) -> tuple[LossTerm, dict[str, LossTerm]]:
+    """GRPO policy loss: the PPO clipped surrogate of :func:`ppo_policy_loss`, token-level
+    (``token-mean``) by default, with per-sample ``[B]`` advantages broadcast over tokens.
+
+    ``L = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))``. Add a KL term with
+    :func:`kl_loss` if desired.
+    """
+    return ppo_policy_loss(
+        logprobs, old_logprobs, advantages, mask, clip_low, clip_high, agg_mode, clip_ratio_c
+    )
+
+
+def value_loss(
+    values: Array,
+    old_values: Array,
+    returns: Array,
+    mask: Array,
+    clip: float | None = 0.5,
+    agg_mode: str = "token-mean",
+) -> tuple[LossTerm, dict[str, LossTerm]]:
+    """Clipped value loss; returns ``(loss, metrics)``.
+
+    ``L = 0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)`` per token (no clipping if
+    ``clip is None``: ``0.5 (V - R)^2``). Metric ``vf_clipfrac``: fraction of policy tokens where
+    the clipped term is the larger one.
+    """
+    v, v_old, ret, mask = _f32(values), _f32(old_values), _f32(returns), _f32(mask)
+    loss1 = jnp.square(v - ret)
+    if clip is None:
+        per_token = loss1
+        clipfrac = jnp.zeros_like(loss1)
+    else:
+        loss2 = jnp.square(jnp.clip(v, v_old - clip, v_old + clip) - ret)
+        per_token = jnp.maximum(loss1, loss2)
+        clipfrac = (loss2 > loss1).astype(jnp.float32)
+    return aggregate(0.5 * per_token, mask, agg_mode), {"vf_clipfrac": _token_mean(clipfrac, mask)}
+
+
+def entropy_from_logits(logits: Array) -> Array:
+    """Per-token entropy ``H = logsumexp(z) - sum_v softmax(z)_v z_v`` over the last axis (fp32)."""
+    z = _f32(logits)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    p = jax.nn.softmax(z, axis=-1)
+    return lse - jnp.sum(p * z, axis=-1)
+
+
+def entropy_bonus(entropy: Array, mask: Array, agg_mode: str = "token-mean") -> LossTerm:
+    """Aggregate per-token entropy ``[B, T]``; the learner adds ``-coef * value`` to the loss."""
+    return aggregate(entropy, mask, agg_mode)
+
+
+def kl_penalty(logprobs: Array, ref_logprobs: Array, kind: str = "k3") -> Array:
+    """Per-token KL estimate between the policy and the reference, ``d = logp - logp_ref``.
+
+    - ``k1`` (``kl``): ``d``
+    - ``k2`` (``mse``): ``0.5 d^2``
+    - ``k3`` (``low_var_kl``): ``exp(-d) - (-d) - 1`` with ``-d`` clamped to ``[-20, 20]`` and
+      the result clamped to ``[-10, 10]`` (Schulman's unbiased, non-negative estimator).
+    """
+    canonical = KL_KINDS.get(kind)
+    if canonical is None:
+        raise ValueError(f"unknown KL kind {kind!r}; available: {', '.join(KL_KINDS)}")
+    d = _f32(logprobs) - _f32(ref_logprobs)
+    if canonical == "k1":
+        return d
+    if canonical == "k2":
+        return 0.5 * jnp.square(d)
+    neg = jnp.clip(-d, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    return jnp.clip(jnp.exp(neg) - neg - 1.0, -10.0, 10.0)
+
+
+def kl_loss(
+    logprobs: Array,
+    ref_logprobs: Array,
+    mask: Array,
+    kind: str = "k3",
+    agg_mode: str = "token-mean",
+) -> LossTerm:
+    """KL as a loss term: ``aggregate(kl_penalty(logp, logp_ref, kind), mask, agg_mode)``."""
+    return aggregate(kl_penalty(logprobs, ref_logprobs, kind), mask, agg_mode)
+
+
+def apply_kl_reward_penalty(
+    token_rewards: Array, kl: Array, beta: float | Array, mask: Array
+) -> Array:
+    """KL as an in-reward penalty: ``r'_t = r_t - beta * kl_t * m_t`` (``kl`` from
+    :func:`kl_penalty`, treated as a constant)."""
+    kl = jax.lax.stop_gradient(_f32(kl))
+    return _f32(token_rewards) - beta * kl * _f32(mask)
+
+
+def token_logprobs(logits: Array, targets: Array) -> Array:
+    """``log_softmax(logits)[..., targets]`` in fp32: ``z_y - logsumexp(z)``.
+
+    ``logits`` ``[..., V]``, ``targets`` ``[...]`` integer ids; returns ``[...]``.
+    """
+    z = _f32(logits)
+    picked = jnp.take_along_axis(z, jnp.asarray(targets)[..., None].astype(jnp.int32), axis=-1)
+    return picked[..., 0] - jax.nn.logsumexp(z, axis=-1)
