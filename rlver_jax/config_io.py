@@ -8,6 +8,7 @@ wrong type or a value outside a `Literal` fails with the full dotted key in the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -149,10 +150,8 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         return value
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
