@@ -1,0 +1,48 @@
+"""`rlver-jax` command line: one subcommand per job; each imports its module lazily."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+
+def _chat(argv: Sequence[str]) -> int:
+    from rlver_jax.chat import main
+
+    return main(argv)
+
+
+def _bench(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="rlver-jax bench")
+    parser.add_argument("what", choices=["sample"], help="which benchmark to run")
+    args, rest = parser.parse_known_args(argv)
+    if args.what == "sample":
+        from rlver_jax.bench.sample_bench import main
+
+        main(list(rest))
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "chat": (_chat, "one chat turn with a model (default: SmolLM2-135M-Instruct, offline)"),
+    "bench": (_bench, "benchmarks: `bench sample`"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: rlver-jax <command> [args]\n\ncommands:")
+        for name, (_, help_text) in COMMANDS.items():
+            print(f"  {name:<12} {help_text}")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nunknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    handler, _ = COMMANDS[argv[0]]
+    return handler(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
