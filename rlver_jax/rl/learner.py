@@ -1,0 +1,493 @@
+"""PPO / GRPO learner: one jitted, donated, sharded train step with exact gradient accumulation.
+
+Pipeline of one training step (:meth:`Learner.update`)::
+
+    traj         = learner.pad(traj)                      # fixed N, bucketed T: no recompiles
+    old, m_old   = learner.compute_old(state, traj)       # old logprobs, values, ref logprobs
+    batch, m_adv = learner.compute_advantages(traj, old)  # GAE (PPO) / group-normalised (GRPO)
+    state, m     = learner.train_step(state, batch)       # epochs x mini-batches x micro-batches
+
+Alignment (token-aligned everywhere): ``loss_mask[t] = 1`` means token ``t`` was generated; its
+logprob comes from the logits at position ``t - 1`` and its value is the critic's output at
+position ``t - 1`` (the state before token ``t``; verl's ``values[:, -L-1:-1]``). So
+``logprobs[t]``, ``values[t]``, ``advantages[t]`` and ``returns[t]`` all refer to the action that
+produced token ``t``; column 0 is always 0.
+
+Mini-batches are interleaved (:func:`rlver_jax.rl.optim.strided_split`): mini-batch ``k`` holds
+the samples ``i`` with ``i % n_mini == k``, independent of the micro-batch size. Each optimiser
+step uses the exact mini-batch mean gradient: micro-batch gradients of the *unnormalised* loss
+sums are added up and divided by the mini-batch's global count (tokens or sequences).
+
+Skip semantics: a mini-batch update whose loss or gradient norm is not finite leaves that model's
+params and optimiser state bit-identical and adds 1 to ``actor/skipped`` / ``critic/skipped``;
+``skipped`` counts mini-batch updates where either model skipped. ``state.step`` counts *training
+steps* and always advances (verl steps its LR scheduler even when the optimiser skipped), so the
+LR schedule stays aligned with the data; ``state.rng`` is left untouched by the train step.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rlver_jax.models import value_head
+from rlver_jax.models.config import ModelConfig
+from rlver_jax.models.transformer import (
+    forward,
+    param_logical_axes,
+    param_shapes,
+    positions_from_mask,
+)
+from rlver_jax.parallel.rules import axis_rules, constrain, named_sharding, tree_shardings
+from rlver_jax.rl import advantages as adv_lib
+from rlver_jax.rl.losses import (
+    LossTerm,
+    aggregate,
+    apply_kl_reward_penalty,
+    entropy_from_logits,
+    kl_penalty,
+    token_logprobs,
+    value_loss,
+)
+from rlver_jax.rl.optim import (
+    LearnerConfig,
+    bucket_length,
+    minibatch_update,
+    opt_state_shardings,
+    strided_merge,
+    strided_split,
+)
+from rlver_jax.rl.registry import get_advantage, get_policy_loss
+from rlver_jax.trajectories import Trajectories
+
+Array = jax.Array
+Params = Any
+Metrics = dict[str, Array]
+_BT = ("batch", "seq")
+
+
+@struct.dataclass
+class TrainState:
+    """Everything the learner updates. ``critic``/``critic_opt`` are None for GRPO, ``ref`` is None
+    unless ``kl_coef > 0``. ``step``: training steps taken (int32); ``rng``: raw uint32[2] key."""
+
+    policy: Params
+    critic: Params | None
+    policy_opt: optax.OptState
+    critic_opt: optax.OptState | None
+    ref: Params | None
+    step: Array
+    rng: Array
+
+
+@struct.dataclass
+class OldOutputs:
+    """Token-aligned ``[N, T]`` outputs of :meth:`Learner.compute_old` (0 off their masks)."""
+
+    logprobs: Array
+    values: Array | None
+    ref_logprobs: Array | None
+
+
+@struct.dataclass
+class LearnerBatch:
+    """The ``[N, T]`` inputs of the train step (``returns``/``old_values``/``value_mask`` only for
+    PPO, ``ref_logprobs`` only for a KL loss)."""
+
+    tokens: Array
+    token_mask: Array
+    loss_mask: Array
+    old_logprobs: Array
+    advantages: Array
+    returns: Array | None = None
+    old_values: Array | None = None
+    value_mask: Array | None = None
+    ref_logprobs: Array | None = None
+
+
+def shift_right(x: Array) -> Array:
+    """``out[:, t] = x[:, t - 1]``, ``out[:, 0] = 0``: position ``t - 1`` -> token ``t``."""
+    return jnp.pad(x[:, :-1], ((0, 0), (1, 0)) + ((0, 0),) * (x.ndim - 2))
+
+
+def policy_outputs(
+    params: Params, tokens: Array, token_mask: Array, mcfg: ModelConfig, temperature: float = 1.0
+) -> tuple[Array, Array]:
+    """Token-aligned ``(logprobs, entropies)`` ``[B, T]``: ``logp[t] = log softmax(z_{t-1} /
+    temperature)[tokens[t]]``, ``H[t] = entropy(z_{t-1} / temperature)``."""
+    tokens, token_mask = constrain(tokens, _BT), constrain(token_mask, _BT)
+    logits, _ = forward(params, tokens, positions_from_mask(token_mask), token_mask, mcfg)
+    logits = logits / temperature  # logits[:, t] predict tokens[:, t + 1]
+    logp = shift_right(token_logprobs(logits, jnp.roll(tokens, -1, axis=1)))
+    return logp, shift_right(entropy_from_logits(logits))
+
+
+def critic_values(params: Params, tokens: Array, token_mask: Array, mcfg: ModelConfig) -> Array:
+    """Token-aligned critic values ``[B, T]``: ``values[t] = V(position t - 1)``."""
+    tokens, token_mask = constrain(tokens, _BT), constrain(token_mask, _BT)
+    v = value_head.value_forward(params, tokens, positions_from_mask(token_mask), token_mask, mcfg)
+    return shift_right(v.astype(jnp.float32))
+
+
+class Learner:
+    """The static configs, the mesh and the jitted functions of one learner (see module docs)."""
+
+    def __init__(
+        self, model_config: ModelConfig, config: LearnerConfig, mesh: Mesh | None = None
+    ) -> None:
+        self.mcfg, self.cfg, self.mesh = model_config, config, mesh
+        self.actor_opt, self.critic_opt = config.optimizers()
+        self._fns: dict[tuple[Any, ...], Callable[..., Any]] = {}
+
+    # ------------------------------------------------------------------ jit / sharding helpers
+    def _call(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        in_sh: Any,
+        out_sh: Any,
+        donate: bool = False,
+    ) -> Any:
+        """Run ``fn(*args)`` jitted once per (name, N, T), traced under the mesh's axis rules,
+        with explicit shardings (inputs are ``device_put`` onto them first)."""
+        key = (name, *next(a for a in args if hasattr(a, "tokens")).tokens.shape)
+        if key not in self._fns:
+            mesh = self.mesh
+
+            def traced(*a: Any) -> Any:
+                if mesh is None:
+                    return fn(*a)
+                with axis_rules(mesh):
+                    return fn(*a)
+
+            kw: dict[str, Any] = {"donate_argnums": (0,)} if donate else {}
+            if mesh is not None:
+                kw |= {"in_shardings": in_sh, "out_shardings": out_sh}
+            self._fns[key] = jax.jit(traced, **kw)
+        if self.mesh is not None:
+            args = tuple(jax.device_put(a, sh) for a, sh in zip(args, in_sh, strict=True))
+        return self._fns[key](*args)
+
+    def _tok(self, n: int, t: int) -> NamedSharding | None:
+        """``[N, T]`` arrays: batch-sharded rows (a prefix for OldOutputs / LearnerBatch)."""
+        return None if self.mesh is None else named_sharding(_BT, (n, t), self.mesh)
+
+    def _replicated(self) -> NamedSharding | None:
+        return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
+
+    def state_shardings(self) -> TrainState | None:
+        """The planned ``NamedSharding`` of every state leaf (None without a mesh); optimiser
+        moments are sharded like their parameters."""
+        if self.mesh is None:
+            return None
+        mesh, cfg, rep = self.mesh, self.cfg, self._replicated()
+        p_shapes = param_shapes(self.mcfg)
+        p_sh = tree_shardings(param_logical_axes(self.mcfg), p_shapes, mesh)
+        critic_sh = copt_sh = None
+        if cfg.uses_critic:
+            c_shapes = value_head.value_param_shapes(self.mcfg)
+            critic_sh = tree_shardings(value_head.value_logical_axes(self.mcfg), c_shapes, mesh)
+            copt_sh = opt_state_shardings(self.critic_opt, c_shapes, critic_sh, rep)
+        return TrainState(
+            policy=p_sh,
+            critic=critic_sh,
+            policy_opt=opt_state_shardings(self.actor_opt, p_shapes, p_sh, rep),
+            critic_opt=copt_sh,
+            ref=p_sh if cfg.uses_reference else None,
+            step=rep,
+            rng=rep,
+        )
+
+    def batch_shardings(self, tree: Any) -> Any:
+        """A ``batch``-sharded leading axis for every leaf of a batch pytree (None: no mesh)."""
+        if self.mesh is None:
+            return None
+        mesh = self.mesh
+        return jax.tree.map(
+            lambda x: named_sharding(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh), tree
+        )
+
+    # ------------------------------------------------------------------ state
+    def init_state(self, policy_params: Params, key: Array) -> TrainState:
+        """Build the whole state in one jit with ``out_shardings`` (params, optimiser state and
+        reference copy placed before the first train step, so it compiles once). The policy (and
+        reference) are fresh copies: the caller's ``policy_params`` are not donated later."""
+        cfg, mcfg = self.cfg, self.mcfg
+        if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+            key = jax.random.key_data(key)
+
+        def init(policy: Params, key: Array) -> TrainState:
+            k_critic, k_state = jax.random.split(jax.random.wrap_key_data(key))
+            copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+            policy = copy(policy)
+            critic = (
+                value_head.init_value_params(policy, mcfg, k_critic) if cfg.uses_critic else None
+            )
+            return TrainState(
+                policy=policy,
+                critic=critic,
+                policy_opt=self.actor_opt.tx().init(policy),
+                critic_opt=self.critic_opt.tx().init(critic) if cfg.uses_critic else None,
+                ref=copy(policy) if cfg.uses_reference else None,
+                step=jnp.zeros((), jnp.int32),
+                rng=jax.random.key_data(k_state),
+            )
+
+        fn = jax.jit(init, out_shardings=self.state_shardings())
+        return fn(policy_params, jnp.asarray(key, jnp.uint32))
+
+    # ------------------------------------------------------------------ padding
+    def pad(self, traj: Trajectories, num_samples: int | None = None) -> Trajectories:
+        """Pad to ``num_samples`` rows (default: the next multiple of ``mini_batch_size``) and to
+        the smallest ``seq_buckets`` length, so repeated steps reuse one compiled program."""
+        n, t = traj.tokens.shape
+        m = self.cfg.mini_batch_size
+        n_pad = num_samples if num_samples is not None else -(-n // m) * m
+        if n_pad % m:
+            raise ValueError(f"num_samples={n_pad} must be a multiple of mini_batch_size={m}")
+        return traj.pad_to(n_pad, bucket_length(t, self.cfg.seq_buckets))
+
+    # ------------------------------------------------------------------ old logprobs / values
+    def _compute_old(self, state: TrainState, traj: Trajectories) -> tuple[OldOutputs, Metrics]:
+        cfg, mcfg = self.cfg, self.mcfg
+        n_chunks = traj.tokens.shape[0] // cfg.fwd_micro
+
+        def chunk(xs: tuple[Array, Array]) -> tuple[Array, Array, Array]:
+            tokens, tmask = xs
+            logp = policy_outputs(state.policy, tokens, tmask, mcfg, cfg.temperature)[0]
+            zeros = jnp.zeros_like(logp)
+            values = critic_values(state.critic, tokens, tmask, mcfg) if cfg.uses_critic else zeros
+            ref = (
+                policy_outputs(state.ref, tokens, tmask, mcfg, cfg.temperature)[0]
+                if cfg.uses_reference
+                else zeros
+            )
+            return logp, values, ref
+
+        xs = (strided_split(traj.tokens, n_chunks), strided_split(traj.token_mask, n_chunks))
+        logp, values, ref = (strided_merge(o) for o in jax.lax.map(chunk, xs))
+        lmask = traj.loss_mask.astype(jnp.float32)
+        old = OldOutputs(
+            logprobs=logp * lmask,
+            values=values * traj.token_mask if cfg.uses_critic else None,
+            ref_logprobs=ref * lmask if cfg.uses_reference else None,
+        )
+        gap = jnp.abs(old.logprobs - traj.sampler_logprobs.astype(jnp.float32)) * lmask
+        return old, {
+            "rollout/logprob_gap_mean": adv_lib.masked_mean(gap, lmask),
+            "rollout/logprob_gap_max": jnp.max(gap),
+        }
+
+    def compute_old(self, state: TrainState, traj: Trajectories) -> tuple[OldOutputs, Metrics]:
+        """Recompute old logprobs (policy), values (critic) and reference logprobs in chunks of
+        ``forward_micro_batch_size``. Metrics over the loss mask ``m``:
+        ``rollout/logprob_gap_mean = sum |logp - logp_sampler| m / sum m`` and
+        ``rollout/logprob_gap_max = max |logp - logp_sampler| m``."""
+        in_sh = (self.state_shardings(), self.batch_shardings(traj))
+        out_sh = (self._tok(*traj.tokens.shape), self._replicated())
+        return self._call("old", self._compute_old, (state, traj), in_sh, out_sh)
+
+    # ------------------------------------------------------------------ advantages
+    def _compute_advantages(
+        self, traj: Trajectories, old: OldOutputs
+    ) -> tuple[LearnerBatch, Metrics]:
+        cfg = self.cfg
+        lmask = traj.loss_mask.astype(jnp.float32)
+        metrics: Metrics = {}
+        estimator = get_advantage(cfg.advantage_estimator)
+        returns = vmask = None
+        if cfg.uses_critic:
+            vmask = lmask
+            if cfg.critic_mask == "response":  # every real token from the first policy token on
+                vmask = ((jnp.cumsum(lmask, axis=1) > 0) & traj.token_mask).astype(jnp.float32)
+            rewards = traj.rewards.astype(jnp.float32)
+            if cfg.kl_as_reward:
+                kl = kl_penalty(old.logprobs, old.ref_logprobs, cfg.kl_kind) * lmask
+                rewards = apply_kl_reward_penalty(rewards, kl, cfg.kl_coef, lmask)
+                metrics["actor/reward_kl"] = adv_lib.masked_mean(kl, lmask)
+            adv, returns = estimator(rewards, old.values, vmask, cfg.gamma, cfg.lam, whiten=False)
+            if cfg.whiten_advantages:
+                adv = adv_lib.masked_whiten(adv, lmask)
+            adv, returns = adv * lmask, returns * vmask
+        else:
+            n = traj.scores.shape[0]
+            _, gids = jnp.unique(traj.group_ids, size=n, return_inverse=True)
+            kwargs: dict[str, Any] = {"dialogue_ids": traj.dialogue_ids}
+            if "eps" in inspect.signature(estimator).parameters:
+                kwargs["eps"] = cfg.grpo_eps
+            per_sample = estimator(traj.scores, gids.reshape(-1), n, **kwargs)
+            adv = adv_lib.broadcast_to_tokens(per_sample, lmask)
+        kl_loss = cfg.uses_reference and not cfg.kl_as_reward
+        ref = old.ref_logprobs if kl_loss else None
+        inputs = (traj.tokens, traj.token_mask, traj.loss_mask, old.logprobs, adv)
+        return LearnerBatch(*inputs, returns, old.values, vmask, ref), metrics
+
+    def compute_advantages(
+        self, traj: Trajectories, old: OldOutputs
+    ) -> tuple[LearnerBatch, Metrics]:
+        """Advantages (and PPO returns) packed into the train step's :class:`LearnerBatch`.
+
+        PPO: ``A, R = GAE(r, V, m_v; gamma, lam)`` with ``r_t - kl_coef * kl_t`` if
+        ``kl_as_reward``, ``R = A + V``, then ``A`` whitened over the loss mask. GRPO:
+        ``A_i = (s_i - mu_g) / (std_g + eps)`` on ``scores`` (each dialogue counts once, see
+        :func:`rlver_jax.rl.advantages.grpo_advantages`), broadcast to the loss-mask tokens.
+        """
+        tok = self._tok(*traj.tokens.shape)
+        in_sh, out_sh = (self.batch_shardings(traj), tok), (tok, self._replicated())
+        return self._call("adv", self._compute_advantages, (traj, old), in_sh, out_sh)
+
+    # ------------------------------------------------------------------ train step
+    def _actor_objective(
+        self, params: Params, mb: LearnerBatch, count: Array
+    ) -> tuple[Array, dict[str, LossTerm]]:
+        """``(sum_pg - c_H sum_H + c_KL sum_KL) / count`` on one micro-batch, plus metrics."""
+        cfg = self.cfg
+        logp, ent = policy_outputs(params, mb.tokens, mb.token_mask, self.mcfg, cfg.temperature)
+        mask = mb.loss_mask
+        pg, pg_metrics = get_policy_loss(cfg.policy_loss)(
+            logp,
+            mb.old_logprobs,
+            mb.advantages,
+            mask,
+            clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high,
+            agg_mode=cfg.loss_agg,
+            clip_ratio_c=cfg.clip_ratio_c,
+        )
+        entropy = aggregate(ent, mask, cfg.loss_agg)
+        total = pg.total - cfg.entropy_coef * entropy.total
+        terms = {"actor/pg_loss": pg, "actor/entropy": entropy}
+        terms |= {f"actor/{k}": v for k, v in pg_metrics.items()}
+        if mb.ref_logprobs is not None:
+            kl = aggregate(kl_penalty(logp, mb.ref_logprobs, cfg.kl_kind), mask, cfg.loss_agg)
+            total, terms["actor/kl_loss"] = total + cfg.kl_coef * kl.total, kl
+        return total / jnp.maximum(count, 1.0), jax.lax.stop_gradient(terms)
+
+    def _critic_objective(
+        self, params: Params, mb: LearnerBatch, count: Array
+    ) -> tuple[Array, dict[str, LossTerm]]:
+        """``sum 0.5 max((V - R)^2, (clip(V, V_old +- c) - R)^2) / count`` on one micro-batch."""
+        v = critic_values(params, mb.tokens, mb.token_mask, self.mcfg)
+        loss, metrics = value_loss(
+            v, mb.old_values, mb.returns, mb.value_mask, self.cfg.value_clip, self.cfg.loss_agg
+        )
+        terms = {
+            "critic/vf_loss": loss,
+            "critic/vf_clipfrac": metrics["vf_clipfrac"],
+            "critic/vpred_mean": aggregate(v, mb.value_mask, "token-mean"),
+        }
+        return loss.total / jnp.maximum(count, 1.0), jax.lax.stop_gradient(terms)
+
+    def _update(
+        self, name: str, params: Params, opt_state: Any, mb: LearnerBatch, lr: Array
+    ) -> tuple[Params, Any, dict[str, LossTerm], dict[str, Array]]:
+        """Guarded step of ``name`` ("actor" / "critic") on a mini-batch ``[n_micro, m, T]``."""
+        opt, objective, mask = (
+            (self.actor_opt, self._actor_objective, mb.loss_mask)
+            if name == "actor"
+            else (self.critic_opt, self._critic_objective, mb.value_mask)
+        )
+        params, opt_state, terms, st = minibatch_update(
+            opt, objective, params, opt_state, mb, mask, lr, self.cfg.loss_agg
+        )
+        finite = jnp.isfinite(st.grad_norm)  # grad norm: mean over finite updates
+        norm = jnp.where(finite, st.grad_norm, 0.0)
+        terms[f"{name}/grad_norm"] = LossTerm(norm, finite.astype(jnp.float32))
+        return params, opt_state, terms, {f"{name}/skipped": st.skipped}
+
+    def _train_step(self, state: TrainState, batch: LearnerBatch) -> tuple[TrainState, Metrics]:
+        cfg = self.cfg
+        n_mini = batch.tokens.shape[0] // cfg.mini_batch_size
+        n_micro = cfg.mini_batch_size // cfg.micro_batch_size
+        split = jax.tree.map(lambda x: strided_split(x, n_mini, n_micro), batch)
+        lr_actor, lr_critic = self.actor_opt.lr_at(state.step), self.critic_opt.lr_at(state.step)
+
+        def minibatch(carry: tuple[Any, ...], mb: LearnerBatch) -> tuple[tuple[Any, ...], Any]:
+            policy, popt, critic, copt = carry
+            policy, popt, terms, sums = self._update("actor", policy, popt, mb, lr_actor)
+            sums["skipped"] = sums["actor/skipped"]
+            if cfg.uses_critic:
+                critic, copt, c_terms, c_sums = self._update("critic", critic, copt, mb, lr_critic)
+                terms, sums = terms | c_terms, sums | c_sums
+                sums["skipped"] = jnp.maximum(sums["skipped"], c_sums["critic/skipped"])
+            return (policy, popt, critic, copt), (terms, sums)
+
+        def epoch(carry: tuple[Any, ...], _: None) -> tuple[tuple[Any, ...], Any]:
+            return jax.lax.scan(minibatch, carry, split)
+
+        carry = (state.policy, state.policy_opt, state.critic, state.critic_opt)
+        carry, (terms, sums) = jax.lax.scan(epoch, carry, None, length=cfg.ppo_epochs)
+        metrics = {
+            k: LossTerm(jnp.sum(t.total), jnp.sum(t.count)).value() for k, t in terms.items()
+        }
+        metrics |= {k: jnp.sum(v) for k, v in sums.items()}
+        metrics |= self._batch_metrics(batch) | {"actor/lr": lr_actor}
+        if cfg.uses_critic:
+            metrics["critic/lr"] = lr_critic
+        policy, popt, critic, copt = carry
+        new_state = state.replace(
+            policy=policy, policy_opt=popt, critic=critic, critic_opt=copt, step=state.step + 1
+        )
+        return new_state, {k: v.astype(jnp.float32) for k, v in metrics.items()}
+
+    def _batch_metrics(self, batch: LearnerBatch) -> Metrics:
+        """Advantage / return / value statistics of the (pre-update) batch."""
+        lmask = batch.loss_mask.astype(jnp.float32)
+        out = {
+            "adv/mean": adv_lib.masked_mean(batch.advantages, lmask),
+            "adv/std": jnp.sqrt(adv_lib.masked_var(batch.advantages, lmask)),
+        }
+        if batch.returns is not None:
+            vmask = batch.value_mask
+            ret_var = adv_lib.masked_var(batch.returns, vmask)
+            resid_var = adv_lib.masked_var(batch.returns - batch.old_values, vmask)
+            out |= {
+                "returns/mean": adv_lib.masked_mean(batch.returns, vmask),
+                "values/mean": adv_lib.masked_mean(batch.old_values, vmask),
+                "critic/explained_var": 1.0 - resid_var / (ret_var + 1e-8),
+            }
+        return out
+
+    def train_step(self, state: TrainState, batch: LearnerBatch) -> tuple[TrainState, Metrics]:
+        """One training step (``ppo_epochs`` x mini-batches x micro-batches) as ONE jitted call
+        with explicit shardings; ``state`` is DONATED (do not reuse it). Metrics are fp32
+        scalars: LossTerm metrics are ``sum total / sum count`` over the whole step, grad norms
+        the mean over finite updates, ``*/skipped`` counts of skipped updates."""
+        n, t = batch.tokens.shape
+        if n % self.cfg.mini_batch_size:
+            raise ValueError(
+                f"batch of {n} samples is not a multiple of mini_batch_size="
+                f"{self.cfg.mini_batch_size}; use Learner.pad"
+            )
+        state_sh, tok = self.state_shardings(), self._tok(n, t)
+        in_sh, out_sh = (state_sh, tok), (state_sh, self._replicated())
+        return self._call("train", self._train_step, (state, batch), in_sh, out_sh, donate=True)
+
+    def update(
+        self, state: TrainState, traj: Trajectories, num_samples: int | None = None
+    ) -> tuple[TrainState, dict[str, float]]:
+        """pad -> compute_old -> compute_advantages -> train_step; metrics as Python floats."""
+        traj = self.pad(traj, num_samples)
+        old, m_old = self.compute_old(state, traj)
+        batch, m_adv = self.compute_advantages(traj, old)
+        state, m_step = self.train_step(state, batch)
+        return state, {k: float(v) for k, v in jax.device_get(m_old | m_adv | m_step).items()}
+
+
+def init_train_state(
+    policy_params: Params,
+    config_model: ModelConfig,
+    learner_cfg: LearnerConfig,
+    key: Array,
+    mesh: Mesh | None = None,
+) -> TrainState:
+    """``Learner(config_model, learner_cfg, mesh).init_state(policy_params, key)``."""
+    return Learner(config_model, learner_cfg, mesh).init_state(policy_params, key)

@@ -1,0 +1,400 @@
+"""Learner hyper-parameters and optimisation machinery: :class:`LearnerConfig`, AdamW with
+linear warm-up then constant LR, global-norm clipping, non-finite skipping, and exact gradient
+accumulation over interleaved mini/micro-batches. (:mod:`rlver_jax.rl.learner` uses them.)
+
+verl's optimiser, re-expressed for JAX (``torch.optim.AdamW`` + ``clip_grad_norm_`` +
+``get_constant_schedule_with_warmup``):
+
+- learning rate at training step ``s`` (the number of training steps already taken)::
+
+      lr(s) = base_lr * min(1, s / max(1, W))     W = int(warmup_ratio * total_steps)
+
+  so the first step runs with ``lr = 0`` when ``W > 0``, exactly as verl's ``LambdaLR``. The LR
+  is a traced scalar: changing it never recompiles. Every optimiser update inside one training
+  step (mini-batches, PPO epochs) uses the same ``lr(s)``, as verl steps its scheduler once per
+  training step.
+- global-norm clipping, torch's formula: ``g <- g * min(1, c / (||g||_2 + 1e-6))``.
+- decoupled weight decay (AdamW) on every parameter, as verl (no mask)::
+
+      p <- p - lr * (m_hat / (sqrt(v_hat) + eps) + wd * p)
+
+- skip: when the loss or ``||g||`` is not finite (or the update is disabled, e.g. an empty
+  mini-batch), params *and* optimiser state are returned unchanged (selected with ``jnp.where``,
+  so they stay bit-identical); Adam's internal ``count`` therefore does not advance either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rlver_jax.rl.losses import AGG_MODES, KL_KINDS, aggregate
+from rlver_jax.rl.registry import list_advantages, list_policy_losses
+
+Array = jax.Array
+PyTree = Any
+
+__all__ = [
+    "TOKEN_LEVEL_ESTIMATORS",
+    "AdamWConfig",
+    "LearnerConfig",
+    "LearnerConfigError",
+    "UpdateStats",
+    "accumulate_gradients",
+    "bucket_length",
+    "clip_by_global_norm",
+    "guarded_update",
+    "minibatch_update",
+    "opt_state_shardings",
+    "strided_merge",
+    "strided_split",
+    "warmup_constant_lr",
+    "warmup_steps",
+]
+
+
+def warmup_steps(ratio: float, total_steps: int) -> int:
+    """``int(ratio * total_steps)``, verl's ``num_warmup_steps``."""
+    return int(ratio * total_steps)
+
+
+def warmup_constant_lr(base_lr: float, num_warmup: int, step: Array | int) -> Array:
+    """``base_lr * min(1, step / max(1, num_warmup))`` as an fp32 scalar (``base_lr`` if no
+    warm-up)."""
+    step_f = jnp.asarray(step, jnp.float32)
+    if num_warmup <= 0:
+        return jnp.full((), base_lr, jnp.float32)
+    return base_lr * jnp.minimum(1.0, step_f / float(max(1, num_warmup)))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamWConfig:
+    """One model's optimiser (hashable: a static argument of the jitted train step)."""
+
+    lr: float
+    num_warmup: int
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip: float | None = 1.0
+
+    def tx(self) -> optax.GradientTransformation:
+        """The LR-free direction ``m_hat / (sqrt(v_hat) + eps) + wd * p`` (lr applied outside)."""
+        return optax.chain(
+            optax.scale_by_adam(b1=self.b1, b2=self.b2, eps=self.eps),
+            optax.add_decayed_weights(self.weight_decay),
+        )
+
+    def lr_at(self, step: Array | int) -> Array:
+        """The learning rate of training step ``step``."""
+        return warmup_constant_lr(self.lr, self.num_warmup, step)
+
+
+class UpdateStats(NamedTuple):
+    """Per-update diagnostics (fp32 scalars)."""
+
+    grad_norm: Array  # ||g||_2 before clipping (nan/inf when non-finite)
+    applied: Array  # 1.0 when the update was applied
+    skipped: Array  # 1.0 when it was skipped because the loss or gradient was not finite
+
+
+def global_norm(tree: PyTree) -> Array:
+    """``sqrt(sum of squares)`` over every leaf, in fp32."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def clip_by_global_norm(grads: PyTree, max_norm: float | None) -> tuple[PyTree, Array]:
+    """torch ``clip_grad_norm_``: scale by ``min(1, max_norm / (norm + 1e-6))``; returns
+    ``(clipped, norm)`` (norm before clipping)."""
+    norm = global_norm(grads)
+    if max_norm is None:
+        return grads, norm
+    scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+    return jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads), norm
+
+
+def guarded_update(
+    cfg: AdamWConfig,
+    params: PyTree,
+    opt_state: optax.OptState,
+    grads: PyTree,
+    loss: Array,
+    lr: Array,
+    enabled: Array | bool = True,
+) -> tuple[PyTree, optax.OptState, UpdateStats]:
+    """One clipped AdamW step that is skipped (state unchanged) when not finite.
+
+    ``ok = isfinite(loss) & isfinite(||g||) & enabled``; if ``ok`` the new params are
+    ``p - lr * direction(clip(g))``, else ``params`` / ``opt_state`` are returned as they were.
+    """
+    clipped, norm = clip_by_global_norm(grads, cfg.grad_clip)
+    finite = jnp.isfinite(loss) & jnp.isfinite(norm)
+    ok = finite & jnp.asarray(enabled, bool)
+    direction, new_opt = cfg.tx().update(clipped, opt_state, params)
+    new_params = jax.tree.map(lambda p, d: (p - lr * d).astype(p.dtype), params, direction)
+
+    def select(new: PyTree, old: PyTree) -> PyTree:
+        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+    stats = UpdateStats(
+        grad_norm=norm.astype(jnp.float32),
+        applied=ok.astype(jnp.float32),
+        skipped=(~finite & jnp.asarray(enabled, bool)).astype(jnp.float32),
+    )
+    return select(new_params, params), select(new_opt, opt_state), stats
+
+
+def opt_state_shardings(
+    cfg: AdamWConfig, param_shapes: PyTree, param_shardings: PyTree, replicated: Any
+) -> PyTree:
+    """Shardings of ``cfg.tx().init(params)``: moment leaves like their parameter, the rest
+    (step counts) ``replicated``."""
+    state_shapes = jax.eval_shape(cfg.tx().init, param_shapes)
+    return optax.tree_utils.tree_map_params(
+        cfg.tx(),
+        lambda _leaf, sharding: sharding,
+        state_shapes,
+        param_shardings,
+        transform_non_params=lambda _leaf: replicated,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+    )
+
+
+# --------------------------------------------------------------------------- batching helpers
+def strided_split(x: Array, *sizes: int) -> Array:
+    """Split the leading axis ``N`` into interleaved chunks ``[*sizes, N / prod(sizes), ...]``.
+
+    With ``sizes = (a, b)``, element ``[k, j]`` holds the samples ``i`` with ``i % a == k`` and
+    ``(i // a) % b == j``. The chunk of index ``k`` does not depend on ``b`` (so mini-batches do
+    not depend on the micro-batch size), and the innermost axis keeps a contiguous block layout
+    of ``N`` (so a batch sharded on ``N`` stays sharded after the split).
+    """
+    lead = x.shape[0] // int(np.prod(sizes))
+    y = x.reshape((lead, *reversed(sizes), *x.shape[1:]))
+    k = len(sizes)
+    return jnp.moveaxis(y, tuple(range(k + 1)), tuple(reversed(range(k + 1))))
+
+
+def strided_merge(y: Array) -> Array:
+    """Inverse of ``strided_split(x, a)``: ``[a, N / a, ...] -> [N, ...]``."""
+    return jnp.swapaxes(y, 0, 1).reshape((-1, *y.shape[2:]))
+
+
+def accumulate_gradients(
+    objective: Callable[[PyTree, PyTree, Array], tuple[Array, PyTree]],
+    params: PyTree,
+    micro_batches: PyTree,
+    count: Array,
+) -> tuple[PyTree, Array, PyTree]:
+    """Exact gradient accumulation over the leading (micro-batch) axis of ``micro_batches``.
+
+    ``objective(params, micro, count)`` must return ``(sum_over_micro / count, aux)`` where
+    ``count`` is the *global* denominator of the whole mini-batch (e.g. its number of loss
+    tokens). Then ``sum_j grad objective_j = grad (sum_j total_j / count)``: the gradient of the
+    full mini-batch mean, whatever the micro-batch size. Returns ``(grads (fp32), loss, aux)``
+    with ``loss`` and every ``aux`` leaf summed over micro-batches.
+    """
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def body(carry: tuple[PyTree, Array, PyTree], micro: PyTree) -> tuple[Any, None]:
+        g_acc, l_acc, a_acc = carry
+        (loss, aux), grads = grad_fn(params, micro, count)
+        g_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), g_acc, grads)
+        return (g_acc, l_acc + loss, jax.tree.map(jnp.add, a_acc, aux)), None
+
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    aux_shape = jax.eval_shape(lambda p, m: objective(p, m, count)[1], params, first)
+    init = (
+        jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+        jnp.zeros((), jnp.float32),
+        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape),
+    )
+    (grads, loss, aux), _ = jax.lax.scan(body, init, micro_batches)
+    return grads, loss, aux
+
+
+def minibatch_update(
+    opt: AdamWConfig,
+    objective: Callable[[PyTree, PyTree, Array], tuple[Array, PyTree]],
+    params: PyTree,
+    opt_state: optax.OptState,
+    micro_batches: PyTree,
+    mask: Array,
+    lr: Array,
+    agg_mode: str,
+) -> tuple[PyTree, optax.OptState, PyTree, UpdateStats]:
+    """One guarded optimiser step on a mini-batch laid out ``[n_micro, m, ...]``.
+
+    ``count = aggregate(., mask, agg_mode).count`` over the whole mini-batch (tokens for
+    "token-mean", non-empty rows for the seq modes) is the global denominator handed to
+    ``objective`` (see :func:`accumulate_gradients`); a mini-batch with ``count == 0`` (all
+    padding) is a no-op. Returns ``(params, opt_state, aux, stats)``.
+    """
+    flat = mask.reshape(-1, mask.shape[-1]).astype(jnp.float32)
+    count = aggregate(jnp.zeros_like(flat), flat, agg_mode).count
+    grads, loss, aux = accumulate_gradients(objective, params, micro_batches, count)
+    params, opt_state, stats = guarded_update(opt, params, opt_state, grads, loss, lr, count > 0)
+    return params, opt_state, aux, stats
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket ``>= length``; raises if ``length`` exceeds the largest."""
+    for b in buckets:
+        if b >= length:
+            return int(b)
+    raise ValueError(f"sequence length {length} exceeds the largest bucket {max(buckets)}")
+
+
+# --------------------------------------------------------------------------- learner config
+TOKEN_LEVEL_ESTIMATORS: tuple[str, ...] = ("gae",)  # need a critic; the others are outcome-level
+
+
+class LearnerConfigError(ValueError):
+    """An invalid :class:`LearnerConfig`; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+    """Learner hyper-parameters (defaults: RLVER's PPO run, spec section 4.1). Hashable/static.
+
+    ``mini_batch_size``: samples per optimiser step (verl counts prompts, times ``n`` for GRPO);
+    ``micro_batch_size``: samples per gradient-accumulation chunk; ``forward_micro_batch_size``
+    (default ``micro_batch_size``): samples per chunk of :meth:`Learner.compute_old`.
+    ``critic_mask`` "policy" regresses the critic on policy tokens only; "response" on every token
+    from the first policy token on (verl's non-think behaviour, user tokens included).
+    ``kl_as_reward``: subtract ``kl_coef * kl`` from token rewards (PPO) instead of adding
+    ``kl_coef * kl`` to the actor loss. ``seq_buckets``: allowed padded lengths ``T``.
+    """
+
+    algorithm: Literal["ppo", "grpo"] = "ppo"
+    advantage_estimator: str | None = None  # default: "gae" (ppo) / "grpo" (grpo)
+    policy_loss: str | None = None  # default: the algorithm's name
+    gamma: float = 1.0
+    lam: float = 1.0
+    whiten_advantages: bool = True
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    clip_ratio_c: float | None = None
+    value_clip: float | None = 0.5
+    entropy_coef: float = 0.001
+    kl_coef: float = 0.0
+    kl_kind: str = "k1"
+    kl_as_reward: bool = False
+    loss_agg: str = "token-mean"
+    critic_mask: Literal["policy", "response"] = "policy"
+    temperature: float = 1.0
+    actor_lr: float = 1e-6
+    critic_lr: float = 5e-6
+    actor_warmup_ratio: float = 0.02
+    critic_warmup_ratio: float = 0.05
+    total_steps: int = 1000
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    ppo_epochs: int = 1
+    mini_batch_size: int = 32
+    micro_batch_size: int = 32
+    forward_micro_batch_size: int | None = None
+    grpo_eps: float = 1e-6
+    seq_buckets: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384)
+
+    def __post_init__(self) -> None:
+        if self.advantage_estimator is None:
+            est = "gae" if self.algorithm == "ppo" else "grpo"
+            object.__setattr__(self, "advantage_estimator", est)
+        if self.policy_loss is None:
+            object.__setattr__(self, "policy_loss", self.algorithm)
+        pos_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        unit = lambda v: 0.0 <= v <= 1.0
+        opt_pos = lambda v: v is None or v > 0
+        adv, mini, fwd = (
+            self.advantage_estimator,
+            self.mini_batch_size,
+            self.forward_micro_batch_size,
+        )
+        rules: list[tuple[str, Callable[[], bool], str]] = [
+            ("algorithm", lambda: self.algorithm in ("ppo", "grpo"), "must be 'ppo' or 'grpo'"),
+            ("advantage_estimator", lambda: adv in list_advantages(), "unknown estimator"),
+            ("policy_loss", lambda: self.policy_loss in list_policy_losses(), "unknown loss"),
+            (
+                "advantage_estimator",
+                lambda: (adv in TOKEN_LEVEL_ESTIMATORS) == (self.algorithm == "ppo"),
+                "'ppo' needs 'gae' (a critic), 'grpo' an outcome estimator",
+            ),
+            ("gamma", lambda: unit(self.gamma), "must lie in [0, 1]"),
+            ("lam", lambda: unit(self.lam), "must lie in [0, 1]"),
+            ("actor_warmup_ratio", lambda: unit(self.actor_warmup_ratio), "must lie in [0, 1]"),
+            ("critic_warmup_ratio", lambda: unit(self.critic_warmup_ratio), "must lie in [0, 1]"),
+            ("clip_low", lambda: 0.0 <= self.clip_low < 1.0, "must lie in [0, 1)"),
+            ("clip_high", lambda: self.clip_high >= 0, "must be >= 0"),
+            ("clip_ratio_c", lambda: self.clip_ratio_c is None or self.clip_ratio_c > 1, "> 1"),
+            ("value_clip", lambda: opt_pos(self.value_clip), "must be > 0 or None"),
+            ("grad_clip", lambda: opt_pos(self.grad_clip), "must be > 0 or None"),
+            ("entropy_coef", lambda: self.entropy_coef >= 0, "must be >= 0"),
+            ("kl_coef", lambda: self.kl_coef >= 0, "must be >= 0"),
+            ("kl_kind", lambda: self.kl_kind in KL_KINDS, f"must be one of {sorted(KL_KINDS)}"),
+            ("kl_as_reward", lambda: not self.kl_as_reward or adv == "gae", "needs ppo/gae"),
+            ("loss_agg", lambda: self.loss_agg in AGG_MODES, f"must be one of {AGG_MODES}"),
+            ("critic_mask", lambda: self.critic_mask in ("policy", "response"), "policy/response"),
+            ("temperature", lambda: self.temperature > 0, "must be > 0"),
+            ("actor_lr", lambda: self.actor_lr >= 0, "must be >= 0"),
+            ("critic_lr", lambda: self.critic_lr >= 0, "must be >= 0"),
+            ("total_steps", lambda: pos_int(self.total_steps), "must be a positive integer"),
+            ("weight_decay", lambda: self.weight_decay >= 0, "must be >= 0"),
+            ("betas", lambda: len(self.betas) == 2 and all(map(unit, self.betas)), "in [0, 1]"),
+            ("adam_eps", lambda: self.adam_eps > 0, "must be > 0"),
+            ("ppo_epochs", lambda: pos_int(self.ppo_epochs), "must be a positive integer"),
+            ("mini_batch_size", lambda: pos_int(mini), "must be a positive integer"),
+            ("micro_batch_size", lambda: pos_int(self.micro_batch_size), "must be positive"),
+            ("micro_batch_size", lambda: mini % self.micro_batch_size == 0, "must divide mini"),
+            ("forward_micro_batch_size", lambda: fwd is None or pos_int(fwd), "must be positive"),
+            ("forward_micro_batch_size", lambda: fwd is None or mini % fwd == 0, "divide mini"),
+            ("grpo_eps", lambda: self.grpo_eps > 0, "must be > 0"),
+            (
+                "seq_buckets",
+                lambda: (
+                    bool(self.seq_buckets)
+                    and list(self.seq_buckets) == sorted(set(self.seq_buckets))
+                ),
+                "must be a non-empty, strictly increasing tuple",
+            ),
+        ]
+        for name, ok, why in rules:
+            if not ok():
+                raise LearnerConfigError(
+                    f"LearnerConfig.{name}: {why} (got {getattr(self, name)!r})"
+                )
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.algorithm == "ppo"
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.kl_coef > 0
+
+    @property
+    def fwd_micro(self) -> int:
+        return self.forward_micro_batch_size or self.micro_batch_size
+
+    def optimizers(self) -> tuple[AdamWConfig, AdamWConfig]:
+        """(actor, critic) optimisers with their own LR and warm-up."""
+        b1, b2 = self.betas
+        make = lambda lr, ratio: AdamWConfig(
+            lr, warmup_steps(ratio, self.total_steps), b1, b2, self.adam_eps, self.weight_decay,
+            self.grad_clip,
+        )  # fmt: skip
+        return make(self.actor_lr, self.actor_warmup_ratio), make(
+            self.critic_lr, self.critic_warmup_ratio
+        )
