@@ -27,6 +27,7 @@ Design (see docs in jax_anchors.md §3; Tunix's sampler with Levanter's traced s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -107,6 +108,17 @@ def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
 
 
 # --------------------------------------------------------------------------- sampling math
+@struct.dataclass
+class Settings:
+    """Per-call sampling settings, all traced: changing them never recompiles."""
+
+    temperature: jax.Array  # [B] float32, <= 0: greedy
+    top_p: jax.Array  # [B] float32, >= 1: off
+    top_k: jax.Array  # [B] int32, <= 0: off
+    stop_ids: jax.Array  # [MAX_STOP_IDS] int32, -1 = unused
+    max_new: jax.Array  # [] int32
+
+
 def top_p_bisect(probs: jax.Array, top_p: jax.Array) -> jax.Array:
     """Nucleus mask over a full distribution without sorting. probs [B, V], top_p [B].
 
@@ -188,18 +200,14 @@ def inverse_cdf(weights: jax.Array, u: jax.Array, block: int = 256) -> jax.Array
 
 
 def sample_tokens(
-    logits: jax.Array,
-    key: jax.Array,
-    temperature: jax.Array,
-    top_p: jax.Array,
-    top_k: jax.Array,
-    pool: int = 256,
+    logits: jax.Array, key: jax.Array, settings: Settings, pool: int = 256
 ) -> tuple[jax.Array, jax.Array]:
     """One token per row from float32 logits [B, V]; returns (ids [B], logprobs [B]).
 
-    All settings are per-row arrays; filtering and sampling are skipped under `lax.cond` when
-    no row needs them (e.g. an all-greedy batch pays only an argmax).
+    Filtering and sampling are skipped under `lax.cond` when no row needs them (an all-greedy
+    batch pays only an argmax).
     """
+    temperature, top_p, top_k = settings.temperature, settings.top_p, settings.top_k
     greedy = temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
     rows = jnp.arange(logits.shape[0])
@@ -236,18 +244,14 @@ class DecodeState:
     lengths: jax.Array  # [B] int32
     step: jax.Array  # [] int32, next output slot
     key: jax.Array
-    temperature: jax.Array  # [B]
-    top_p: jax.Array  # [B]
-    top_k: jax.Array  # [B]
-    stop_ids: jax.Array  # [MAX_STOP_IDS], -1 = unused
-    max_new: jax.Array  # [] int32
+    settings: Settings
 
 
 def _advance(s: DecodeState, tok: jax.Array, lp: jax.Array, pad_id: int) -> DecodeState:
     """Write the sampled column `s.step` and update the per-row stop bookkeeping."""
     active = ~s.done
     tok = jnp.where(active, tok, pad_id)
-    hit = active & jnp.any(tok[:, None] == s.stop_ids[None, :], axis=-1)
+    hit = active & jnp.any(tok[:, None] == s.settings.stop_ids[None, :], axis=-1)
     return s.replace(
         tokens=jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step)),
         logprobs=jax.lax.dynamic_update_slice(
@@ -255,7 +259,7 @@ def _advance(s: DecodeState, tok: jax.Array, lp: jax.Array, pad_id: int) -> Deco
         ),
         last=tok,
         positions=s.positions + 1,
-        done=s.done | hit | (s.step + 1 >= s.max_new),
+        done=s.done | hit | (s.step + 1 >= s.settings.max_new),
         stopped=s.stopped | hit,
         lengths=s.lengths + active.astype(jnp.int32),
         step=s.step + 1,
@@ -268,11 +272,7 @@ def prefill(
     prompt_mask: jax.Array,
     prefix: jax.Array,
     live: jax.Array,
-    temperature: jax.Array,
-    top_p: jax.Array,
-    top_k: jax.Array,
-    stop_ids: jax.Array,
-    max_new: jax.Array,
+    settings: Settings,
     seed: jax.Array,
     *,
     config: ModelConfig,
@@ -296,7 +296,7 @@ def prefill(
     out_tok = jnp.full((B, out_len), pad_id, jnp.int32)
     out_lp = jnp.zeros((B, out_len), jnp.float32)
     if F:
-        t = jnp.where(temperature <= 0, 1.0, temperature)[:, None, None]
+        t = jnp.where(settings.temperature <= 0, 1.0, settings.temperature)[:, None, None]
         lp = jax.nn.log_softmax(logits[:, :F] / t, axis=-1)
         pre = jnp.broadcast_to(prefix, (B, F))
         out_tok = out_tok.at[:, :F].set(pre)
@@ -305,11 +305,9 @@ def prefill(
         cache=cache, tokens=out_tok, logprobs=out_lp, last=tokens[:, -1],
         positions=positions[:, -1], done=~live, stopped=jnp.zeros((B,), bool),
         lengths=jnp.full((B,), F, jnp.int32), step=jnp.asarray(F, jnp.int32), key=key,
-        temperature=temperature, top_p=top_p, top_k=top_k, stop_ids=stop_ids, max_new=max_new,
+        settings=settings,
     )  # fmt: skip
-    tok, lp = sample_tokens(
-        logits[:, F], jax.random.fold_in(key, F), temperature, top_p, top_k, pool
-    )
+    tok, lp = sample_tokens(logits[:, F], jax.random.fold_in(key, F), settings, pool)
     return _advance(state, tok, lp, pad_id)
 
 
@@ -321,7 +319,7 @@ def decode(
     ones = jnp.ones((B, 1), bool)
 
     def cond(s: DecodeState) -> jax.Array:
-        return (s.step < s.max_new) & ~jnp.all(s.done)
+        return (s.step < s.settings.max_new) & ~jnp.all(s.done)
 
     def body(s: DecodeState) -> DecodeState:
         hidden, cache = forward(
@@ -330,7 +328,183 @@ def decode(
         )  # fmt: skip
         logits = lm_logits(params, hidden, config)[:, 0]
         key = jax.random.fold_in(s.key, s.step)
-        tok, lp = sample_tokens(logits, key, s.temperature, s.top_p, s.top_k, pool)
+        tok, lp = sample_tokens(logits, key, s.settings, pool)
         return _advance(s.replace(cache=cache), tok, lp, pad_id)
 
     return jax.lax.while_loop(cond, body, state)
+
+
+# --------------------------------------------------------------------------- host driver
+class Sampler:
+    """Bucketed, sharded sampler for one model shape; params are passed at every call.
+
+    Passing params per call keeps the weights out of the compiled programs (an RL trainer
+    swaps them every step). With a `mesh`, params must be placed with `shard_params` (the
+    jits declare explicit in/out shardings from the logical axis rules), prompts are split
+    over the batch axes and the programs are traced under `rules.axis_rules(mesh)`.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        mesh: Mesh | None = None,
+        pad_id: int = 0,
+        stop_token_ids: Sequence[int] = (),
+        sampler_config: SamplerConfig | None = None,
+        rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES,
+        seed: int = 0,
+        time_phases: bool = False,
+    ) -> None:
+        self.config = config
+        self.mesh = mesh
+        self.pad_id = int(pad_id)
+        self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
+        self.sampler_config = sampler_config or SamplerConfig()
+        self.rules = tuple(rules)
+        self.seed = int(seed)
+        self.time_phases = time_phases
+        self.last_timings: dict[str, float] = {}
+        self._calls = 0
+        self._fns: dict[tuple[int, int, int, int], tuple[Any, Any, tuple[Any, ...] | None]] = {}
+
+    # ------------------------------------------------------------------ placement
+    def param_shardings(self) -> Any:
+        """The params' shardings on this sampler's mesh (None without a mesh)."""
+        if self.mesh is None:
+            return None
+        return mesh_lib.param_shardings(self.config, self.mesh, self.rules)
+
+    def shard_params(self, params: Params) -> Params:
+        """Place `params` as the sampler's jits expect (a no-op without a mesh)."""
+        if self.mesh is None:
+            return params
+        return mesh_lib.shard_params(params, self.param_shardings())
+
+    def _context(self) -> Any:
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        return axis_rules(self.mesh, self.rules)
+
+    def _state_shardings(self, B: int, S: int, N: int) -> DecodeState:
+        mesh, rules = self.mesh, self.rules
+        assert mesh is not None
+        rep, row = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh, (B,), rules)
+        out = mesh_lib.batch_sharding(mesh, (B, N), rules)
+        cache = jax.eval_shape(lambda: init_cache(self.config, B, S))
+        return DecodeState(
+            cache=mesh_lib.cache_shardings(cache, mesh, rules), tokens=out, logprobs=out,
+            last=row, positions=row, done=row, stopped=row, lengths=row, step=rep, key=rep,
+            settings=Settings(row, row, row, rep, rep),
+        )  # fmt: skip
+
+    def _compiled(self, B: int, P: int, F: int, N: int) -> tuple[Any, Any, tuple[Any, ...] | None]:
+        """(prefill jit, decode jit, input shardings) for one bucket combination."""
+        key = (B, P, F, N)
+        if key in self._fns:
+            return self._fns[key]
+        kw = {"config": self.config, "pool": self.sampler_config.top_k_pool, "pad_id": self.pad_id}
+        pre_fn = functools.partial(prefill, cache_len=P + N, out_len=N, **kw)
+        dec_fn = functools.partial(decode, **kw)
+        if self.mesh is None:
+            fns = (jax.jit(pre_fn), jax.jit(dec_fn, donate_argnums=(1,)), None)
+        else:
+            mesh, rules = self.mesh, self.rules
+            rep, row = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh, (B,), rules)
+            grid = mesh_lib.batch_sharding(mesh, (B, P), rules)
+            ins = (grid, grid, rep, row, Settings(row, row, row, rep, rep), rep)
+            ps, st = self.param_shardings(), self._state_shardings(B, P + N, N)
+            pre = jax.jit(pre_fn, in_shardings=(ps, *ins), out_shardings=st)
+            dec = jax.jit(dec_fn, in_shardings=(ps, st), out_shardings=st, donate_argnums=(1,))
+            fns = (pre, dec, ins)
+        self._fns[key] = fns
+        return fns
+
+    # ------------------------------------------------------------------ call
+    def __call__(
+        self,
+        params: Params,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float | Sequence[float] = 1.0,
+        top_p: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 0,
+        stop_token_ids: Sequence[int] | None = None,
+        forced_prefix: Sequence[int] = (),
+        seed: int | None = None,
+    ) -> SampleOutput:
+        """Sample up to `max_new_tokens` tokens (forced prefix included) for every prompt.
+
+        Per-row settings accept a scalar or one value per prompt. `seed=None` draws from the
+        sampler's own seed and call counter (reproducible for a fixed call sequence); an
+        explicit seed reproduces the same tokens whatever happened before.
+        """
+        n = len(prompts)
+        lens = [len(p) for p in prompts]
+        F = len(forced_prefix)
+        if n == 0 or min(lens) == 0:
+            raise ValueError("need at least one prompt, and every prompt needs >= 1 token")
+        if max_new_tokens <= F:
+            raise ValueError(f"max_new_tokens ({max_new_tokens}) must exceed the prefix ({F})")
+        sc = self.sampler_config
+        P = _bucket(max(lens), sc.prompt_buckets, "prompt length")
+        N = _bucket(max_new_tokens, sc.new_token_buckets, "max_new_tokens")
+        B = _bucket(n, sc.batch_buckets, "batch size")
+        if self.mesh is not None:
+            dp = mesh_lib.batch_axis_size(self.mesh, self.rules)
+            B = -(-B // dp) * dp
+        prompt = np.full((B, P), self.pad_id, np.int32)
+        mask = np.zeros((B, P), bool)
+        for i, p in enumerate(prompts):
+            prompt[i, P - len(p) :] = np.asarray(p, np.int32)
+            mask[i, P - len(p) :] = True
+        stops = self.stop_token_ids if stop_token_ids is None else tuple(stop_token_ids)
+        if len(stops) > MAX_STOP_IDS:
+            raise ValueError(f"at most {MAX_STOP_IDS} stop token ids, got {len(stops)}")
+        if seed is None:
+            seed = (self.seed * 1_000_003 + self._calls) & 0x7FFFFFFF
+        self._calls += 1
+        settings = Settings(
+            temperature=_per_row(temperature, n, B, np.float32, 0.0, "temperature"),
+            top_p=_per_row(top_p, n, B, np.float32, 1.0, "top_p"),
+            top_k=_per_row(top_k, n, B, np.int32, 0, "top_k"),
+            stop_ids=np.asarray(stops + (-1,) * (MAX_STOP_IDS - len(stops)), np.int32),
+            max_new=np.int32(max_new_tokens),
+        )
+        prefix = np.asarray(forced_prefix, np.int32).reshape(F)
+        args = (prompt, mask, prefix, np.arange(B) < n, settings, np.int32(seed))
+        pre, dec, ins = self._compiled(B, P, F, N)
+        with self._context():
+            if ins is not None:
+                args = jax.tree.map(mesh_lib.host_to_global, args, ins)
+            t0 = time.perf_counter()
+            state = pre(params, *args)
+            if self.time_phases:
+                jax.block_until_ready(state)
+            t1 = time.perf_counter()
+            state = dec(params, state)
+            tokens, logprobs, lengths, stopped, step = mesh_lib.to_host(
+                (state.tokens, state.logprobs, state.lengths, state.stopped, state.step)
+            )
+        t2 = time.perf_counter()
+        self.last_timings = {
+            "prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": float(step) - F - 1,
+        }  # fmt: skip
+        reason = np.where(stopped[:n], StopReason.STOP_TOKEN, StopReason.MAX_TOKENS)
+        return SampleOutput(
+            tokens=tokens[:n, :max_new_tokens],
+            logprobs=logprobs[:n, :max_new_tokens],
+            lengths=lengths[:n].astype(np.int32),
+            stop_reason=reason.astype(np.int8),
+        )
+
+
+def _per_row(value: Any, n: int, B: int, dtype: Any, fill: Any, name: str) -> np.ndarray:
+    """A scalar or n per-prompt values -> [B] (dummy rows get the neutral `fill`)."""
+    arr = np.asarray(value, dtype)
+    if arr.ndim == 0:
+        arr = np.full((n,), arr, dtype)
+    if arr.shape != (n,):
+        raise ValueError(f"{name} must be a scalar or have one value per prompt ({n})")
+    return np.concatenate([arr, np.full((B - n,), fill, dtype)])

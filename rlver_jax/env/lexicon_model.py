@@ -20,10 +20,11 @@ occurs at position i of a reply when tokens[i + j] == patterns[p, j] for all j <
 window lies inside the reply, and it does not cut a word: not (pattern starts with a word
 character and token i-1 ends with one), and likewise at the end with token i + lengths[p]. Word
 characters are letters/digits outside CJK (CJK text has no word boundaries). The jitted matcher
-compares shifted token arrays for each pattern offset ([B, T, P] booleans) and sums matches per
-skill with a one-hot matmul. Chinese caveat: byte-level BPE merges inside a run of CJK
-characters, so a Chinese phrase inside a longer run may be tokenised differently from the phrase
-alone and then is not found; lexicon words that are single tokens are always found.
+compares the token array shifted by each pattern offset with the patterns and sums matches per
+skill with a one-hot contraction (only patterns starting with token i are compared). Chinese
+caveat: byte-level BPE merges inside a run of CJK characters, so a Chinese phrase inside a longer
+run may be tokenised differently from the phrase alone and then is not found; lexicon words that
+are single tokens are always found.
 
 n-grams: the repetition order `ngram` defaults to about two words' worth of tokens
 (`auto_ngram`, 2 for typical BPE vocabularies on English), so byte-like tokenizers do not count
@@ -85,7 +86,9 @@ class LexiconArrays(NamedTuple):
 
     patterns: jax.Array  # [P, L] int32, PATTERN_PAD beyond each length
     lengths: jax.Array  # [P] int32
-    columns: jax.Array  # [P, NUM_COLUMNS] float32 one-hot of the pattern's skill column
+    columns: jax.Array  # [P] int32: the pattern's column (skill index, or QUESTION_COLUMN)
+    first_row: jax.Array  # [V] int32: row of `candidates` for patterns starting with token v
+    candidates: jax.Array  # [R, K] int32 pattern indices by first token, -1 padded; row 0 empty
     pat_starts_word: jax.Array  # [P] bool: first token's text begins with a word character
     pat_ends_word: jax.Array  # [P] bool: last token's text ends with a word character
     tok_starts_word: jax.Array  # [V] bool
@@ -212,19 +215,29 @@ def build_lexicon_model(
     max_len = max([len(k[0]) for k in keys], default=1)
     patterns = np.full((max(len(keys), 1), max_len), PATTERN_PAD, np.int32)
     lengths = np.zeros(max(len(keys), 1), np.int32)
-    columns = np.zeros((max(len(keys), 1), NUM_COLUMNS), np.float32)
+    columns = np.zeros(max(len(keys), 1), np.int32)
+    by_first: dict[int, list[int]] = {}
     for p, (ids, col) in enumerate(keys):
         patterns[p, : len(ids)] = ids
         lengths[p] = len(ids)
-        columns[p, col] = 1.0
+        columns[p] = col
+        by_first.setdefault(ids[0], []).append(p)
     if not keys:  # an empty pattern never matches: length 1 with a pad id
         lengths[0] = 1
+    first_row = np.zeros(tokenizer.vocab_size, np.int32)
+    width = max([len(v) for v in by_first.values()], default=1)
+    candidates = np.full((len(by_first) + 1, width), -1, np.int32)
+    for row, (token, pats) in enumerate(sorted(by_first.items()), start=1):
+        first_row[token] = row
+        candidates[row, : len(pats)] = pats
     first = np.maximum(patterns[:, 0], 0)
     last = np.maximum(patterns[np.arange(len(lengths)), lengths - 1], 0)
     arrays = LexiconArrays(
         patterns=jnp.asarray(patterns),
         lengths=jnp.asarray(lengths),
         columns=jnp.asarray(columns),
+        first_row=jnp.asarray(first_row),
+        candidates=jnp.asarray(candidates),
         pat_starts_word=jnp.asarray(starts[first] & (patterns[:, 0] >= 0)),
         pat_ends_word=jnp.asarray(ends[last]),
         tok_starts_word=jnp.asarray(starts),
@@ -289,29 +302,37 @@ class ReplyFeatures(NamedTuple):
 
 
 def pattern_counts(tokens: jax.Array, lengths: jax.Array, arr: LexiconArrays) -> jax.Array:
-    """Occurrences per column [B, NUM_COLUMNS] of the patterns in right-padded `tokens` [B, T]."""
+    """Occurrences per column [B, NUM_COLUMNS] of the patterns in right-padded `tokens` [B, T].
+
+    Sliding windows: windows[b, i, j] = tokens[b, i + j] (the token array shifted by each pattern
+    offset j, padding past the end). At each position only the K patterns whose first token is
+    tokens[b, i] are compared (`candidates`), so the work is [B, T, K, L] rather than
+    [B, T, P, L]; matches are summed per column with a one-hot contraction.
+    """
     b, t = tokens.shape
+    max_len = arr.patterns.shape[1]
     valid = jnp.arange(t)[None, :] < lengths[:, None]
     tok = jnp.where(valid, tokens, TOKEN_PAD)
     safe = jnp.maximum(tok, 0)
     starts = jnp.where(valid, arr.tok_starts_word[safe], False)
     ends = jnp.where(valid, arr.tok_ends_word[safe], False)
-    num_p, max_len = arr.patterns.shape
-    match = jnp.ones((b, t, num_p), bool)
-    after_word = jnp.zeros((b, t, num_p), bool)
-    for j in range(max_len):
-        beyond = (j >= arr.lengths)[None, None, :]
-        match &= (
-            _shift_left(tok, j, TOKEN_PAD)[:, :, None] == arr.patterns[None, None, :, j]
-        ) | beyond
-        # The token right after a match of length j + 1 starts at i + j + 1.
-        nxt = _shift_left(starts.astype(jnp.int32), j + 1, 0).astype(bool)
-        after_word |= nxt[:, :, None] & (arr.lengths == j + 1)[None, None, :]
+    tok_ext = jnp.pad(tok, ((0, 0), (0, max_len)), constant_values=TOKEN_PAD)
+    windows = tok_ext[:, jnp.arange(t)[:, None] + jnp.arange(max_len)[None, :]]  # [B, T, L]
+    cand = arr.candidates[jnp.where(valid, arr.first_row[safe], 0)]  # [B, T, K]
+    pat = jnp.maximum(cand, 0)
+    plen = arr.lengths[pat]  # [B, T, K]
+    inside = jnp.arange(max_len) < plen[..., None]  # [B, T, K, L]
+    same = jnp.all((windows[:, :, None, :] == arr.patterns[pat]) | ~inside, axis=-1)
+    # Word edges: the token before position i, and the token right after the match (i + len).
     before_word = jnp.pad(ends, ((0, 0), (1, 0)))[:, :t]
-    match &= ~(before_word[:, :, None] & arr.pat_starts_word[None, None, :])
-    match &= ~(after_word & arr.pat_ends_word[None, None, :])
-    per_pattern = match.sum(axis=1, dtype=jnp.int32).astype(jnp.float32)  # [B, P]
-    return jnp.round(per_pattern @ arr.columns).astype(jnp.int32)
+    after_idx = (jnp.arange(t)[None, :, None] + plen).reshape(b, -1)
+    starts_ext = jnp.pad(starts, ((0, 0), (0, max_len + 1)))
+    after_word = jnp.take_along_axis(starts_ext, after_idx, axis=1).reshape(plen.shape)
+    match = (cand >= 0) & same
+    match &= ~(before_word[:, :, None] & arr.pat_starts_word[pat])
+    match &= ~(after_word & arr.pat_ends_word[pat])
+    onehot = jax.nn.one_hot(arr.columns[pat], NUM_COLUMNS, dtype=jnp.int32)  # [B, T, K, C]
+    return jnp.einsum("btk,btkc->bc", match.astype(jnp.int32), onehot)
 
 
 def reply_features(
@@ -351,7 +372,7 @@ def reply_features(
 
 
 def pad_batch(
-    seqs: Sequence[Sequence[int]], min_len: int = 16, cap: int | None = None
+    seqs: Sequence[Sequence[int]], min_len: int = 128, cap: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad token lists into [B, T] with T the next power of two >= max length (>= min_len),
     truncated to `cap` tokens per row when given; returns (tokens int32, lengths int32)."""

@@ -25,7 +25,8 @@ user). W (the 8 x 8 intention x skill table), Q, gains, saturations and penaltie
 Messages are canned: `reply` picks a template of the prompts file's `reference_user.<band>` list
 (`rlver_jax/data/prompts/{language}.yaml`) by a hash of (profile id, turn index), filled with
 the name from the persona's first "Name: ..." / "姓名：..." bullet; at band S or F the message is
-a goodbye. `opening` is the profile's first_talk, else a built-in opening template.
+a goodbye. `opening` is the profile's first_talk, else a template of `reference_user.opening`
+(built-in `FALLBACK_OPENINGS` if the prompts file has none), picked by the profile id.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from rlver_jax.env.dynamics import band, detect_goodbye
+from rlver_jax.env.dynamics import BANDS, band, detect_goodbye
 from rlver_jax.env.intentions import INTENTIONS, PERSONALITIES
 from rlver_jax.env.lexicon_model import (
     SKILLS,
@@ -63,9 +64,13 @@ from rlver_jax.env.lexicon_model import (
 from rlver_jax.env.profiles import LANGUAGES, Language, Profile
 from rlver_jax.env.user import Turn, check_batch, last_text, turn_indices
 
+# Replies are analysed up to max(2 * max_reply_tokens, this) tokens (rounded up to a power of 2);
+# the length penalties always see the full length.
+MIN_ANALYSED_TOKENS = 256
+MIN_ROWS = 16  # smallest padded batch (few shapes, few compilations)
 DEFAULT_WEIGHTS_FILE = "reference_user_weights.yaml"  # in rlver_jax/data/: W, Q, gains, ...
 
-OPENINGS: dict[str, tuple[str, ...]] = {
+FALLBACK_OPENINGS: dict[str, tuple[str, ...]] = {
     "en": (
         "Hey, can I talk to you about something? It's been bugging me all week.",
         "I don't even know where to start. Something happened and I can't stop thinking about it.",
@@ -242,16 +247,24 @@ def _kernel(
 
 
 @functools.cache
-def _prompts(language: str) -> dict[str, Any]:
-    resource = importlib.resources.files("rlver_jax").joinpath(
-        "data", "prompts", f"{language}.yaml"
-    )
+def message_templates(language: str) -> dict[str, tuple[str, ...]]:
+    """The `reference_user` section of `rlver_jax/data/prompts/{language}.yaml`: band letter ->
+    templates, plus "opening" (`FALLBACK_OPENINGS` when the file has none)."""
+    resource = importlib.resources.files("rlver_jax") / "data" / "prompts" / f"{language}.yaml"
     with resource.open(encoding="utf-8") as f:
         data = yaml.safe_load(f)
     section = data.get("reference_user") if isinstance(data, dict) else None
     if not isinstance(section, dict):
         raise ValueError(f"prompts/{language}.yaml: missing the `reference_user` section")
-    return section
+    out = {"opening": FALLBACK_OPENINGS[language]}
+    for key, templates in section.items():
+        if not isinstance(templates, list) or not templates:
+            raise ValueError(f"prompts/{language}.yaml: reference_user.{key} must be a list")
+        out[key] = tuple(str(t) for t in templates)
+    missing = [b for b in BANDS if b not in out]
+    if missing:
+        raise ValueError(f"prompts/{language}.yaml: reference_user lacks band {missing[0]!r}")
+    return out
 
 
 def profile_name(profile: Profile) -> str:
@@ -318,10 +331,10 @@ class ReferenceUser:
             check_batch("reply_ids", reply_ids, b)
         ids = self._ids(replies, reply_ids)
         prev_ids = [self.tokenizer.encode(last_text(h, "assistant") or "") for h in histories]
-        rows = bucket(b)  # pad the batch too: one compilation per (rows, T, U) bucket
+        rows = bucket(b, MIN_ROWS)  # pad the batch too: one compilation per (rows, T, U)
         ids += [[]] * (rows - b)
         prev_ids += [[]] * (rows - b)
-        cap = bucket(2 * self.config.max_reply_tokens)
+        cap = bucket(max(2 * self.config.max_reply_tokens, MIN_ANALYSED_TOKENS))
         tokens, lengths = pad_batch(ids, cap=cap)
         prev, prev_lengths = pad_batch(prev_ids, cap=cap)
         full = np.asarray([len(x) for x in ids], np.int32)
@@ -364,7 +377,7 @@ class ReferenceUser:
             if p.first_talk is not None:
                 out.append(p.first_talk)
                 continue
-            options = _prompts(p.language).get("opening") or OPENINGS[p.language]
+            options = message_templates(p.language)["opening"]
             out.append(_pick(options, p.id, 0).format(name=profile_name(p)))
         return out
 
@@ -383,7 +396,7 @@ class ReferenceUser:
         out = []
         for p, score, turn in zip(profiles, scores, turn_indices(turn_index, b), strict=True):
             letter = band(int(score))
-            text = _pick(_prompts(p.language)[letter], p.id, turn, letter)
+            text = _pick(message_templates(p.language)[letter], p.id, turn, letter)
             text = text.format(name=profile_name(p))
             if letter in ("S", "F") and not detect_goodbye(text, p.language):
                 text = f"{text} {_FALLBACK_GOODBYE[p.language]}".strip()

@@ -60,6 +60,10 @@ class Tokenizer:
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("Tokenizer is read-only")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuild through __init__ (pickle, copy, worker processes): setattr is disabled.
+        return (Tokenizer, (self._hf,))
+
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, stop_token_ids={self.stop_token_ids})"
 

@@ -139,9 +139,7 @@ def cache_shardings(cache: KVCache, mesh: Mesh, rules: Rules = DEFAULT_RULES) ->
     )
 
 
-def batch_sharding(
-    mesh: Mesh, shape: Sequence[int], rules: Rules = DEFAULT_RULES
-) -> NamedSharding:
+def batch_sharding(mesh: Mesh, shape: Sequence[int], rules: Rules = DEFAULT_RULES) -> NamedSharding:
     """Rows split over the batch axes (`data`, `fsdp`), other dimensions replicated.
 
     The row count must be divisible by the batch axes to be split; otherwise it is replicated
@@ -178,10 +176,18 @@ def host_to_global(x: Any, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
-def to_host(x: jax.Array) -> np.ndarray:
-    """The full value of a (possibly multi-host) array as numpy, on every process."""
-    if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
+def to_host(tree: Any) -> Any:
+    """The full value of every (possibly multi-host) array in `tree` as numpy, on every process.
 
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    Arrays spread over several processes are first replicated by ONE jitted identity for the
+    whole tree (each new executable sets up cross-process collectives, which is slow), then
+    read from a local replica.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    remote = [i for i, x in enumerate(leaves) if not x.is_fully_addressable]
+    if remote:
+        shardings = tuple(NamedSharding(leaves[i].sharding.mesh, PartitionSpec()) for i in remote)
+        gathered = jax.jit(lambda *xs: xs, out_shardings=shardings)(*(leaves[i] for i in remote))
+        for i, x in zip(remote, gathered, strict=True):
+            leaves[i] = x.addressable_data(0)
+    return jax.tree.unflatten(treedef, [np.asarray(x) for x in jax.device_get(leaves)])

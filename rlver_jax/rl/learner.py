@@ -58,6 +58,7 @@ from rlver_jax.rl.losses import (
 )
 from rlver_jax.rl.optim import (
     LearnerConfig,
+    LearnerConfigError,
     bucket_length,
     minibatch_update,
     opt_state_shardings,
@@ -71,6 +72,8 @@ Array = jax.Array
 Params = Any
 Metrics = dict[str, Array]
 _BT = ("batch", "seq")
+__all__ = ["Learner", "LearnerBatch", "LearnerConfig", "LearnerConfigError", "OldOutputs"]
+__all__ += ["TrainState", "critic_values", "init_train_state", "policy_outputs", "shift_right"]
 
 
 @struct.dataclass
@@ -140,11 +143,18 @@ class Learner:
     """The static configs, the mesh and the jitted functions of one learner (see module docs)."""
 
     def __init__(
-        self, model_config: ModelConfig, config: LearnerConfig, mesh: Mesh | None = None
+        self,
+        model_config: ModelConfig,
+        config: LearnerConfig,
+        mesh: Mesh | None = None,
+        compiler_options: dict[str, Any] | None = None,
     ) -> None:
+        """``compiler_options``: XLA options for every jit (e.g. tests pass
+        ``{"xla_backend_optimization_level": 0}`` for fast CPU compiles)."""
         self.mcfg, self.cfg, self.mesh = model_config, config, mesh
         self.actor_opt, self.critic_opt = config.optimizers()
         self._fns: dict[tuple[Any, ...], Callable[..., Any]] = {}
+        self._copts = compiler_options
 
     # ------------------------------------------------------------------ jit / sharding helpers
     def _call(
@@ -168,10 +178,10 @@ class Learner:
                 with axis_rules(mesh):
                     return fn(*a)
 
-            kw: dict[str, Any] = {"donate_argnums": (0,)} if donate else {}
+            kw: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
             if mesh is not None:
                 kw |= {"in_shardings": in_sh, "out_shardings": out_sh}
-            self._fns[key] = jax.jit(traced, **kw)
+            self._fns[key] = jax.jit(traced, compiler_options=self._copts, **kw)
         if self.mesh is not None:
             args = tuple(jax.device_put(a, sh) for a, sh in zip(args, in_sh, strict=True))
         return self._fns[key](*args)
@@ -241,8 +251,12 @@ class Learner:
                 rng=jax.random.key_data(k_state),
             )
 
-        fn = jax.jit(init, out_shardings=self.state_shardings())
-        return fn(policy_params, jnp.asarray(key, jnp.uint32))
+        sh, key = self.state_shardings(), jnp.asarray(key, jnp.uint32)
+        if sh is not None:  # place (shard) the incoming params first: no unsharded device copy
+            policy_params, key = jax.device_put((policy_params, key), (sh.policy, sh.rng))
+        if ("init",) not in self._fns:
+            self._fns[("init",)] = jax.jit(init, out_shardings=sh, compiler_options=self._copts)
+        return self._fns[("init",)](policy_params, key)
 
     # ------------------------------------------------------------------ padding
     def pad(self, traj: Trajectories, num_samples: int | None = None) -> Trajectories:
@@ -421,10 +435,11 @@ class Learner:
             return (policy, popt, critic, copt), (terms, sums)
 
         def epoch(carry: tuple[Any, ...], _: None) -> tuple[tuple[Any, ...], Any]:
-            return jax.lax.scan(minibatch, carry, split)
+            return jax.lax.scan(minibatch, carry, split, unroll=n_mini == 1)
 
         carry = (state.policy, state.policy_opt, state.critic, state.critic_opt)
-        carry, (terms, sums) = jax.lax.scan(epoch, carry, None, length=cfg.ppo_epochs)
+        one = cfg.ppo_epochs == 1  # length-1 loops are unrolled (faster compiles)
+        carry, (terms, sums) = jax.lax.scan(epoch, carry, None, cfg.ppo_epochs, unroll=one)
         metrics = {
             k: LossTerm(jnp.sum(t.total), jnp.sum(t.count)).value() for k, t in terms.items()
         }

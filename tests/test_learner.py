@@ -1,0 +1,313 @@
+"""Learner: exact gradient accumulation, non-finite skipping, learning sanity, sharding parity,
+no recompiles, LR schedules, token alignment and the sampler logprob gap.
+
+A tiny random Llama (d=32, 2 layers, vocab 64). Compiled learners are shared per module, and
+every jit uses ``xla_backend_optimization_level=0`` (fast CPU compiles; the numerics under test
+are the same on both sides of every comparison).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+
+from rlver_jax.models.config import ModelConfig
+from rlver_jax.models.transformer import forward, init_params, positions_from_mask
+from rlver_jax.models.value_head import value_forward
+from rlver_jax.rl.learner import Learner, LearnerConfig, LearnerConfigError, TrainState
+from rlver_jax.rl.optim import AdamWConfig, strided_merge, strided_split
+from rlver_jax.trajectories import Trajectories
+
+FAST = {"xla_backend_optimization_level": 0}
+MCFG = ModelConfig(
+    family="llama",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+)
+N, T = 8, 32
+BASE = dict(
+    seq_buckets=(T,),
+    actor_lr=1e-3,
+    critic_lr=4e-3,
+    actor_warmup_ratio=0.0,
+    critic_warmup_ratio=0.0,
+    total_steps=100,
+)
+PPO = LearnerConfig(algorithm="ppo", mini_batch_size=8, micro_batch_size=4, **BASE)
+GRPO = LearnerConfig(
+    algorithm="grpo", mini_batch_size=8, micro_batch_size=4, kl_coef=0.01, kl_kind="k3", **BASE
+)
+
+
+def make_traj(seed: int, n: int = N, t: int = 24, scores: np.ndarray | None = None) -> Trajectories:
+    """Prompt (4 tokens), policy turn, user turn (3 tokens), policy turn of random length."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, MCFG.vocab_size, (n, t)).astype(np.int32)
+    lengths = rng.integers(16, t + 1, n)
+    token_mask = np.arange(t)[None] < lengths[:, None]
+    loss_mask = np.zeros((n, t), bool)
+    loss_mask[:, 4:10] = True
+    loss_mask[:, 13:] = True
+    loss_mask &= token_mask
+    scores = (np.arange(n) % 2).astype(np.float32) if scores is None else scores
+    rewards = np.zeros((n, t), np.float32)
+    rewards[np.arange(n), lengths - 1] = scores
+    return Trajectories(
+        tokens=tokens,
+        token_mask=token_mask,
+        loss_mask=loss_mask,
+        sampler_logprobs=np.zeros((n, t), np.float32),
+        rewards=rewards,
+        scores=scores.astype(np.float32),
+        group_ids=(np.arange(n) // 4).astype(np.int32),
+        dialogue_ids=np.arange(n, dtype=np.int32),
+        format_ok=np.ones(n, bool),
+    )
+
+
+def host(tree: Any) -> Any:
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def assert_trees(a: Any, b: Any, atol: float = 0.0) -> None:
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        if atol == 0.0:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        else:
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+def max_delta(a: Any, b: Any) -> float:
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in
+               zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))  # fmt: skip
+
+
+def row_logprob(learner: Learner, state: TrainState, traj: Trajectories) -> np.ndarray:
+    """Mean logprob of each row's policy tokens under the current policy."""
+    old, _ = learner.compute_old(state, traj)
+    lp, m = np.asarray(old.logprobs), np.asarray(traj.loss_mask, np.float32)
+    return (lp * m).sum(1) / m.sum(1)
+
+
+@pytest.fixture(scope="module")
+def params() -> Any:
+    return init_params(MCFG, jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="module")
+def ppo() -> Learner:
+    return Learner(MCFG, PPO, compiler_options=FAST)
+
+
+@pytest.fixture(scope="module")
+def grpo() -> Learner:
+    return Learner(MCFG, GRPO, compiler_options=FAST)
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Mesh:
+    return Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+
+
+# --------------------------------------------------------------------------- config / schedule
+def test_config_validation_names_the_field() -> None:
+    cases = {
+        "algorithm": dict(algorithm="a2c"),
+        "micro_batch_size": dict(mini_batch_size=8, micro_batch_size=3),
+        "loss_agg": dict(loss_agg="sum"),
+        "kl_kind": dict(kl_kind="k9"),
+        "kl_as_reward": dict(algorithm="grpo", kl_as_reward=True),
+        "advantage_estimator": dict(algorithm="grpo", advantage_estimator="gae"),
+        "clip_low": dict(clip_low=1.5),
+        "seq_buckets": dict(seq_buckets=(64, 32)),
+    }
+    for field, kwargs in cases.items():
+        with pytest.raises(LearnerConfigError, match=f"LearnerConfig.{field}"):
+            LearnerConfig(**kwargs)
+    cfg = LearnerConfig(algorithm="grpo", mini_batch_size=8, micro_batch_size=8)
+    assert (cfg.advantage_estimator, cfg.policy_loss, cfg.uses_critic) == ("grpo", "grpo", False)
+
+
+def test_warmup_schedule_values() -> None:
+    actor, critic = LearnerConfig().optimizers()  # RLVER: 1e-6 / 20 steps, 5e-6 / 50 steps
+    assert (actor.lr, actor.num_warmup, critic.lr, critic.num_warmup) == (1e-6, 20, 5e-6, 50)
+    for step, want in [(0, 0.0), (5, 0.25e-6), (10, 0.5e-6), (20, 1e-6), (21, 1e-6), (999, 1e-6)]:
+        assert float(actor.lr_at(step)) == pytest.approx(want, rel=1e-6, abs=1e-15)
+    for step, want in [(0, 0.0), (25, 2.5e-6), (50, 5e-6), (400, 5e-6)]:
+        assert float(critic.lr_at(step)) == pytest.approx(want, rel=1e-6, abs=1e-15)
+    assert float(AdamWConfig(3e-4, 0).lr_at(0)) == pytest.approx(3e-4)
+
+
+def test_strided_split_roundtrip() -> None:
+    x = jnp.arange(24).reshape(12, 2)
+    y = strided_split(x, 3, 2)  # [mini, micro, m, ...]
+    assert y.shape == (3, 2, 2, 2)
+    assert set(np.asarray(y[1, :, :, 0]).ravel() // 2) == {1, 4, 7, 10}  # i % 3 == 1
+    assert set(np.asarray(strided_split(x, 3, 4)[1, :, :, 0]).ravel() // 2) == {1, 4, 7, 10}
+    np.testing.assert_array_equal(strided_merge(strided_split(x, 4)), x)
+
+
+# --------------------------------------------------------------------------- alignment / gap
+def test_compute_old_alignment_and_logprob_gap(ppo: Learner, params: Any) -> None:
+    state = ppo.init_state(params, jax.random.PRNGKey(1))
+    traj = ppo.pad(make_traj(0, n=7))
+    old, metrics = ppo.compute_old(state, traj)
+    tokens, tmask = jnp.asarray(traj.tokens), jnp.asarray(traj.token_mask)
+    logits, _ = forward(params, tokens, positions_from_mask(tmask), tmask, MCFG)
+    want = jax.nn.log_softmax(logits, -1)[:, :-1]  # position t - 1 predicts token t
+    want = jnp.take_along_axis(want, tokens[:, 1:, None], -1)[..., 0] * traj.loss_mask[:, 1:]
+    np.testing.assert_allclose(old.logprobs[:, 1:], want, atol=2e-5)
+    values = value_forward(state.critic, tokens, positions_from_mask(tmask), tmask, MCFG)
+    np.testing.assert_allclose(old.values[:, 1:], values[:, :-1] * tmask[:, 1:], atol=2e-5)
+    assert float(metrics["rollout/logprob_gap_mean"]) > 1.0  # sampler logprobs are all 0
+
+    same = traj.replace(sampler_logprobs=np.asarray(old.logprobs))
+    _, metrics = ppo.compute_old(state, same)
+    assert float(metrics["rollout/logprob_gap_mean"]) < 1e-6
+    assert float(metrics["rollout/logprob_gap_max"]) < 1e-5
+    shifted = traj.replace(sampler_logprobs=np.asarray(old.logprobs) + 0.1 * traj.loss_mask)
+    _, metrics = ppo.compute_old(state, shifted)
+    assert float(metrics["rollout/logprob_gap_mean"]) == pytest.approx(0.1, abs=1e-5)
+
+
+# --------------------------------------------------------------------------- optimiser
+def test_separate_actor_and_critic_learning_rates(ppo: Learner, params: Any) -> None:
+    state = ppo.init_state(params, jax.random.PRNGKey(1))
+    before = host(state)
+    state, metrics = ppo.update(state, make_traj(1))
+    after = host(state)
+    assert metrics["actor/lr"] == pytest.approx(1e-3)
+    assert metrics["critic/lr"] == pytest.approx(4e-3)
+    # First Adam step: |update| = lr * |g| / (|g| + eps) (+ lr * wd * |p|) -> max ~= lr.
+    assert max_delta(after.policy, before.policy) == pytest.approx(1e-3, rel=0.03)
+    assert max_delta(after.critic, before.critic) == pytest.approx(4e-3, rel=0.03)
+    assert int(after.step) == 1 and metrics["skipped"] == 0.0
+    assert all(np.isfinite(v) for v in metrics.values())
+
+
+def test_non_finite_batch_is_skipped_and_next_step_works(ppo: Learner, params: Any) -> None:
+    state = ppo.init_state(params, jax.random.PRNGKey(1))
+    bad = make_traj(2)
+    bad.rewards[3, :] = np.nan  # NaN reward -> NaN advantages and returns -> both models skip
+    before = host(state)
+    state, metrics = ppo.update(state, bad)
+    after = host(state)
+    assert metrics["skipped"] == 1.0
+    assert metrics["actor/skipped"] == 1.0 and metrics["critic/skipped"] == 1.0
+    for name in ("policy", "critic", "policy_opt", "critic_opt", "rng"):
+        assert_trees(getattr(after, name), getattr(before, name))  # bit-identical
+    assert int(after.step) == 1  # the training-step counter still advances (documented)
+
+    # NaN injected into one advantage: only the actor skips; the critic still learns.
+    traj = ppo.pad(make_traj(3))
+    old, _ = ppo.compute_old(state, traj)
+    batch, _ = ppo.compute_advantages(traj, old)
+    batch = batch.replace(advantages=batch.advantages.at[0, 5].set(jnp.nan))
+    state, metrics = ppo.train_step(state, batch)
+    mid = host(state)
+    assert (float(metrics["actor/skipped"]), float(metrics["critic/skipped"])) == (1.0, 0.0)
+    assert_trees(mid.policy, after.policy)
+    assert_trees(mid.policy_opt, after.policy_opt)
+    assert max_delta(mid.critic, after.critic) > 0
+
+    state, metrics = ppo.update(state, make_traj(4))
+    assert metrics["skipped"] == 0.0 and all(np.isfinite(v) for v in metrics.values())
+    assert max_delta(host(state).policy, mid.policy) > 0
+
+
+# --------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_gradient_accumulation_is_exact(ppo: Learner, params: Any, loss_agg: str) -> None:
+    state = ppo.init_state(params, jax.random.PRNGKey(1))
+    traj = ppo.pad(make_traj(5))
+    old, _ = ppo.compute_old(state, traj)
+    batch, _ = ppo.compute_advantages(traj, old)  # independent of mini/micro sizes and loss_agg
+    results = []
+    for micro in (4, 1):  # 2 interleaved mini-batches of 4: micro = whole mini-batch vs 1/4
+        cfg = LearnerConfig(
+            algorithm="ppo", mini_batch_size=4, micro_batch_size=micro, loss_agg=loss_agg, **BASE
+        )
+        learner = Learner(MCFG, cfg, compiler_options=FAST)
+        new_state, metrics = learner.train_step(learner.init_state(params, jax.random.PRNGKey(1)),
+                                                batch)  # fmt: skip
+        results.append((host(new_state), host(metrics)))
+    (a, ma), (b, mb) = results
+    assert max_delta(a.policy, host(state).policy) > 1e-4  # the step did move the params
+    assert_trees(a.policy, b.policy, atol=1e-6)
+    assert_trees(a.critic, b.critic, atol=1e-6)
+    assert_trees(a.policy_opt, b.policy_opt, atol=1e-6)
+    for key in ("actor/pg_loss", "actor/entropy", "critic/vf_loss", "actor/grad_norm"):
+        assert float(ma[key]) == pytest.approx(float(mb[key]), rel=1e-5, abs=1e-7)
+
+
+# --------------------------------------------------------------------------- learning sanity
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_rewarded_sequences_become_more_likely(
+    algo: str, ppo: Learner, grpo: Learner, params: Any
+) -> None:
+    learner = ppo if algo == "ppo" else grpo
+    state = learner.init_state(params, jax.random.PRNGKey(1))
+    traj = make_traj(6)  # rows 1, 3, 5, 7 rewarded (score 1), rows 0, 2, 4, 6 not
+    rewarded = np.asarray(traj.scores) > 0
+    start = row_logprob(learner, state, learner.pad(traj))
+    for _ in range(5):
+        state, metrics = learner.update(state, traj)
+        assert metrics["skipped"] == 0.0
+    delta = row_logprob(learner, state, learner.pad(traj)) - start
+    assert delta[rewarded].mean() > 0.05
+    assert delta[rewarded].mean() - delta[~rewarded].mean() > 0.1
+    if algo == "grpo":
+        assert metrics["actor/kl_loss"] > 0 and state.critic is None and state.ref is not None
+
+
+# --------------------------------------------------------------------------- sharding / compiles
+def test_sharded_step_matches_single_device(ppo: Learner, params: Any, mesh: Mesh) -> None:
+    traj = make_traj(7)
+    single, m_single = ppo.update(ppo.init_state(params, jax.random.PRNGKey(1)), traj)
+    sharded_learner = Learner(MCFG, PPO, mesh, compiler_options=FAST)
+    sharded, m_sharded = sharded_learner.update(
+        sharded_learner.init_state(params, jax.random.PRNGKey(1)), traj
+    )
+    assert_trees(host(sharded.policy), host(single.policy), atol=1e-5)
+    assert_trees(host(sharded.critic), host(single.critic), atol=1e-5)
+    assert m_sharded["actor/pg_loss"] == pytest.approx(m_single["actor/pg_loss"], abs=1e-5)
+
+    planned = sharded_learner.state_shardings()
+    is_sh = lambda x: isinstance(x, NamedSharding)
+    leaves, planned_leaves = jax.tree.leaves(sharded), jax.tree.leaves(planned, is_leaf=is_sh)
+    assert len(leaves) == len(planned_leaves)
+    for leaf, sh in zip(leaves, planned_leaves, strict=True):
+        assert leaf.sharding.is_equivalent_to(sh, leaf.ndim), (leaf.sharding, sh)
+    # Weights are really split: FSDP on embed, tensor on heads; Adam moments like their params.
+    assert sharded.policy["layers"]["wq"].sharding.spec == (None, "fsdp", "tensor", None)
+    mu = sharded.policy_opt[0].mu["layers"]["wq"]
+    assert mu.sharding.is_equivalent_to(sharded.policy["layers"]["wq"].sharding, 4)
+
+
+def test_second_step_does_not_recompile(ppo: Learner, params: Any) -> None:
+    compiles: list[str] = []
+
+    def listener(event: str, duration: float, **kwargs: Any) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    state = ppo.init_state(params, jax.random.PRNGKey(2))
+    state, _ = ppo.update(state, make_traj(8))
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        state, _ = ppo.update(state, make_traj(9, n=7, t=20))  # other data, same padded shape
+        state, _ = ppo.update(state, make_traj(10, t=30))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    assert int(state.step) == 3
