@@ -24,8 +24,15 @@ def _bench(argv: Sequence[str]) -> int:
     return 0
 
 
+def _rollout(argv: Sequence[str]) -> int:
+    from rlver_jax.rollout_cli import main
+
+    return main(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "chat": (_chat, "one chat turn with a model (default: SmolLM2-135M-Instruct, offline)"),
+    "rollout": (_rollout, "roll out dialogues with a config and print the transcripts"),
     "bench": (_bench, "benchmarks: `bench sample`"),
 }
 

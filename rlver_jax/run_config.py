@@ -1,0 +1,109 @@
+"""`RunConfig`: the whole experiment in one frozen dataclass, loaded from YAML + overrides.
+
+    cfg = load_run_config("configs/tiny_cpu.yaml", ["learner.actor_lr=2e-6", "seed=1"])
+
+Each section is the config dataclass of the module that uses it; unknown keys and bad values
+fail with the dotted key named (`config_io`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from rlver_jax.config_io import apply_overrides, from_dict, load_yaml, to_dict
+from rlver_jax.env.dynamics import EmotionDynamicsConfig
+from rlver_jax.env.llm_user import LLMUserConfig
+from rlver_jax.env.reference_user import ReferenceUserConfig
+from rlver_jax.env.rollout import RolloutConfig
+from rlver_jax.models.loader import ModelSpec
+from rlver_jax.parallel.mesh import MeshConfig
+from rlver_jax.rl.optim import LearnerConfig
+from rlver_jax.sampling import SamplerConfig
+from rlver_jax.scaffold import ScaffoldConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class UserConfig:
+    """The simulated user: `reference` (compiled lexicon model) or `llm` (a model plays it).
+
+    model: the checkpoint that plays an `llm` user (frozen; loaded separately from the policy,
+      placed on the same mesh).
+    """
+
+    kind: Literal["reference", "llm"] = "reference"
+    model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
+    reference: ReferenceUserConfig = dataclasses.field(default_factory=ReferenceUserConfig)
+    llm: LLMUserConfig = dataclasses.field(default_factory=LLMUserConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which profiles: a packaged set ("en": our English set; "rlver": RLVER's Chinese set) or
+    JSONL files of the same schema (`train_path` / `test_path`, language given)."""
+
+    profile_set: Literal["en", "rlver"] = "en"
+    train_path: str | None = None
+    test_path: str | None = None
+    language: Literal["en", "zh"] | None = None
+    shuffle: bool = True
+    tfds_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("train_path", "test_path"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name} {path!r} does not exist")
+        if (self.train_path or self.test_path) and self.language is None:
+            raise ValueError("language is required with custom profile files (en or zh)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    """The outer loop: steps, checkpoints, logging."""
+
+    steps: int = 10
+    checkpoint_every: int = 5
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+    resume: bool = True
+    log_transcripts_every: int = 1
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "checkpoint_every", "keep_checkpoints", "log_transcripts_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One experiment: policy, mesh, scaffold, simulated user, rollouts, learner, trainer."""
+
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs/run"
+    model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
+    scaffold: ScaffoldConfig = dataclasses.field(default_factory=ScaffoldConfig)
+    user: UserConfig = dataclasses.field(default_factory=UserConfig)
+    dynamics: EmotionDynamicsConfig = dataclasses.field(default_factory=EmotionDynamicsConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    learner: LearnerConfig = dataclasses.field(default_factory=LearnerConfig)
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+
+
+def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """RunConfig from a YAML file (or defaults when None) plus `key=value` overrides."""
+    data = load_yaml(path) if path is not None else {}
+    return from_dict(RunConfig, apply_overrides(data, overrides))
+
+
+def run_config_dict(cfg: RunConfig) -> dict:
+    """A YAML-safe dict of the whole config (saved next to every run's outputs)."""
+    return to_dict(cfg)
