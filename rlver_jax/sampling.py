@@ -51,7 +51,7 @@ from rlver_jax.models.transformer import (
     positions_from_mask,
 )
 from rlver_jax.parallel import mesh as mesh_lib
-from rlver_jax.parallel.rules import DEFAULT_RULES, MeshAxes, axis_rules
+from rlver_jax.parallel.rules import DEFAULT_RULES, MeshAxes, axis_rules, named_sharding
 
 MAX_STOP_IDS = 16  # stop ids are a traced [16] array padded with -1: any set up to 16 ids
 
@@ -232,38 +232,19 @@ def sample_tokens(
 # --------------------------------------------------------------------------- prefill / decode
 @struct.dataclass
 class DecodeState:
-    """Everything the decode loop carries (donated between prefill and decode)."""
+    """Everything the decode loop carries (donated from prefill to decode)."""
 
     cache: KVCache
+    logits: jax.Array  # [B, V] float32, next-token logits
     tokens: jax.Array  # [B, N] int32 outputs
     logprobs: jax.Array  # [B, N] float32
-    last: jax.Array  # [B] last token (input of the next step)
-    positions: jax.Array  # [B] RoPE position of `last`
+    positions: jax.Array  # [B] RoPE position of the next token
     done: jax.Array  # [B] bool
     stopped: jax.Array  # [B] bool, ended on a stop token
     lengths: jax.Array  # [B] int32
     step: jax.Array  # [] int32, next output slot
     key: jax.Array
     settings: Settings
-
-
-def _advance(s: DecodeState, tok: jax.Array, lp: jax.Array, pad_id: int) -> DecodeState:
-    """Write the sampled column `s.step` and update the per-row stop bookkeeping."""
-    active = ~s.done
-    tok = jnp.where(active, tok, pad_id)
-    hit = active & jnp.any(tok[:, None] == s.settings.stop_ids[None, :], axis=-1)
-    return s.replace(
-        tokens=jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step)),
-        logprobs=jax.lax.dynamic_update_slice(
-            s.logprobs, jnp.where(active, lp, 0.0)[:, None], (0, s.step)
-        ),
-        last=tok,
-        positions=s.positions + 1,
-        done=s.done | hit | (s.step + 1 >= s.settings.max_new),
-        stopped=s.stopped | hit,
-        lengths=s.lengths + active.astype(jnp.int32),
-        step=s.step + 1,
-    )
 
 
 def prefill(
@@ -278,21 +259,21 @@ def prefill(
     config: ModelConfig,
     cache_len: int,
     out_len: int,
-    pool: int,
     pad_id: int,
 ) -> DecodeState:
-    """Run prompt + forced prefix through the model and sample the first free token."""
+    """Run prompt + forced prefix through the model; sampling starts in `decode`.
+
+    Only the F + 1 positions that matter (prefix logprobs, first free token) are projected to
+    the vocabulary, and sampling code is kept out of this program (it compiles once, in decode).
+    """
     B, P = prompt.shape
     F = prefix.shape[0]
     tokens = jnp.concatenate([prompt, jnp.broadcast_to(prefix, (B, F))], axis=1)
     mask = jnp.concatenate([prompt_mask, jnp.ones((B, F), bool)], axis=1)
     positions = positions_from_mask(mask)
-    hidden, cache = forward(
-        params, tokens, positions, mask, config, init_cache(config, B, cache_len),
-        return_hidden=True,
-    )  # fmt: skip
-    logits = lm_logits(params, hidden[:, P - 1 :], config)  # [B, F + 1, V]: only what we need
-    key = jax.random.key(seed)
+    cache = init_cache(config, B, cache_len)
+    hidden, cache = forward(params, tokens, positions, mask, config, cache, return_hidden=True)
+    logits = lm_logits(params, hidden[:, P - 1 :], config)  # [B, F + 1, V]
     out_tok = jnp.full((B, out_len), pad_id, jnp.int32)
     out_lp = jnp.zeros((B, out_len), jnp.float32)
     if F:
@@ -301,37 +282,91 @@ def prefill(
         pre = jnp.broadcast_to(prefix, (B, F))
         out_tok = out_tok.at[:, :F].set(pre)
         out_lp = out_lp.at[:, :F].set(jnp.take_along_axis(lp, pre[..., None], -1)[..., 0])
-    state = DecodeState(
-        cache=cache, tokens=out_tok, logprobs=out_lp, last=tokens[:, -1],
-        positions=positions[:, -1], done=~live, stopped=jnp.zeros((B,), bool),
-        lengths=jnp.full((B,), F, jnp.int32), step=jnp.asarray(F, jnp.int32), key=key,
-        settings=settings,
+    return DecodeState(
+        cache=cache, logits=logits[:, F], tokens=out_tok, logprobs=out_lp,
+        positions=positions[:, -1] + 1, done=~live, stopped=jnp.zeros((B,), bool),
+        lengths=jnp.full((B,), F, jnp.int32), step=jnp.asarray(F, jnp.int32),
+        key=jax.random.key(seed), settings=settings,
     )  # fmt: skip
-    tok, lp = sample_tokens(logits[:, F], jax.random.fold_in(key, F), settings, pool)
-    return _advance(state, tok, lp, pad_id)
 
 
 def decode(
     params: Params, state: DecodeState, *, config: ModelConfig, pool: int, pad_id: int
 ) -> DecodeState:
-    """Generate until every row is done: one `lax.while_loop`, one token per iteration."""
-    B = state.last.shape[0]
+    """Sample, write, feed back: one `lax.while_loop` iteration per token, until all rows stop.
+
+    The token sampled last is still fed through the model (its logits are unused): skipping
+    that one forward would need a `lax.cond` around the cache update inside the loop.
+    """
+    B = state.logits.shape[0]
     ones = jnp.ones((B, 1), bool)
 
     def cond(s: DecodeState) -> jax.Array:
         return (s.step < s.settings.max_new) & ~jnp.all(s.done)
 
     def body(s: DecodeState) -> DecodeState:
-        hidden, cache = forward(
-            params, s.last[:, None], s.positions[:, None], ones, config, s.cache,
-            return_hidden=True,
-        )  # fmt: skip
-        logits = lm_logits(params, hidden, config)[:, 0]
         key = jax.random.fold_in(s.key, s.step)
-        tok, lp = sample_tokens(logits, key, s.settings, pool)
-        return _advance(s.replace(cache=cache), tok, lp, pad_id)
+        tok, lp = sample_tokens(s.logits, key, s.settings, pool)
+        active = ~s.done
+        tok = jnp.where(active, tok, pad_id)
+        hit = active & jnp.any(tok[:, None] == s.settings.stop_ids[None, :], axis=-1)
+        hidden, cache = forward(
+            params, tok[:, None], s.positions[:, None], ones, config, s.cache, return_hidden=True
+        )
+        return s.replace(
+            cache=cache,
+            logits=lm_logits(params, hidden, config)[:, 0],
+            tokens=jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step)),
+            logprobs=jax.lax.dynamic_update_slice(
+                s.logprobs, jnp.where(active, lp, 0.0)[:, None], (0, s.step)
+            ),
+            positions=s.positions + 1,
+            done=s.done | hit | (s.step + 1 >= s.settings.max_new),
+            stopped=s.stopped | hit,
+            lengths=s.lengths + active.astype(jnp.int32),
+            step=s.step + 1,
+        )
 
     return jax.lax.while_loop(cond, body, state)
+
+
+@functools.lru_cache(maxsize=256)
+def _jitted(
+    config: ModelConfig,
+    mesh: Mesh | None,
+    rules: Any,
+    pool: int,
+    pad_id: int,
+    B: int,
+    P: int,
+    N: int,
+) -> tuple[Any, Any, Any]:
+    """(prefill jit, decode jit, prefill input shardings) for the bucket (B, P, N).
+
+    Cached per process, so samplers of the same model shape share compiled programs. The
+    prefix length F only changes prefill's input shapes (jit retraces it; decode is shared).
+    """
+    pre = functools.partial(prefill, config=config, cache_len=P + N, out_len=N, pad_id=pad_id)
+    dec = functools.partial(decode, config=config, pool=pool, pad_id=pad_id)
+    if mesh is None:
+        return jax.jit(pre), jax.jit(dec, donate_argnums=(1,)), None
+    rep, row = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh, (B,), rules)
+    grid, out = (mesh_lib.batch_sharding(mesh, (B, n), rules) for n in (P, N))
+    ins = (grid, grid, rep, row, Settings(row, row, row, rep, rep), rep)
+    params = mesh_lib.param_shardings(config, mesh, rules)
+    state = DecodeState(
+        cache=mesh_lib.cache_shardings(
+            jax.eval_shape(lambda: init_cache(config, B, P + N)), mesh, rules
+        ),
+        logits=named_sharding(("batch", "act_vocab"), (B, config.vocab_size), mesh, rules),
+        tokens=out, logprobs=out, positions=row, done=row, stopped=row, lengths=row,
+        step=rep, key=rep, settings=ins[4],
+    )  # fmt: skip
+    return (
+        jax.jit(pre, in_shardings=(params, *ins), out_shardings=state),
+        jax.jit(dec, in_shardings=(params, state), out_shardings=state, donate_argnums=(1,)),
+        ins,
+    )
 
 
 # --------------------------------------------------------------------------- host driver
@@ -366,61 +401,14 @@ class Sampler:
         self.time_phases = time_phases
         self.last_timings: dict[str, float] = {}
         self._calls = 0
-        self._fns: dict[tuple[int, int, int, int], tuple[Any, Any, tuple[Any, ...] | None]] = {}
-
-    # ------------------------------------------------------------------ placement
-    def param_shardings(self) -> Any:
-        """The params' shardings on this sampler's mesh (None without a mesh)."""
-        if self.mesh is None:
-            return None
-        return mesh_lib.param_shardings(self.config, self.mesh, self.rules)
 
     def shard_params(self, params: Params) -> Params:
         """Place `params` as the sampler's jits expect (a no-op without a mesh)."""
         if self.mesh is None:
             return params
-        return mesh_lib.shard_params(params, self.param_shardings())
+        shardings = mesh_lib.param_shardings(self.config, self.mesh, self.rules)
+        return mesh_lib.shard_params(params, shardings)
 
-    def _context(self) -> Any:
-        if self.mesh is None:
-            return contextlib.nullcontext()
-        return axis_rules(self.mesh, self.rules)
-
-    def _state_shardings(self, B: int, S: int, N: int) -> DecodeState:
-        mesh, rules = self.mesh, self.rules
-        assert mesh is not None
-        rep, row = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh, (B,), rules)
-        out = mesh_lib.batch_sharding(mesh, (B, N), rules)
-        cache = jax.eval_shape(lambda: init_cache(self.config, B, S))
-        return DecodeState(
-            cache=mesh_lib.cache_shardings(cache, mesh, rules), tokens=out, logprobs=out,
-            last=row, positions=row, done=row, stopped=row, lengths=row, step=rep, key=rep,
-            settings=Settings(row, row, row, rep, rep),
-        )  # fmt: skip
-
-    def _compiled(self, B: int, P: int, F: int, N: int) -> tuple[Any, Any, tuple[Any, ...] | None]:
-        """(prefill jit, decode jit, input shardings) for one bucket combination."""
-        key = (B, P, F, N)
-        if key in self._fns:
-            return self._fns[key]
-        kw = {"config": self.config, "pool": self.sampler_config.top_k_pool, "pad_id": self.pad_id}
-        pre_fn = functools.partial(prefill, cache_len=P + N, out_len=N, **kw)
-        dec_fn = functools.partial(decode, **kw)
-        if self.mesh is None:
-            fns = (jax.jit(pre_fn), jax.jit(dec_fn, donate_argnums=(1,)), None)
-        else:
-            mesh, rules = self.mesh, self.rules
-            rep, row = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh, (B,), rules)
-            grid = mesh_lib.batch_sharding(mesh, (B, P), rules)
-            ins = (grid, grid, rep, row, Settings(row, row, row, rep, rep), rep)
-            ps, st = self.param_shardings(), self._state_shardings(B, P + N, N)
-            pre = jax.jit(pre_fn, in_shardings=(ps, *ins), out_shardings=st)
-            dec = jax.jit(dec_fn, in_shardings=(ps, st), out_shardings=st, donate_argnums=(1,))
-            fns = (pre, dec, ins)
-        self._fns[key] = fns
-        return fns
-
-    # ------------------------------------------------------------------ call
     def __call__(
         self,
         params: Params,
@@ -474,8 +462,10 @@ class Sampler:
         )
         prefix = np.asarray(forced_prefix, np.int32).reshape(F)
         args = (prompt, mask, prefix, np.arange(B) < n, settings, np.int32(seed))
-        pre, dec, ins = self._compiled(B, P, F, N)
-        with self._context():
+        pool, rules = self.sampler_config.top_k_pool, self.rules
+        pre, dec, ins = _jitted(self.config, self.mesh, rules, pool, self.pad_id, B, P, N)
+        ctx = contextlib.nullcontext() if self.mesh is None else axis_rules(self.mesh, rules)
+        with ctx:
             if ins is not None:
                 args = jax.tree.map(mesh_lib.host_to_global, args, ins)
             t0 = time.perf_counter()
@@ -489,7 +479,7 @@ class Sampler:
             )
         t2 = time.perf_counter()
         self.last_timings = {
-            "prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": float(step) - F - 1,
+            "prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": float(step) - F,
         }  # fmt: skip
         reason = np.where(stopped[:n], StopReason.STOP_TOKEN, StopReason.MAX_TOKENS)
         return SampleOutput(

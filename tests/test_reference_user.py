@@ -268,11 +268,12 @@ def test_deterministic_and_batch_independent(user: ReferenceUser):
         profiles += [make_profile(intention, PERSONALITIES[k % 3], pid=f"p{k}")] * 2
         replies += [good, bad]
         hists += [history(previous=bad), history()]
+    replies[15] = " ".join(replies[14:16] * 2)  # a long row: the batch pads to T = 256
     first = user.evaluate(profiles, hists, replies)
     again = user.evaluate(profiles, hists, replies)
     np.testing.assert_array_equal(first.change, again.change)
     np.testing.assert_array_equal(first.raw, again.raw)
-    for i in (0, 5, 11):  # alone: smaller padded shapes, same result
+    for i in (0, 5, 11, 15):  # alone: other rows, smaller padded shapes; same result
         alone = user.evaluate(profiles[i : i + 1], hists[i : i + 1], replies[i : i + 1])
         assert alone.change[0] == first.change[i]
         np.testing.assert_allclose(alone.raw[0], first.raw[i], rtol=1e-6, atol=1e-6)
@@ -330,6 +331,20 @@ def test_messages(user: ReferenceUser, language: str):
     assert (
         openings[0] == "My cat ran away." and openings[1] in message_templates(language)["opening"]
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("language", ["en", "zh"])
+def test_good_and_bad_replies_with_smollm2_tokenizer(language: str):
+    """The same cases with a real 49k-vocab BPE (SmolLM2's, from its GGUF; ~10 s to load)."""
+    from rlver_jax.models import default_model
+
+    try:
+        path = default_model.smollm2_gguf_path()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    real = ReferenceUser(Tokenizer.from_gguf(path), ReferenceUserConfig(max_reply_tokens=128))
+    test_good_reply_up_bad_reply_down_for_each_intention(real, language)
 
 
 def test_turn_validation():

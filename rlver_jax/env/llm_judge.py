@@ -24,7 +24,12 @@ default), scored as the log of their total probability, so "5<|im_end|>" and "5\
 batch to a batch bucket (a multiple of the mesh's batch axes), so a whole run compiles at most
 len(prompt buckets) x len(batch buckets) programs; larger batches run in chunks. With a mesh,
 params are expected in the layout of `parallel.mesh.param_shardings` (the sampler's layout), rows
-are split over the batch axes and the program is traced under the logical axis rules.
+are split over the batch axes and the program is traced under the logical axis rules. The
+repeated cache holds 21 copies of the prompt cache, so its memory is 21 x B x P key/value
+slots: `batch_buckets` (the largest is the chunk size) is the knob that bounds it.
+
+The module also renders the user model's prompt texts (judge, reply, opening: they share their
+fields) from `data/prompts/{lang}.yaml`; `llm_user.LLMUser` turns them into chat-template ids.
 """
 
 from __future__ import annotations
@@ -268,7 +273,8 @@ def candidate_scores(
     hidden, cache = forward(
         params, prompt, positions, prompt_mask, config, cache, return_hidden=True
     )
-    first = jax.nn.log_softmax(lm_logits(params, hidden[:, -1], config), axis=-1)  # [B, V]
+    last_logits = lm_logits(params, hidden[:, -1:], config)[:, 0]  # 3-D for its constraint
+    first = jax.nn.log_softmax(last_logits, axis=-1)  # [B, V]
 
     # Every candidate continues its own copy of the prompt's cache.
     k_axes, mask_axes = CACHE_LOGICAL_AXES.k, CACHE_LOGICAL_AXES.key_mask
@@ -296,6 +302,9 @@ def candidate_scores(
     at_last = jnp.take_along_axis(logp, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B*K, V]
     lp_term = jax.nn.logsumexp(at_last[:, term_ids], axis=-1)
     return (lp0 + lp_rest + lp_term).reshape(B, K)
+
+
+_candidate_scores_jit = jax.jit(candidate_scores, static_argnames=("config",))
 
 
 def changes_from_scores(
@@ -351,16 +360,16 @@ class JudgeScorer:
         self._fns: dict[tuple[int, int, int, int, int], Any] = {}
 
     @property
-    def compiled_shapes(self) -> list[tuple[int, int]]:
-        """(batch, prompt) buckets compiled so far (one program each)."""
+    def used_shapes(self) -> list[tuple[int, int]]:
+        """(batch, prompt) buckets this scorer has run (at most one compiled program each)."""
         return sorted({(k[0], k[1]) for k in self._fns})
 
     def _fn(self, B: int, P: int, K: int, C: int, T: int) -> Any:
         key = (B, P, K, C, T)
         if key not in self._fns:
             fn = functools.partial(candidate_scores, config=self.config)
-            if self.mesh is None:
-                self._fns[key] = jax.jit(fn)
+            if self.mesh is None:  # shared by every scorer: the cache is keyed by shapes+config
+                self._fns[key] = functools.partial(_candidate_scores_jit, config=self.config)
             else:
                 mesh, rules = self.mesh, self.rules
                 rep = mesh_lib.replicated(mesh)

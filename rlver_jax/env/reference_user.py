@@ -128,8 +128,7 @@ class Params(NamedTuple):
     gain_pos: jax.Array  # [3 personalities]
     gain_neg: jax.Array  # [3]
     base: jax.Array  # []
-    pen: jax.Array  # [15]: rep w/lo/hi, overlap w/lo/hi, garbage w/lo/hi, long w, short w/min,
-    #                       questions w/lo/hi
+    pen: jax.Array  # [15]: (w, lo, hi) rep, overlap, garbage; long w; short w, min; questions
 
 
 class Judgement(NamedTuple):
@@ -329,6 +328,9 @@ class ReferenceUser:
             check_batch(name, values, b)
         if reply_ids is not None:
             check_batch("reply_ids", reply_ids, b)
+        if b == 0:
+            empty = np.zeros(0, np.int32)
+            return Judgement(empty, np.zeros(0, np.float32), ReplyFeatures(*([empty] * 5)))
         ids = self._ids(replies, reply_ids)
         prev_ids = [self.tokenizer.encode(last_text(h, "assistant") or "") for h in histories]
         rows = bucket(b, MIN_ROWS)  # pad the batch too: one compilation per (rows, T, U)
@@ -339,19 +341,12 @@ class ReferenceUser:
         prev, prev_lengths = pad_batch(prev_ids, cap=cap)
         full = np.asarray([len(x) for x in ids], np.int32)
         pad_rows = [0] * (rows - b)
-        intention = np.asarray([INTENTIONS.index(p.intention) for p in profiles] + pad_rows)
-        personality = np.asarray([PERSONALITIES.index(p.personality) for p in profiles] + pad_rows)
+        intention = [INTENTIONS.index(p.intention) for p in profiles] + pad_rows
+        personality = [PERSONALITIES.index(p.personality) for p in profiles] + pad_rows
         change, raw, feats = _kernel(
-            tokens,
-            lengths,
-            full,
-            prev,
-            prev_lengths,
-            intention.astype(np.int32),
-            personality.astype(np.int32),
-            np.int32(self.config.max_reply_tokens),
-            self.model.arrays,
-            self.params,
+            *(tokens, lengths, full, prev, prev_lengths),
+            *(np.asarray(intention, np.int32), np.asarray(personality, np.int32)),
+            *(np.int32(self.config.max_reply_tokens), self.model.arrays, self.params),
             ngram=self.ngram,
         )
         feats = ReplyFeatures(*(np.asarray(f)[:b] for f in feats))

