@@ -140,6 +140,9 @@ class RolloutEngine:
         cfg, dyn = self.config, self.dynamics
         G = cfg.samples_per_profile
         timings = {"policy_sampling_s": 0.0, "user_judging_s": 0.0, "user_replies_s": 0.0}
+        set_seed = getattr(self.user, "set_seed", None)
+        if set_seed is not None:  # a sampling user (LLM) draws fresh messages per rollout
+            set_seed(seed)
         t0 = time.perf_counter()
         openings = self.user.opening(list(profiles))
         timings["user_replies_s"] += time.perf_counter() - t0
