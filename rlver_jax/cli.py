@@ -30,10 +30,31 @@ def _rollout(argv: Sequence[str]) -> int:
     return main(argv)
 
 
+def _eval(argv: Sequence[str]) -> int:
+    from rlver_jax.eval_cli import main
+
+    return main(argv)
+
+
+def _experiment(argv: Sequence[str]) -> int:
+    from rlver_jax.eval.experiment import main
+
+    return main(argv)
+
+
+def _export(argv: Sequence[str]) -> int:
+    from rlver_jax.export_cli import main
+
+    return main(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "chat": (_chat, "one chat turn with a model (default: SmolLM2-135M-Instruct, offline)"),
     "rollout": (_rollout, "roll out dialogues with a config and print the transcripts"),
     "bench": (_bench, "benchmarks: `bench sample`"),
+    "eval": (_eval, "benchmark a policy on the test profiles (SAGE protocol + capability)"),
+    "experiment": (_experiment, "think vs plain: `experiment scaffold` trains, evaluates, reports"),
+    "export": (_export, "a training checkpoint -> a HF directory (weights, config, tokenizer)"),
 }
 
 

@@ -62,7 +62,18 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainerConfig:
-    """The outer loop: steps, checkpoints, logging."""
+    """The outer loop (`rlver_jax.rl.trainer.train`): steps, checkpoints, logging.
+
+    steps: where the run stops (the LR schedule's horizon is `learner.total_steps`).
+    checkpoint_every: save every N steps (and always at the last step and on SIGTERM / SIGINT).
+    keep_checkpoints: keep the last K checkpoints. async_checkpoint: write in the background.
+    resume: continue from the latest checkpoint under `output_dir/checkpoints` when present.
+    log_transcripts_every: append sample dialogues to `output_dir/transcripts.jsonl` every N
+      steps; transcripts_per_log: how many (None: every dialogue of the step).
+    tensorboard: also write TensorBoard scalars; progress_bar: a tqdm bar on process 0.
+    fast_compile: compile the learner with XLA's backend optimisation level 0 (much faster CPU
+      compiles of tiny models, slower steps; numerics unchanged in kind, not bitwise).
+    """
 
     steps: int = 10
     checkpoint_every: int = 5
@@ -70,13 +81,18 @@ class TrainerConfig:
     async_checkpoint: bool = True
     resume: bool = True
     log_transcripts_every: int = 1
+    transcripts_per_log: int | None = 4
     tensorboard: bool = True
     progress_bar: bool = True
+    fast_compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "checkpoint_every", "keep_checkpoints", "log_transcripts_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.transcripts_per_log is not None and self.transcripts_per_log < 1:
+            raise ValueError(f"transcripts_per_log must be >= 1 or null, got "
+                             f"{self.transcripts_per_log}")
 
 
 @dataclasses.dataclass(frozen=True)

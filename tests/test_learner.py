@@ -20,7 +20,7 @@ from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.transformer import forward, init_params, positions_from_mask
 from rlver_jax.models.value_head import value_forward
 from rlver_jax.rl.learner import Learner, LearnerConfig, LearnerConfigError, TrainState
-from rlver_jax.rl.optim import AdamWConfig, strided_merge, strided_split
+from rlver_jax.rl.optim import AdamWConfig, OldOutputs, strided_merge, strided_split
 from rlver_jax.trajectories import Trajectories
 
 FAST = {"xla_backend_optimization_level": 0}
@@ -188,6 +188,38 @@ def test_compute_old_alignment_and_logprob_gap(ppo: Learner, params: Any) -> Non
     assert float(metrics["rollout/logprob_gap_mean"]) == pytest.approx(0.1, abs=1e-5)
 
 
+def test_gae_alignment_kl_reward_and_response_critic_mask() -> None:
+    """gamma = lam = 1, no whitening: returns_t = sum of (penalised) rewards from t on and
+    A_t = returns_t - V_t, with V read one position to the left (token-aligned values)."""
+    cfg = LearnerConfig(
+        algorithm="ppo",
+        mini_batch_size=8,
+        micro_batch_size=4,
+        whiten_advantages=False,
+        kl_coef=0.5,
+        kl_kind="k1",
+        kl_as_reward=True,
+        critic_mask="response",
+        **BASE,
+    )
+    learner = Learner(MCFG, cfg, compiler_options=FAST)
+    traj = learner.pad(make_traj(11))
+    lmask = np.asarray(traj.loss_mask, np.float32)
+    values = np.random.default_rng(0).normal(size=lmask.shape).astype(np.float32)
+    values *= np.asarray(traj.token_mask)
+    logp = -np.ones_like(lmask) * lmask
+    old = OldOutputs(logprobs=logp, values=values, ref_logprobs=logp - 0.1 * lmask)  # kl = 0.1
+    batch, metrics = learner.compute_advantages(traj, old)
+    assert metrics["actor/reward_kl"] == pytest.approx(0.1, abs=1e-6)
+    rewards = np.asarray(traj.rewards) - 0.5 * 0.1 * lmask
+    vmask = (np.cumsum(lmask, 1) > 0) & np.asarray(traj.token_mask)  # response: user tokens too
+    want_ret = np.cumsum((rewards * vmask)[:, ::-1], 1)[:, ::-1] * vmask
+    np.testing.assert_allclose(batch.returns, want_ret, atol=1e-5)
+    np.testing.assert_allclose(batch.value_mask, vmask)
+    np.testing.assert_allclose(batch.advantages, (want_ret - values) * lmask, atol=1e-5)
+    assert batch.ref_logprobs is None  # the KL went into the reward, not the loss
+
+
 # --------------------------------------------------------------------------- optimiser
 def test_separate_actor_and_critic_learning_rates(ppo: Learner, params: Any) -> None:
     state = ppo.init_state(params, jax.random.PRNGKey(1))
@@ -328,3 +360,6 @@ def test_second_step_does_not_recompile(ppo: Learner, params: Any) -> None:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
     assert int(state.step) == 3
+    # One executable per jitted function, whether the state came from init or a train step.
+    for name in ("old", "adv", "train"):
+        assert ppo._fns[(name, N, T)]._cache_size() == 1, name

@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"SmolLM2-135M-Instruct, greedy, prompt {args.prompt_len}, {args.new_tokens} new tokens; "
         f"{jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs; "
-        f"measured copy bandwidth {bw / 1e9:.1f} GB/s (read+write)",
+        f"measured copy bandwidth {bw / 1e9:.1f} GB/s (read+write); "
+        f"load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
     print(" | ".join(f"{name:>12}" for name, _ in COLUMNS), flush=True)
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         if r["engine"] == "jax" and (r["dtype"], r["batch"]) in torch_speed:
             r["vs_torch"] = r["e2e_tok_s"] / torch_speed[(r["dtype"], r["batch"])]
-    print("\nsummary", flush=True)
+    print(f"\nsummary (load average now {os.getloadavg()[0]:.1f})", flush=True)
     print(" | ".join(f"{name:>12}" for name, _ in COLUMNS))
     for r in rows:
         print(_format_row(r))

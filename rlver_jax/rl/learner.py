@@ -13,10 +13,10 @@ position ``t - 1`` (the state before token ``t``; verl's ``values[:, -L-1:-1]``)
 ``logprobs[t]``, ``values[t]``, ``advantages[t]`` and ``returns[t]`` all refer to the action that
 produced token ``t``; column 0 is always 0.
 
-Mini-batches are interleaved (:func:`rlver_jax.rl.optim.strided_split`): mini-batch ``k`` holds
-the samples ``i`` with ``i % n_mini == k``, independent of the micro-batch size. Each optimiser
-step uses the exact mini-batch mean gradient: micro-batch gradients of the *unnormalised* loss
-sums are added up and divided by the mini-batch's global count (tokens or sequences).
+Mini-batches are interleaved (mini-batch ``k`` = samples ``i % n_mini == k``, see
+:func:`rlver_jax.rl.optim.strided_split`). Each optimiser step uses the exact mini-batch mean
+gradient: micro-batch gradients of the *unnormalised* loss sums, divided by the mini-batch's
+global count (tokens or sequences).
 
 Skip semantics: a mini-batch update whose loss or gradient norm is not finite leaves that model's
 params and optimiser state bit-identical and adds 1 to ``actor/skipped`` / ``critic/skipped``;
@@ -33,8 +33,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
-from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rlver_jax.models import value_head
@@ -57,8 +55,11 @@ from rlver_jax.rl.losses import (
     value_loss,
 )
 from rlver_jax.rl.optim import (
+    LearnerBatch,
     LearnerConfig,
     LearnerConfigError,
+    OldOutputs,
+    TrainState,
     bucket_length,
     minibatch_update,
     opt_state_shardings,
@@ -74,45 +75,6 @@ Metrics = dict[str, Array]
 _BT = ("batch", "seq")
 __all__ = ["Learner", "LearnerBatch", "LearnerConfig", "LearnerConfigError", "OldOutputs"]
 __all__ += ["TrainState", "critic_values", "init_train_state", "policy_outputs", "shift_right"]
-
-
-@struct.dataclass
-class TrainState:
-    """Everything the learner updates. ``critic``/``critic_opt`` are None for GRPO, ``ref`` is None
-    unless ``kl_coef > 0``. ``step``: training steps taken (int32); ``rng``: raw uint32[2] key."""
-
-    policy: Params
-    critic: Params | None
-    policy_opt: optax.OptState
-    critic_opt: optax.OptState | None
-    ref: Params | None
-    step: Array
-    rng: Array
-
-
-@struct.dataclass
-class OldOutputs:
-    """Token-aligned ``[N, T]`` outputs of :meth:`Learner.compute_old` (0 off their masks)."""
-
-    logprobs: Array
-    values: Array | None
-    ref_logprobs: Array | None
-
-
-@struct.dataclass
-class LearnerBatch:
-    """The ``[N, T]`` inputs of the train step (``returns``/``old_values``/``value_mask`` only for
-    PPO, ``ref_logprobs`` only for a KL loss)."""
-
-    tokens: Array
-    token_mask: Array
-    loss_mask: Array
-    old_logprobs: Array
-    advantages: Array
-    returns: Array | None = None
-    old_values: Array | None = None
-    value_mask: Array | None = None
-    ref_logprobs: Array | None = None
 
 
 def shift_right(x: Array) -> Array:
@@ -162,12 +124,13 @@ class Learner:
         name: str,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
-        in_sh: Any,
-        out_sh: Any,
+        sh: Any,
         donate: bool = False,
     ) -> Any:
         """Run ``fn(*args)`` jitted once per (name, N, T), traced under the mesh's axis rules,
-        with explicit shardings (inputs are ``device_put`` onto them first)."""
+        with explicit shardings ``sh = (in_shardings, out_shardings)`` (inputs are
+        ``device_put`` onto theirs first)."""
+        in_sh, out_sh = sh
         key = (name, *next(a for a in args if hasattr(a, "tokens")).tokens.shape)
         if key not in self._fns:
             mesh = self.mesh
@@ -206,15 +169,9 @@ class Learner:
             c_shapes = value_head.value_param_shapes(self.mcfg)
             critic_sh = tree_shardings(value_head.value_logical_axes(self.mcfg), c_shapes, mesh)
             copt_sh = opt_state_shardings(self.critic_opt, c_shapes, critic_sh, rep)
-        return TrainState(
-            policy=p_sh,
-            critic=critic_sh,
-            policy_opt=opt_state_shardings(self.actor_opt, p_shapes, p_sh, rep),
-            critic_opt=copt_sh,
-            ref=p_sh if cfg.uses_reference else None,
-            step=rep,
-            rng=rep,
-        )
+        popt_sh = opt_state_shardings(self.actor_opt, p_shapes, p_sh, rep)
+        ref_sh = p_sh if cfg.uses_reference else None
+        return TrainState(p_sh, critic_sh, popt_sh, copt_sh, ref_sh, step=rep, rng=rep)
 
     def batch_shardings(self, tree: Any) -> Any:
         """A ``batch``-sharded leading axis for every leaf of a batch pytree (None: no mesh)."""
@@ -277,13 +234,11 @@ class Learner:
         def chunk(xs: tuple[Array, Array]) -> tuple[Array, Array, Array]:
             tokens, tmask = xs
             logp = policy_outputs(state.policy, tokens, tmask, mcfg, cfg.temperature)[0]
-            zeros = jnp.zeros_like(logp)
-            values = critic_values(state.critic, tokens, tmask, mcfg) if cfg.uses_critic else zeros
-            ref = (
-                policy_outputs(state.ref, tokens, tmask, mcfg, cfg.temperature)[0]
-                if cfg.uses_reference
-                else zeros
-            )
+            values = ref = jnp.zeros_like(logp)
+            if cfg.uses_critic:
+                values = critic_values(state.critic, tokens, tmask, mcfg)
+            if cfg.uses_reference:
+                ref = policy_outputs(state.ref, tokens, tmask, mcfg, cfg.temperature)[0]
             return logp, values, ref
 
         xs = (strided_split(traj.tokens, n_chunks), strided_split(traj.token_mask, n_chunks))
@@ -307,7 +262,7 @@ class Learner:
         ``rollout/logprob_gap_max = max |logp - logp_sampler| m``."""
         in_sh = (self.state_shardings(), self.batch_shardings(traj))
         out_sh = (self._tok(*traj.tokens.shape), self._replicated())
-        return self._call("old", self._compute_old, (state, traj), in_sh, out_sh)
+        return self._call("old", self._compute_old, (state, traj), (in_sh, out_sh))
 
     # ------------------------------------------------------------------ advantages
     def _compute_advantages(
@@ -356,7 +311,7 @@ class Learner:
         """
         tok = self._tok(*traj.tokens.shape)
         in_sh, out_sh = (self.batch_shardings(traj), tok), (tok, self._replicated())
-        return self._call("adv", self._compute_advantages, (traj, old), in_sh, out_sh)
+        return self._call("adv", self._compute_advantages, (traj, old), (in_sh, out_sh))
 
     # ------------------------------------------------------------------ train step
     def _actor_objective(
@@ -365,16 +320,9 @@ class Learner:
         """``(sum_pg - c_H sum_H + c_KL sum_KL) / count`` on one micro-batch, plus metrics."""
         cfg = self.cfg
         logp, ent = policy_outputs(params, mb.tokens, mb.token_mask, self.mcfg, cfg.temperature)
-        mask = mb.loss_mask
+        mask, clip = mb.loss_mask, (cfg.clip_low, cfg.clip_high, cfg.loss_agg, cfg.clip_ratio_c)
         pg, pg_metrics = get_policy_loss(cfg.policy_loss)(
-            logp,
-            mb.old_logprobs,
-            mb.advantages,
-            mask,
-            clip_low=cfg.clip_low,
-            clip_high=cfg.clip_high,
-            agg_mode=cfg.loss_agg,
-            clip_ratio_c=cfg.clip_ratio_c,
+            logp, mb.old_logprobs, mb.advantages, mask, *clip
         )
         entropy = aggregate(ent, mask, cfg.loss_agg)
         total = pg.total - cfg.entropy_coef * entropy.total
@@ -393,11 +341,8 @@ class Learner:
         loss, metrics = value_loss(
             v, mb.old_values, mb.returns, mb.value_mask, self.cfg.value_clip, self.cfg.loss_agg
         )
-        terms = {
-            "critic/vf_loss": loss,
-            "critic/vf_clipfrac": metrics["vf_clipfrac"],
-            "critic/vpred_mean": aggregate(v, mb.value_mask, "token-mean"),
-        }
+        terms = {"critic/vf_loss": loss, "critic/vf_clipfrac": metrics["vf_clipfrac"]}
+        terms["critic/vpred_mean"] = aggregate(v, mb.value_mask, "token-mean")
         return loss.total / jnp.maximum(count, 1.0), jax.lax.stop_gradient(terms)
 
     def _update(
@@ -440,9 +385,7 @@ class Learner:
         carry = (state.policy, state.policy_opt, state.critic, state.critic_opt)
         one = cfg.ppo_epochs == 1  # length-1 loops are unrolled (faster compiles)
         carry, (terms, sums) = jax.lax.scan(epoch, carry, None, cfg.ppo_epochs, unroll=one)
-        metrics = {
-            k: LossTerm(jnp.sum(t.total), jnp.sum(t.count)).value() for k, t in terms.items()
-        }
+        metrics = {k: LossTerm(t.total.sum(), t.count.sum()).value() for k, t in terms.items()}
         metrics |= {k: jnp.sum(v) for k, v in sums.items()}
         metrics |= self._batch_metrics(batch) | {"actor/lr": lr_actor}
         if cfg.uses_critic:
@@ -478,13 +421,10 @@ class Learner:
         the mean over finite updates, ``*/skipped`` counts of skipped updates."""
         n, t = batch.tokens.shape
         if n % self.cfg.mini_batch_size:
-            raise ValueError(
-                f"batch of {n} samples is not a multiple of mini_batch_size="
-                f"{self.cfg.mini_batch_size}; use Learner.pad"
-            )
+            raise ValueError(f"{n} samples: not a multiple of mini_batch_size; use Learner.pad")
         state_sh, tok = self.state_shardings(), self._tok(n, t)
         in_sh, out_sh = (state_sh, tok), (state_sh, self._replicated())
-        return self._call("train", self._train_step, (state, batch), in_sh, out_sh, donate=True)
+        return self._call("train", self._train_step, (state, batch), (in_sh, out_sh), True)
 
     def update(
         self, state: TrainState, traj: Trajectories, num_samples: int | None = None

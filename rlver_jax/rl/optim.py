@@ -1,6 +1,7 @@
-"""Learner hyper-parameters and optimisation machinery: :class:`LearnerConfig`, AdamW with
-linear warm-up then constant LR, global-norm clipping, non-finite skipping, and exact gradient
-accumulation over interleaved mini/micro-batches. (:mod:`rlver_jax.rl.learner` uses them.)
+"""Learner hyper-parameters, data types and optimisation machinery (used by
+:mod:`rlver_jax.rl.learner`): :class:`LearnerConfig`, :class:`TrainState` / :class:`OldOutputs` /
+:class:`LearnerBatch`, AdamW with linear warm-up then constant LR, global-norm clipping,
+non-finite skipping, and exact gradient accumulation over interleaved mini/micro-batches.
 
 verl's optimiser, re-expressed for JAX (``torch.optim.AdamW`` + ``clip_grad_norm_`` +
 ``get_constant_schedule_with_warmup``):
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 
 from rlver_jax.rl.losses import AGG_MODES, KL_KINDS, aggregate
 from rlver_jax.rl.registry import list_advantages, list_policy_losses
@@ -43,8 +45,11 @@ PyTree = Any
 __all__ = [
     "TOKEN_LEVEL_ESTIMATORS",
     "AdamWConfig",
+    "LearnerBatch",
     "LearnerConfig",
     "LearnerConfigError",
+    "OldOutputs",
+    "TrainState",
     "UpdateStats",
     "accumulate_gradients",
     "bucket_length",
@@ -105,18 +110,10 @@ class UpdateStats(NamedTuple):
     skipped: Array  # 1.0 when it was skipped because the loss or gradient was not finite
 
 
-def global_norm(tree: PyTree) -> Array:
-    """``sqrt(sum of squares)`` over every leaf, in fp32."""
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return jnp.zeros((), jnp.float32)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
-
-
 def clip_by_global_norm(grads: PyTree, max_norm: float | None) -> tuple[PyTree, Array]:
     """torch ``clip_grad_norm_``: scale by ``min(1, max_norm / (norm + 1e-6))``; returns
     ``(clipped, norm)`` (norm before clipping)."""
-    norm = global_norm(grads)
+    norm = optax.tree.norm(grads).astype(jnp.float32)
     if max_norm is None:
         return grads, norm
     scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
@@ -255,6 +252,46 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"sequence length {length} exceeds the largest bucket {max(buckets)}")
 
 
+# --------------------------------------------------------------------------- learner data types
+@struct.dataclass
+class TrainState:
+    """Everything the learner updates. ``critic``/``critic_opt`` are None for GRPO, ``ref`` is None
+    unless ``kl_coef > 0``. ``step``: training steps taken (int32); ``rng``: raw uint32[2] key."""
+
+    policy: PyTree
+    critic: PyTree | None
+    policy_opt: optax.OptState
+    critic_opt: optax.OptState | None
+    ref: PyTree | None
+    step: Array
+    rng: Array
+
+
+@struct.dataclass
+class OldOutputs:
+    """Token-aligned ``[N, T]`` outputs of :meth:`Learner.compute_old` (0 off their masks)."""
+
+    logprobs: Array
+    values: Array | None
+    ref_logprobs: Array | None
+
+
+@struct.dataclass
+class LearnerBatch:
+    """The ``[N, T]`` inputs of the train step (``returns``/``old_values``/``value_mask`` only for
+    PPO, ``ref_logprobs`` only for a KL loss)."""
+
+    tokens: Array
+    token_mask: Array
+    loss_mask: Array
+    old_logprobs: Array
+    advantages: Array
+    returns: Array | None = None
+    old_values: Array | None = None
+    value_mask: Array | None = None
+    ref_logprobs: Array | None = None
+
+
 # --------------------------------------------------------------------------- learner config
 TOKEN_LEVEL_ESTIMATORS: tuple[str, ...] = ("gae",)  # need a critic; the others are outcome-level
 
@@ -318,49 +355,58 @@ class LearnerConfig:
         pos_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1
         unit = lambda v: 0.0 <= v <= 1.0
         opt_pos = lambda v: v is None or v > 0
-        adv, mini, fwd = (
-            self.advantage_estimator,
-            self.mini_batch_size,
-            self.forward_micro_batch_size,
-        )
+        adv, algo, mini = self.advantage_estimator, self.algorithm, self.mini_batch_size
+        micro, fwd, c = self.micro_batch_size, self.forward_micro_batch_size, self.clip_ratio_c
+        in01, pos, nonneg = "must lie in [0, 1]", "must be > 0", "must be >= 0"
+        divides = f"must be a positive integer dividing mini_batch_size={mini}"
         rules: list[tuple[str, Callable[[], bool], str]] = [
-            ("algorithm", lambda: self.algorithm in ("ppo", "grpo"), "must be 'ppo' or 'grpo'"),
-            ("advantage_estimator", lambda: adv in list_advantages(), "unknown estimator"),
-            ("policy_loss", lambda: self.policy_loss in list_policy_losses(), "unknown loss"),
+            ("algorithm", lambda: algo in ("ppo", "grpo"), "must be 'ppo' or 'grpo'"),
             (
                 "advantage_estimator",
-                lambda: (adv in TOKEN_LEVEL_ESTIMATORS) == (self.algorithm == "ppo"),
-                "'ppo' needs 'gae' (a critic), 'grpo' an outcome estimator",
+                lambda: adv in list_advantages(),
+                f"not in {list_advantages()}",
             ),
-            ("gamma", lambda: unit(self.gamma), "must lie in [0, 1]"),
-            ("lam", lambda: unit(self.lam), "must lie in [0, 1]"),
-            ("actor_warmup_ratio", lambda: unit(self.actor_warmup_ratio), "must lie in [0, 1]"),
-            ("critic_warmup_ratio", lambda: unit(self.critic_warmup_ratio), "must lie in [0, 1]"),
+            (
+                "policy_loss",
+                lambda: self.policy_loss in list_policy_losses(),
+                "unknown policy loss",
+            ),
+            (
+                "advantage_estimator",
+                lambda: (adv in TOKEN_LEVEL_ESTIMATORS) == (algo == "ppo"),
+                "'ppo' needs 'gae' (a critic), 'grpo' an outcome-level estimator",
+            ),
+            ("gamma", lambda: unit(self.gamma), in01),
+            ("lam", lambda: unit(self.lam), in01),
+            ("actor_warmup_ratio", lambda: unit(self.actor_warmup_ratio), in01),
+            ("critic_warmup_ratio", lambda: unit(self.critic_warmup_ratio), in01),
             ("clip_low", lambda: 0.0 <= self.clip_low < 1.0, "must lie in [0, 1)"),
-            ("clip_high", lambda: self.clip_high >= 0, "must be >= 0"),
-            ("clip_ratio_c", lambda: self.clip_ratio_c is None or self.clip_ratio_c > 1, "> 1"),
+            ("clip_high", lambda: self.clip_high >= 0, nonneg),
+            ("clip_ratio_c", lambda: c is None or c > 1, "must be > 1 or None"),
             ("value_clip", lambda: opt_pos(self.value_clip), "must be > 0 or None"),
             ("grad_clip", lambda: opt_pos(self.grad_clip), "must be > 0 or None"),
-            ("entropy_coef", lambda: self.entropy_coef >= 0, "must be >= 0"),
-            ("kl_coef", lambda: self.kl_coef >= 0, "must be >= 0"),
+            ("entropy_coef", lambda: self.entropy_coef >= 0, nonneg),
+            ("kl_coef", lambda: self.kl_coef >= 0, nonneg),
             ("kl_kind", lambda: self.kl_kind in KL_KINDS, f"must be one of {sorted(KL_KINDS)}"),
-            ("kl_as_reward", lambda: not self.kl_as_reward or adv == "gae", "needs ppo/gae"),
+            ("kl_as_reward", lambda: not self.kl_as_reward or algo == "ppo", "needs ppo (GAE)"),
             ("loss_agg", lambda: self.loss_agg in AGG_MODES, f"must be one of {AGG_MODES}"),
-            ("critic_mask", lambda: self.critic_mask in ("policy", "response"), "policy/response"),
-            ("temperature", lambda: self.temperature > 0, "must be > 0"),
-            ("actor_lr", lambda: self.actor_lr >= 0, "must be >= 0"),
-            ("critic_lr", lambda: self.critic_lr >= 0, "must be >= 0"),
+            ("critic_mask", lambda: self.critic_mask in ("policy", "response"), "policy|response"),
+            ("temperature", lambda: self.temperature > 0, pos),
+            ("actor_lr", lambda: self.actor_lr >= 0, nonneg),
+            ("critic_lr", lambda: self.critic_lr >= 0, nonneg),
             ("total_steps", lambda: pos_int(self.total_steps), "must be a positive integer"),
-            ("weight_decay", lambda: self.weight_decay >= 0, "must be >= 0"),
-            ("betas", lambda: len(self.betas) == 2 and all(map(unit, self.betas)), "in [0, 1]"),
-            ("adam_eps", lambda: self.adam_eps > 0, "must be > 0"),
+            ("weight_decay", lambda: self.weight_decay >= 0, nonneg),
+            ("betas", lambda: len(self.betas) == 2 and all(map(unit, self.betas)), in01),
+            ("adam_eps", lambda: self.adam_eps > 0, pos),
             ("ppo_epochs", lambda: pos_int(self.ppo_epochs), "must be a positive integer"),
             ("mini_batch_size", lambda: pos_int(mini), "must be a positive integer"),
-            ("micro_batch_size", lambda: pos_int(self.micro_batch_size), "must be positive"),
-            ("micro_batch_size", lambda: mini % self.micro_batch_size == 0, "must divide mini"),
-            ("forward_micro_batch_size", lambda: fwd is None or pos_int(fwd), "must be positive"),
-            ("forward_micro_batch_size", lambda: fwd is None or mini % fwd == 0, "divide mini"),
-            ("grpo_eps", lambda: self.grpo_eps > 0, "must be > 0"),
+            ("micro_batch_size", lambda: pos_int(micro) and mini % micro == 0, divides),
+            (
+                "forward_micro_batch_size",
+                lambda: fwd is None or (pos_int(fwd) and mini % fwd == 0),
+                divides,
+            ),
+            ("grpo_eps", lambda: self.grpo_eps > 0, pos),
             (
                 "seq_buckets",
                 lambda: (

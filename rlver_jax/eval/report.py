@@ -1,0 +1,247 @@
+"""Report building blocks: bootstrap intervals, Markdown tables and PNG plots.
+
+Statistics (`bootstrap_ci`, `bootstrap_diff_ci`): seeded percentile bootstrap over dialogues
+(numpy `default_rng(seed)`), so a report is reproducible. Plots use matplotlib's Agg backend
+(no display needed): emotion trajectories (mean +- one standard deviation band plus a thin line
+per dialogue), reward curves of training runs, and a capability radar chart (one polygon per
+model over the five dimensions, axis 1-5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+# --------------------------------------------------------------------------- statistics
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """A statistic with its bootstrap percentile interval at `level`."""
+
+    mean: float
+    lo: float
+    hi: float
+    n: int
+    level: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "lo": self.lo, "hi": self.hi, "n": self.n, "level": self.level}
+
+
+def _percentiles(stats: np.ndarray, level: float) -> tuple[float, float]:
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(stats, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def bootstrap_ci(
+    values: Sequence[float] | np.ndarray, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> Interval:
+    """Mean of `values` and its percentile bootstrap interval (resampling dialogues with
+    replacement, `n_boot` times, numpy Generator seeded with `seed`)."""
+    x = np.asarray(values, np.float64).reshape(-1)
+    if x.size == 0:
+        raise ValueError("bootstrap_ci: no values")
+    if not 0 < level < 1:
+        raise ValueError(f"bootstrap_ci: level must be in (0, 1), got {level}")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.size, size=(n_boot, x.size))
+    lo, hi = _percentiles(x[idx].mean(axis=1), level)
+    mean = float(x.mean())
+    return Interval(mean, lo, hi, int(x.size), level)
+
+
+def bootstrap_diff_ci(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    *,
+    paired: bool = True,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Interval:
+    """mean(a) - mean(b) with a bootstrap interval. `paired` (same profiles in the same order,
+    as in the benchmark) resamples dialogue indices jointly; otherwise each side on its own."""
+    x, y = np.asarray(a, np.float64).reshape(-1), np.asarray(b, np.float64).reshape(-1)
+    if x.size == 0 or y.size == 0:
+        raise ValueError("bootstrap_diff_ci: no values")
+    rng = np.random.default_rng(seed)
+    if paired:
+        if x.size != y.size:
+            raise ValueError(f"paired bootstrap needs equal sizes, got {x.size} and {y.size}")
+        idx = rng.integers(0, x.size, size=(n_boot, x.size))
+        stats = x[idx].mean(axis=1) - y[idx].mean(axis=1)
+    else:
+        ix = rng.integers(0, x.size, size=(n_boot, x.size))
+        iy = rng.integers(0, y.size, size=(n_boot, y.size))
+        stats = x[ix].mean(axis=1) - y[iy].mean(axis=1)
+    lo, hi = _percentiles(stats, level)
+    diff = float(x.mean() - y.mean())
+    return Interval(diff, lo, hi, int(min(x.size, y.size)), level)
+
+
+# --------------------------------------------------------------------------- tables
+def fmt_ci(ci: Mapping[str, Any] | Interval, digits: int = 2) -> str:
+    """ "m [lo, hi]" of an `Interval` or its `as_dict()`."""
+    d = ci.as_dict() if isinstance(ci, Interval) else ci
+    return f"{d['mean']:.{digits}f} [{d['lo']:.{digits}f}, {d['hi']:.{digits}f}]"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table (cells converted with str)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def sentient_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
+    """Sentient-style scores per model (from eval summaries): score, success, failure, turns."""
+    rows = [
+        [
+            label, s.get("scaffold", ""), f"{s['score']:.2f}",
+            f"{100 * s['success_rate']:.1f}% ({s['successes']})",
+            f"{100 * s['failure_rate']:.1f}% ({s['failures']})",
+            f"{s['turns_mean']:.2f}", s["n"],
+        ]
+        for label, s in summaries.items()
+    ]  # fmt: skip
+    header = ["model", "scaffold", "score", "success", "failure", "turns", "dialogues"]
+    return markdown_table(header, rows)
+
+
+def capability_table(summaries: Mapping[str, Mapping[str, Any]], digits: int = 2) -> str:
+    """Mean capability score per dimension and model, with bootstrap intervals."""
+    with_cap = {k: s["capability"] for k, s in summaries.items() if "capability" in s}
+    if not with_cap:
+        return "(no capability scores)"
+    dims = list(next(iter(with_cap.values())))
+    names = [next(iter(with_cap.values()))[d]["name"] for d in dims]
+    rows = [[label, *(fmt_ci(cap[d], digits) for d in dims)] for label, cap in with_cap.items()]
+    return markdown_table(["model", *names], rows)
+
+
+def diff_table(diffs: Mapping[str, Interval], names: Mapping[str, str], digits: int = 3) -> str:
+    """Per-dimension differences (e.g. think - plain) with intervals; '*' when 0 is outside."""
+    rows = []
+    for key, ci in diffs.items():
+        sig = "*" if ci.lo > 0 or ci.hi < 0 else ""
+        rows.append([names.get(key, key), f"{ci.mean:+.{digits}f}{sig}",
+                     f"[{ci.lo:+.{digits}f}, {ci.hi:+.{digits}f}]", ci.n])  # fmt: skip
+    return markdown_table(["dimension", "difference", f"{100 * _level(diffs):.0f}% CI", "n"], rows)
+
+
+def _level(diffs: Mapping[str, Interval]) -> float:
+    return next(iter(diffs.values())).level if diffs else 0.95
+
+
+def dialogue_markdown(t: Mapping[str, Any], max_messages: int = 8) -> str:
+    """One transcript as Markdown: header with the emotion trajectory, then the messages (the
+    policy's thought, if any, as a quoted line before its reply)."""
+    lines = [
+        f"**profile {str(t['profile_id'])[:8]}** ({t.get('intention')}, "
+        f"{t.get('personality')}): emotions {t['emotions']} -> {t['end_reason']}",
+        "",
+    ]
+    for m in t["messages"][:max_messages]:
+        text = " ".join(str(m["content"]).split())
+        if m["role"] == "user":
+            lines.append(f"- **user**: {text}")
+            continue
+        if m.get("thought"):
+            lines.append(f"  - *think*: {' '.join(str(m['thought']).split())}")
+        lines.append(f"- **policy** ({m['emotion_after']}, {m['change']:+d}): {text}")
+    if len(t["messages"]) > max_messages:
+        lines.append(f"- ... ({len(t['messages']) - max_messages} more messages)")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- plots
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def plot_emotion_trajectories(
+    transcripts: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    *,
+    length: int | None = None,
+    title: str = "emotion trajectories",
+) -> Path:
+    """Mean emotion per turn +- one standard deviation (held-last padding, see
+    `sentient.emotion_matrix`) and a thin line per dialogue over its real turns."""
+    from rlver_jax.eval.sentient import emotion_matrix
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for t in transcripts:
+        ax.plot(range(len(t["emotions"])), t["emotions"], color="tab:gray", lw=0.6, alpha=0.4)
+    traj = emotion_matrix(transcripts, length)
+    if len(traj):
+        x, mean, std = np.arange(traj.shape[1]), traj.mean(axis=0), traj.std(axis=0)
+        ax.fill_between(x, mean - std, mean + std, color="tab:blue", alpha=0.2, label="+- 1 sd")
+        ax.plot(x, mean, color="tab:blue", lw=2.2, label=f"mean (n={len(traj)})")
+    ax.set(xlabel="policy turn", ylabel="emotion (0-100)", ylim=(-2, 102), title=title)
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_reward_curves(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | Path,
+    *,
+    ylabel: str = "mean reward",
+    title: str = "training reward",
+) -> Path:
+    """One line (with markers) per run: `label -> (steps, values)`."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, (steps, values) in curves.items():
+        ax.plot(steps, values, marker="o", ms=3, lw=1.5, label=label)
+    ax.set(xlabel="training step", ylabel=ylabel, title=title)
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def radar_chart(
+    models: Mapping[str, Mapping[str, float]],
+    path: str | Path,
+    *,
+    names: Mapping[str, str] | None = None,
+    title: str = "capability profile",
+    scale: tuple[float, float] = (1.0, 5.0),
+) -> Path:
+    """Radar chart: one closed polygon per model over the dimensions of the first model
+    (`label -> {dimension key -> mean score}`), radial axis `scale`."""
+    plt = _pyplot()
+    dims = list(next(iter(models.values()))) if models else []
+    angles = np.linspace(0, 2 * np.pi, len(dims), endpoint=False).tolist()
+    fig, ax = plt.subplots(figsize=(6, 6), subplot_kw={"polar": True})
+    for label, values in models.items():
+        v = [values[d] for d in dims]
+        ax.plot([*angles, angles[0]], [*v, v[0]], lw=1.8, label=label)
+        ax.fill([*angles, angles[0]], [*v, v[0]], alpha=0.12)
+    ax.set_xticks(angles)
+    ax.set_xticklabels([(names or {}).get(d, d) for d in dims], fontsize=9)
+    ax.set_ylim(*scale)
+    ax.set_title(title, pad=18)
+    ax.legend(loc="upper right", bbox_to_anchor=(1.3, 1.1), fontsize=8)
+    return _save(fig, path)
