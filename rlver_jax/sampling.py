@@ -3,24 +3,21 @@
     sampler = Sampler(config, mesh=mesh, pad_id=tok.pad_id, stop_token_ids=tok.stop_token_ids)
     out = sampler(params, prompts, max_new_tokens=256, temperature=1.0, top_p=0.9, seed=0)
 
-Design (see docs in jax_anchors.md §3; Tunix's sampler with Levanter's traced settings):
+Design (Tunix's sampler with Levanter's traced settings):
 
-- Prompts are LEFT-padded to a prompt-length bucket, so every row writes the KV cache at the
-  same slot (`KVCache.end`); the batch is padded with dummy rows to a batch bucket and the output
-  width is a new-tokens bucket. The compile key is (batch, prompt, prefix, new-tokens buckets):
-  a handful of programs over a whole RL run.
+- Prompts are LEFT-padded to a prompt-length bucket (every row writes the KV cache at the same
+  slot), the batch is padded with dummy rows to a batch bucket, the output width is a new-token
+  bucket: a handful of compiled programs over a whole RL run.
 - Temperature, top-p, top-k (per row), stop ids, max_new_tokens and the seed are TRACED
   arrays: changing them never recompiles. Temperature <= 0 is greedy for that row.
 - Prefill (prompt + forced prefix in one forward) and decode are separate jits; the decode state
-  (KV cache, outputs, sampling settings) is donated, so XLA updates the cache in place.
-- Decode is ONE jitted `lax.while_loop` that stops when every row has stopped or the token
+  (KV cache, outputs, settings) is donated, so XLA updates the cache in place.
+- Decode is ONE jitted `lax.while_loop` that exits on device when every row has stopped or the
   budget is spent. A host loop over a jitted step would pay a dispatch + host sync per token
-  (~0.1-1 ms on CPU, more with a mesh) and could not stop early without a device->host read
-  per step; the while_loop pays one dispatch per call and exits on device.
-- Logprobs are log-softmax of the temperature-scaled logits over the FULL vocabulary, i.e. the
-  distribution before top-k/top-p truncation (what a trainer recomputes at the rollout
-  temperature); greedy rows report temperature-1 logprobs. Forced-prefix tokens get logprobs
-  the same way.
+  (~0.1-1 ms on CPU, more with a mesh) and a device->host read per step to stop early.
+- Logprobs are log-softmax of the temperature-scaled logits over the FULL vocabulary (before
+  top-k/top-p truncation: what a trainer recomputes at the rollout temperature); greedy rows
+  report temperature-1 logprobs; forced-prefix tokens get logprobs the same way.
 - Randomness: row r at output slot j uses `fold_in(fold_in(key(seed), j), r)`, so a row's
   sample does not depend on the batch bucket, the mesh, or the other rows.
 """
@@ -41,15 +38,9 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
+from rlver_jax.models import transformer as tfm
 from rlver_jax.models.config import ModelConfig
-from rlver_jax.models.transformer import (
-    KVCache,
-    Params,
-    forward,
-    init_cache,
-    lm_logits,
-    positions_from_mask,
-)
+from rlver_jax.models.transformer import KVCache, Params
 from rlver_jax.parallel import mesh as mesh_lib
 from rlver_jax.parallel.rules import DEFAULT_RULES, MeshAxes, axis_rules, named_sharding
 
@@ -86,12 +77,11 @@ class SampleOutput:
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-    """Static shape choices: each distinct bucket combination compiles once.
+    """Static shapes: each distinct bucket combination compiles once.
 
-    top_k_pool: candidates taken with `lax.top_k` for top-k / top-p. top_k above it is clamped;
-    top-p is exact regardless (rows whose nucleus is larger than the pool fall back to a
-    31-step bisection over the full vocabulary). A full sort of a 49k vocabulary costs ~0.5 s
-    per step on CPU at batch 32, which is why we avoid it.
+    top_k_pool: candidates taken with `lax.top_k` for top-k / top-p (top_k above it is clamped).
+    Top-p is exact regardless: rows whose nucleus exceeds the pool use a bisection over the full
+    vocabulary. (A full sort of 49k logits costs ~0.5 s per step on CPU at batch 32.)
     """
 
     prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -154,11 +144,8 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, pool: i
     k = jnp.where(k_on, jnp.clip(top_k, 1, K), K)
     in_k = jnp.arange(K)[None, :] < k[:, None]
     thr_k = jnp.where(k_on, jnp.take_along_axis(vals, (k - 1)[:, None], 1)[:, 0], -jnp.inf)
-    log_z = jnp.where(
-        k_on,
-        jax.nn.logsumexp(jnp.where(in_k, vals, -jnp.inf), axis=-1),
-        jax.nn.logsumexp(logits, axis=-1),
-    )
+    log_z = jax.nn.logsumexp(jnp.where(in_k, vals, -jnp.inf), axis=-1)
+    log_z = jnp.where(k_on, log_z, jax.nn.logsumexp(logits, axis=-1))
     p = jnp.where(in_k, jnp.exp(vals - log_z[:, None]), 0.0)
     cum = jnp.cumsum(p, axis=-1)
     m = jnp.maximum(jnp.sum(in_k & (cum - p < top_p[:, None]), axis=-1), 1)
@@ -169,11 +156,10 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, pool: i
     # pool's mass reaches top_p; other rows need the exact full-vocabulary search.
     uncovered = p_on & ~k_on & (cum[:, -1] < top_p)
 
-    def exact(keep: jax.Array) -> jax.Array:
-        full = top_p_bisect(jax.nn.softmax(logits, axis=-1), top_p)
-        return jnp.where(uncovered[:, None], full, keep)
-
-    keep = jax.lax.cond(jnp.any(uncovered), exact, lambda x: x, keep)
+    exact = lambda k: jnp.where(
+        uncovered[:, None], top_p_bisect(jax.nn.softmax(logits, axis=-1), top_p), k
+    )
+    keep = jax.lax.cond(jnp.any(uncovered), exact, lambda k: k, keep)
     return jnp.where(keep, logits, -jnp.inf)
 
 
@@ -202,11 +188,8 @@ def inverse_cdf(weights: jax.Array, u: jax.Array, block: int = 256) -> jax.Array
 def sample_tokens(
     logits: jax.Array, key: jax.Array, settings: Settings, pool: int = 256
 ) -> tuple[jax.Array, jax.Array]:
-    """One token per row from float32 logits [B, V]; returns (ids [B], logprobs [B]).
-
-    Filtering and sampling are skipped under `lax.cond` when no row needs them (an all-greedy
-    batch pays only an argmax).
-    """
+    """One token per row from float32 logits [B, V] -> (ids [B], logprobs [B]). Filtering and
+    sampling are skipped under `lax.cond` when no row needs them (all-greedy: only an argmax)."""
     temperature, top_p, top_k = settings.temperature, settings.top_p, settings.top_k
     greedy = temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
@@ -248,32 +231,21 @@ class DecodeState:
 
 
 def prefill(
-    params: Params,
-    prompt: jax.Array,
-    prompt_mask: jax.Array,
-    prefix: jax.Array,
-    live: jax.Array,
-    settings: Settings,
-    seed: jax.Array,
-    *,
-    config: ModelConfig,
-    cache_len: int,
-    out_len: int,
+    params: Params, prompt: jax.Array, prompt_mask: jax.Array, prefix: jax.Array, live: jax.Array,
+    settings: Settings, seed: jax.Array, *, config: ModelConfig, cache_len: int, out_len: int,
     pad_id: int,
-) -> DecodeState:
-    """Run prompt + forced prefix through the model; sampling starts in `decode`.
-
-    Only the F + 1 positions that matter (prefix logprobs, first free token) are projected to
-    the vocabulary, and sampling code is kept out of this program (it compiles once, in decode).
-    """
+) -> DecodeState:  # fmt: skip
+    """Run prompt + forced prefix through the model; sampling starts in `decode`. Only the F + 1
+    positions that matter (prefix logprobs, first free token) are projected to the vocabulary;
+    sampling code stays out of this program (it compiles once, in decode)."""
     B, P = prompt.shape
     F = prefix.shape[0]
     tokens = jnp.concatenate([prompt, jnp.broadcast_to(prefix, (B, F))], axis=1)
     mask = jnp.concatenate([prompt_mask, jnp.ones((B, F), bool)], axis=1)
-    positions = positions_from_mask(mask)
-    cache = init_cache(config, B, cache_len)
-    hidden, cache = forward(params, tokens, positions, mask, config, cache, return_hidden=True)
-    logits = lm_logits(params, hidden[:, P - 1 :], config)  # [B, F + 1, V]
+    positions = tfm.positions_from_mask(mask)
+    cache = tfm.init_cache(config, B, cache_len)
+    hidden, cache = tfm.forward(params, tokens, positions, mask, config, cache, return_hidden=True)
+    logits = tfm.lm_logits(params, hidden[:, P - 1 :], config)  # [B, F + 1, V]
     out_tok = jnp.full((B, out_len), pad_id, jnp.int32)
     out_lp = jnp.zeros((B, out_len), jnp.float32)
     if F:
@@ -293,11 +265,9 @@ def prefill(
 def decode(
     params: Params, state: DecodeState, *, config: ModelConfig, pool: int, pad_id: int
 ) -> DecodeState:
-    """Sample, write, feed back: one `lax.while_loop` iteration per token, until all rows stop.
-
-    The token sampled last is still fed through the model (its logits are unused): skipping
-    that one forward would need a `lax.cond` around the cache update inside the loop.
-    """
+    """Sample, write, feed back: one `lax.while_loop` iteration per token until all rows stop.
+    The last token is still fed through the model (unused logits): skipping that one forward
+    would need a `lax.cond` around the cache update inside the loop."""
     B = state.logits.shape[0]
     ones = jnp.ones((B, 1), bool)
 
@@ -310,12 +280,12 @@ def decode(
         active = ~s.done
         tok = jnp.where(active, tok, pad_id)
         hit = active & jnp.any(tok[:, None] == s.settings.stop_ids[None, :], axis=-1)
-        hidden, cache = forward(
+        hidden, cache = tfm.forward(
             params, tok[:, None], s.positions[:, None], ones, config, s.cache, return_hidden=True
         )
         return s.replace(
             cache=cache,
-            logits=lm_logits(params, hidden, config)[:, 0],
+            logits=tfm.lm_logits(params, hidden, config)[:, 0],
             tokens=jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step)),
             logprobs=jax.lax.dynamic_update_slice(
                 s.logprobs, jnp.where(active, lp, 0.0)[:, None], (0, s.step)
@@ -332,15 +302,9 @@ def decode(
 
 @functools.lru_cache(maxsize=256)
 def _jitted(
-    config: ModelConfig,
-    mesh: Mesh | None,
-    rules: Any,
-    pool: int,
-    pad_id: int,
-    B: int,
-    P: int,
+    config: ModelConfig, mesh: Mesh | None, rules: Any, pool: int, pad_id: int, B: int, P: int,
     N: int,
-) -> tuple[Any, Any, Any]:
+) -> tuple[Any, Any, Any]:  # fmt: skip
     """(prefill jit, decode jit, prefill input shardings) for the bucket (B, P, N).
 
     Cached per process, so samplers of the same model shape share compiled programs. The
@@ -356,7 +320,7 @@ def _jitted(
     params = mesh_lib.param_shardings(config, mesh, rules)
     state = DecodeState(
         cache=mesh_lib.cache_shardings(
-            jax.eval_shape(lambda: init_cache(config, B, P + N)), mesh, rules
+            jax.eval_shape(lambda: tfm.init_cache(config, B, P + N)), mesh, rules
         ),
         logits=named_sharding(("batch", "act_vocab"), (B, config.vocab_size), mesh, rules),
         tokens=out, logprobs=out, positions=row, done=row, stopped=row, lengths=row,
@@ -373,24 +337,18 @@ def _jitted(
 class Sampler:
     """Bucketed, sharded sampler for one model shape; params are passed at every call.
 
-    Passing params per call keeps the weights out of the compiled programs (an RL trainer
-    swaps them every step). With a `mesh`, params must be placed with `shard_params` (the
-    jits declare explicit in/out shardings from the logical axis rules), prompts are split
-    over the batch axes and the programs are traced under `rules.axis_rules(mesh)`.
+    Params per call keep the weights out of the compiled programs (an RL trainer swaps them
+    every step). With a `mesh`, place params with `shard_params` (the jits declare explicit
+    in/out shardings from the logical axis rules); prompts are split over the batch axes and
+    the programs are traced under `rules.axis_rules(mesh)`.
     """
 
     def __init__(
-        self,
-        config: ModelConfig,
-        *,
-        mesh: Mesh | None = None,
-        pad_id: int = 0,
-        stop_token_ids: Sequence[int] = (),
-        sampler_config: SamplerConfig | None = None,
-        rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES,
-        seed: int = 0,
+        self, config: ModelConfig, *, mesh: Mesh | None = None, pad_id: int = 0,
+        stop_token_ids: Sequence[int] = (), sampler_config: SamplerConfig | None = None,
+        rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES, seed: int = 0,
         time_phases: bool = False,
-    ) -> None:
+    ) -> None:  # fmt: skip
         self.config = config
         self.mesh = mesh
         self.pad_id = int(pad_id)
@@ -410,27 +368,18 @@ class Sampler:
         return mesh_lib.shard_params(params, shardings)
 
     def __call__(
-        self,
-        params: Params,
-        prompts: Sequence[Sequence[int]],
-        *,
-        max_new_tokens: int,
-        temperature: float | Sequence[float] = 1.0,
-        top_p: float | Sequence[float] = 1.0,
-        top_k: int | Sequence[int] = 0,
-        stop_token_ids: Sequence[int] | None = None,
-        forced_prefix: Sequence[int] = (),
-        seed: int | None = None,
-    ) -> SampleOutput:
+        self, params: Params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+        temperature: float | Sequence[float] = 1.0, top_p: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 0, stop_token_ids: Sequence[int] | None = None,
+        forced_prefix: Sequence[int] = (), seed: int | None = None,
+    ) -> SampleOutput:  # fmt: skip
         """Sample up to `max_new_tokens` tokens (forced prefix included) for every prompt.
 
         Per-row settings accept a scalar or one value per prompt. `seed=None` draws from the
         sampler's own seed and call counter (reproducible for a fixed call sequence); an
         explicit seed reproduces the same tokens whatever happened before.
         """
-        n = len(prompts)
-        lens = [len(p) for p in prompts]
-        F = len(forced_prefix)
+        n, lens, F = len(prompts), [len(p) for p in prompts], len(forced_prefix)
         if n == 0 or min(lens) == 0:
             raise ValueError("need at least one prompt, and every prompt needs >= 1 token")
         if max_new_tokens <= F:
@@ -461,7 +410,7 @@ class Sampler:
             max_new=np.int32(max_new_tokens),
         )
         prefix = np.asarray(forced_prefix, np.int32).reshape(F)
-        args = (prompt, mask, prefix, np.arange(B) < n, settings, np.int32(seed))
+        args = (prompt, mask, prefix, np.arange(B) < n, settings, np.int32(seed % 2**31))
         pool, rules = self.sampler_config.top_k_pool, self.rules
         pre, dec, ins = _jitted(self.config, self.mesh, rules, pool, self.pad_id, B, P, N)
         ctx = contextlib.nullcontext() if self.mesh is None else axis_rules(self.mesh, rules)

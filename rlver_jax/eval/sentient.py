@@ -14,9 +14,9 @@ Emotion trajectories (`emotion_matrix`) are padded to a common length by holding
 dialogue's last emotion (a finished dialogue keeps its final score), so the mean trajectory at
 turn t averages every dialogue.
 
-`evaluate` runs the benchmark for loaded components and writes, under its output directory:
-`transcripts.jsonl` (one dialogue per line, emotion trajectory included), `capability.jsonl`
-(per-dialogue capability scores, when a judge is given), `summary.json` and
+`evaluate` runs the benchmark for loaded components and `write_eval` writes, under its output
+directory: `transcripts.jsonl` (one dialogue per line, emotion trajectory included),
+`capability.jsonl` (per-dialogue capability scores, when a judge is given), `summary.json` and
 `emotion_trajectories.png`.
 """
 
@@ -181,24 +181,45 @@ def evaluate(
     extra: dict[str, Any] | None = None,
     bootstrap_samples: int = 2000,
 ) -> dict[str, Any]:
-    """Run the benchmark and write transcripts, capability scores, summary and plot.
+    """Run the benchmark (`run_benchmark`) and write its results (`write_eval`)."""
+    t0 = time.perf_counter()
+    transcripts, timings = run_benchmark(engine, params, profiles, seed=seed, batch_size=batch_size)
+    return write_eval(
+        out_dir, transcripts, dyn=engine.dynamics, scaffold=engine.scaffold.mode, label=label,
+        judge=judge, seed=seed, timings={"rollout_s": time.perf_counter() - t0, **timings},
+        extra=extra, bootstrap_samples=bootstrap_samples,
+    )  # fmt: skip
+
+
+def write_eval(
+    out_dir: str | Path,
+    transcripts: Sequence[dict[str, Any]],
+    *,
+    dyn: dynamics.EmotionDynamicsConfig = dynamics.DEFAULT_CONFIG,
+    scaffold: str = "",
+    label: str = "policy",
+    judge: CapabilityJudge | None = None,
+    seed: int = 0,
+    timings: dict[str, float] | None = None,
+    extra: dict[str, Any] | None = None,
+    bootstrap_samples: int = 2000,
+) -> dict[str, Any]:
+    """Write transcripts, capability scores (when `judge` is given), summary and plot of
+    finished benchmark dialogues under `out_dir`.
 
     Returns the summary (also `out_dir/summary.json`): `summarize`'s fields, plus `label`,
-    `scaffold`, `capability` (per dimension: mean, bootstrap CI, argmax mean) when `judge` is
-    given, `files` (relative names) and the caller's `extra`.
+    `scaffold`, `capability` (per dimension: mean, bootstrap CI, argmax mean) and
+    `capability_judge` when judged, `timings`, `files` (relative names) and the caller's `extra`.
     """
     from rlver_jax.eval import capability, report
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    transcripts, timings = run_benchmark(engine, params, profiles, seed=seed, batch_size=batch_size)
-    rollout_s = time.perf_counter() - t0
     (out / TRANSCRIPTS_FILE).unlink(missing_ok=True)
     write_transcripts(out / TRANSCRIPTS_FILE, transcripts)
-    summary: dict[str, Any] = {"label": label, "scaffold": engine.scaffold.mode}
-    summary |= summarize(transcripts, engine.dynamics)
-    summary["timings"] = {"rollout_s": rollout_s, **timings}
+    summary: dict[str, Any] = {"label": label, "scaffold": scaffold}
+    summary |= summarize(transcripts, dyn)
+    summary["timings"] = dict(timings or {})
     files = {"transcripts": TRANSCRIPTS_FILE, "plot": TRAJECTORY_PLOT}
     if judge is not None:
         t1 = time.perf_counter()
@@ -215,7 +236,7 @@ def evaluate(
     report.plot_emotion_trajectories(
         transcripts,
         out / TRAJECTORY_PLOT,
-        length=dynamics.max_turns(engine.dynamics, "eval") + 1,
+        length=dynamics.max_turns(dyn, "eval") + 1,
         title=f"{label}: emotion trajectories (score {summary['score']:.1f})",
     )
     summary["files"] = files

@@ -22,16 +22,25 @@ from typing import Any
 from jax import monitoring
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+# Tracing and lowering precede every backend compile; together they are the "compile time".
+COMPILE_TIME_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    BACKEND_COMPILE_EVENT,
+)
 
 _lock = threading.Lock()
 _names: list[str] = []
+_seconds = [0.0]
 _registered = False
 
 
 def _listener(event: str, duration_secs: float, **kwargs: Any) -> None:
-    if event == BACKEND_COMPILE_EVENT:
+    if event in COMPILE_TIME_EVENTS:
         with _lock:
-            _names.append(str(kwargs.get("fun_name", "?")))
+            _seconds[0] += duration_secs
+            if event == BACKEND_COMPILE_EVENT:
+                _names.append(str(kwargs.get("fun_name", "?")))
 
 
 def install() -> None:
@@ -50,6 +59,13 @@ def compile_count() -> int:
         return len(_names)
 
 
+def compile_seconds() -> float:
+    """Seconds spent tracing, lowering and compiling since `install()` (all threads)."""
+    install()
+    with _lock:
+        return _seconds[0]
+
+
 def compiled_names(since: int = 0) -> list[str]:
     """Names of the functions compiled since the count `since` (e.g. 'jit(decode)')."""
     install()
@@ -62,6 +78,7 @@ class CompileCounter:
 
     def __init__(self) -> None:
         self.start = compile_count()
+        self.start_seconds = compile_seconds()
 
     @property
     def count(self) -> int:
@@ -70,6 +87,11 @@ class CompileCounter:
     @property
     def names(self) -> list[str]:
         return compiled_names(self.start)
+
+    @property
+    def seconds(self) -> float:
+        """Trace + lower + compile time since the counter started (wall seconds)."""
+        return compile_seconds() - self.start_seconds
 
 
 @contextlib.contextmanager

@@ -1,0 +1,393 @@
+"""Per-device memory plan of a run, before launch: what each component needs on ONE device.
+
+    plan = plan_memory(cfg, policy_config, user_config, num_devices=16, device_memory=95e9)
+    print(plan.peak, plan.fits)
+
+Every weight-like tensor is divided by its real shard count: its logical axes go through
+`rules.logical_to_spec` on the real shape, on an abstract mesh of the config's
+(data, fsdp, tensor) sizes, so a dimension the mesh does not divide is replicated exactly as at
+run time. Notation below: L layers, D hidden, F mlp, H / K query / kv heads, Dh head dim, V
+vocab; X' = X divided by its mesh split (H', K', F', V' over `tensor`; rows over data x fsdp);
+p / b = bytes of the param / compute dtype.
+
+Resident (whole run):
+  params          sum over weights of numel x p / shards          (policy; reference if
+                                                                    kl_coef > 0; LLM user)
+  AdamW moments   2 x params (optax keeps mu and nu in the param dtype; the params themselves
+                  are the master copy: bf16 params mean bf16 moments)
+  critic (PPO)    backbone without lm_head + value head, and its own 2 moments
+
+Phases (their transients never overlap; the peak is resident + the largest phase group):
+  init     the loaded policy weights while `Learner.init_state` copies them: 1 x params
+  rollout  policy sampler | LLM-user sampler | LLM-user judge, one at a time:
+             KV cache      2 x L x B' x (P + N) x K' x Dh x b   (B: batch bucket rounded to a
+                           multiple of data x fsdp, P / N: prompt / new-token buckets)
+             prefill       one layer's activations over the prompt (formula of `layer`, S = P+N)
+             judge         22 x the prompt cache (the prompt cache and its 21 candidate copies,
+                           S = P + C) + 2 x 21 x B' x C x V' x 4 (candidate log-softmax)
+  old      forward over a forward micro-batch m_f: layer(m_f, T, T) + 3 x m_f x T x V' x 4
+  train    per model (actor, then critic): fp32 gradient accumulator (numel x 4 / shards)
+           + the embedding's dense fp32 gradient (V x D x 4 / shards) + activations of a
+           micro-batch of m rows x T tokens (T: the learner's sequence bucket):
+             layer(m, T, S) = m x T x [(8 D + 3 H' Dh + 3 K' Dh + 6 F') x b + H' x S x (4 + b)]
+             logits(m, T)   = 5 x m x T x V' x 4     (fp32 logits, log-softmax, softmax for the
+                                                      entropy and their gradients; actor only)
+             remat none: L x layer + logits
+             remat full: L x m x T x D x b + max(logits, 2 x layer)
+             remat dots: L x m x T x (2 D + H' Dh + 2 K' Dh + 2 F') x b + max(logits, 2 x layer)
+           + the learner batch (N x T x 32 bytes / rows split).
+
+The activation coefficients (8, 3, 3, 6, 5) were fitted to XLA's buffer assignment on CPU
+(`compiled.memory_analysis()`, tests/test_plan.py checks the whole plan against it within 20%);
+TPU/GPU fusion usually keeps fewer copies, so on accelerators the plan errs on the safe side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import jax
+import numpy as np
+from jax.sharding import AbstractMesh
+
+from rlver_jax.models.config import ModelConfig
+from rlver_jax.models.transformer import CACHE_LOGICAL_AXES, param_logical_axes, param_shapes
+from rlver_jax.models.value_head import value_logical_axes, value_param_shapes
+from rlver_jax.parallel.mesh import MESH_AXES
+from rlver_jax.parallel.rules import LogicalAxes, logical_to_spec
+from rlver_jax.run_config import RunConfig
+
+Phase = Literal["resident", "init", "rollout", "old", "train"]
+GB = 1e9
+C_EMBED, C_Q, C_KV, C_MLP, C_LOGITS, C_LOGITS_FWD, C_DECODE = 8, 3, 3, 6, 5, 3, 16
+BATCH_BYTES_PER_TOKEN = 32  # tokens, masks and the float32 columns of a LearnerBatch
+JUDGE_CANDIDATES = 21  # the judge scores -10 .. 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """Bytes one device holds for one thing; `group`s of a phase never coexist."""
+
+    name: str
+    phase: Phase
+    nbytes: int
+    formula: str
+    group: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Components, device memory and the mesh they were planned for."""
+
+    components: tuple[Component, ...]
+    device_memory: int
+    mesh: dict[str, int]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def resident(self) -> int:
+        return sum(c.nbytes for c in self.components if c.phase == "resident")
+
+    def group_totals(self) -> dict[tuple[str, str], int]:
+        """(phase, group) -> bytes of that transient group."""
+        out: dict[tuple[str, str], int] = {}
+        for c in self.components:
+            if c.phase != "resident":
+                out[(c.phase, c.group)] = out.get((c.phase, c.group), 0) + c.nbytes
+        return out
+
+    def phase_peak(self, phase: Phase) -> int:
+        """resident + the largest group of `phase`."""
+        groups = [v for (p, _), v in self.group_totals().items() if p == phase]
+        return self.resident + max(groups, default=0)
+
+    @property
+    def peak_phase(self) -> tuple[str, str]:
+        totals = self.group_totals()
+        return max(totals, key=totals.__getitem__) if totals else ("resident", "")
+
+    @property
+    def peak(self) -> int:
+        return self.resident + max(self.group_totals().values(), default=0)
+
+    def fits(self, margin: float = 0.05) -> bool:
+        """peak <= (1 - margin) x device memory (margin: fragmentation, compiler scratch)."""
+        return self.peak <= (1.0 - margin) * self.device_memory
+
+
+# --------------------------------------------------------------------------- sharding
+def abstract_mesh(mesh_sizes: dict[str, int]) -> AbstractMesh:
+    """A device-free mesh with the project's axes, for `logical_to_spec`."""
+    return AbstractMesh(tuple(mesh_sizes[a] for a in MESH_AXES), MESH_AXES)
+
+
+def shard_count(names: LogicalAxes, shape: Sequence[int], mesh: AbstractMesh) -> int:
+    """How many pieces the rules cut an array into (uneven dimensions stay whole)."""
+    spec = logical_to_spec(names, tuple(shape), mesh)
+    count = 1
+    for entry in spec:
+        for axis in (entry,) if isinstance(entry, str) else (entry or ()):
+            count *= mesh.shape[axis]
+    return count
+
+
+def split(n: int, name: str, mesh: AbstractMesh) -> int:
+    """Per-device size of a dimension of `n` with logical axis `name`."""
+    return n // shard_count((name,), (n,), mesh)
+
+
+def tree_bytes(axes: Any, shapes: Any, mesh: AbstractMesh, itemsize: int | None = None) -> int:
+    """Per-device bytes of a pytree of `ShapeDtypeStruct`s (dtype's or `itemsize` bytes)."""
+    total = 0
+    leaves = jax.tree.leaves(shapes)
+    axes_leaves = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
+    for names, leaf in zip(axes_leaves, leaves, strict=True):
+        size = itemsize or np.dtype(leaf.dtype).itemsize
+        total += math.prod(leaf.shape) * size // shard_count(names, leaf.shape, mesh)
+    return total
+
+
+# --------------------------------------------------------------------------- formulas
+def layer_bytes(c: ModelConfig, rows: int, T: int, S: int, mesh: AbstractMesh) -> int:
+    """Activations of one layer for `rows` local rows of T queries over S keys (no remat)."""
+    b = np.dtype(c.dtype).itemsize
+    H, K = split(c.num_heads, "act_heads", mesh), split(c.num_kv_heads, "act_kv_heads", mesh)
+    F, Dh = split(c.intermediate_size, "act_mlp", mesh), c.head_dim
+    linear = (C_EMBED * c.hidden_size + C_Q * H * Dh + C_KV * K * Dh + C_MLP * F) * b
+    return rows * T * (linear + H * S * (4 + b))
+
+
+def saved_bytes(c: ModelConfig, rows: int, T: int, mesh: AbstractMesh) -> int:
+    """What a remat policy keeps for the backward pass of all L layers."""
+    b, L, D = np.dtype(c.dtype).itemsize, c.num_layers, c.hidden_size
+    if c.remat == "none":
+        return L * layer_bytes(c, rows, T, T, mesh)
+    if c.remat == "full":
+        return L * rows * T * D * b
+    H, K = split(c.num_heads, "act_heads", mesh), split(c.num_kv_heads, "act_kv_heads", mesh)
+    F = split(c.intermediate_size, "act_mlp", mesh)
+    return L * rows * T * (2 * D + (H + 2 * K) * c.head_dim + 2 * F) * b
+
+
+def train_activation_bytes(
+    c: ModelConfig, rows: int, T: int, mesh: AbstractMesh, logits: bool
+) -> int:
+    """Peak activations of one micro-batch's forward + backward (see the module docstring)."""
+    lg = C_LOGITS * rows * T * split(c.vocab_size, "act_vocab", mesh) * 4 if logits else 0
+    saved = saved_bytes(c, rows, T, mesh)
+    if c.remat == "none":
+        return saved + lg
+    return saved + max(lg, 2 * layer_bytes(c, rows, T, T, mesh))
+
+
+def kv_cache_bytes(c: ModelConfig, batch: int, length: int, mesh: AbstractMesh) -> int:
+    """2 x L x B' x S x K' x Dh x b, sharded by `CACHE_LOGICAL_AXES`."""
+    shape = (c.num_layers, batch, length, c.num_kv_heads, c.head_dim)
+    names: LogicalAxes = CACHE_LOGICAL_AXES.k  # type: ignore[assignment]
+    return 2 * math.prod(shape) * np.dtype(c.dtype).itemsize // shard_count(names, shape, mesh)
+
+
+def rows_per_device(n: int, mesh: AbstractMesh) -> int:
+    """Rows of a batch of n on one device (split over data x fsdp when they divide n)."""
+    return split(n, "batch", mesh)
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= n (the largest one when n exceeds them all)."""
+    return min((b for b in buckets if b >= n), default=max(buckets))
+
+
+def dp_round(n: int, mesh: AbstractMesh) -> int:
+    """n rounded up to a multiple of the batch axes (the samplers pad their batch so)."""
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    return -(-n // dp) * dp
+
+
+# --------------------------------------------------------------------------- the plan
+def _models(
+    run: RunConfig, policy: ModelConfig, user: ModelConfig | None, mesh: AbstractMesh
+) -> list[Component]:
+    p_axes, p_shapes = param_logical_axes(policy), param_shapes(policy)
+    pbytes = tree_bytes(p_axes, p_shapes, mesh)
+    ip = np.dtype(policy.param_dtype).itemsize
+    n = policy.num_params()
+    out = [
+        Component("policy params", "resident", pbytes, f"{n / 1e9:.3g}B x {ip} B / shards"),
+        Component("policy AdamW moments", "resident", 2 * pbytes, "2 x params (mu, nu)"),
+        Component("loaded policy weights", "init", pbytes, "copied by init_state", "init"),
+    ]
+    if run.learner.uses_critic:
+        c_axes, c_shapes = value_logical_axes(policy), value_param_shapes(policy)
+        cbytes = tree_bytes(c_axes, c_shapes, mesh)
+        out += [
+            Component("critic params", "resident", cbytes, "backbone (no lm_head) + value head"),
+            Component("critic AdamW moments", "resident", 2 * cbytes, "2 x critic params"),
+        ]
+    if run.learner.uses_reference:
+        out.append(Component("reference params", "resident", pbytes, "kl_coef > 0: 1 x params"))
+    if user is not None:
+        ubytes = tree_bytes(param_logical_axes(user), param_shapes(user), mesh)
+        iu = np.dtype(user.param_dtype).itemsize
+        out.append(
+            Component(
+                "LLM user params", "resident", ubytes, f"{user.num_params() / 1e9:.3g}B x {iu} B"
+            )
+        )
+    return out
+
+
+def prefill_bytes(c: ModelConfig, rows: int, P: int, S: int, mesh: AbstractMesh) -> int:
+    """One layer of a forward-only prefill of P tokens over S cache slots:
+    rows x P x [(2 D + H' Dh + 2 K' Dh + F') x b + H' x S x (8 + b)] (f32 scores, masked
+    scores, probabilities)."""
+    b = np.dtype(c.dtype).itemsize
+    H, K = split(c.num_heads, "act_heads", mesh), split(c.num_kv_heads, "act_kv_heads", mesh)
+    F = split(c.intermediate_size, "act_mlp", mesh)
+    linear = (2 * c.hidden_size + (H + 2 * K) * c.head_dim + F) * b
+    return rows * P * (linear + H * S * (8 + b))
+
+
+def _sampler(
+    label: str, c: ModelConfig, batch: int, P: int, N: int, mesh: AbstractMesh
+) -> list[Component]:
+    """KV cache, prefill activations and decode-step buffers of one `Sampler` call."""
+    rows = rows_per_device(batch, mesh)
+    V = split(c.vocab_size, "act_vocab", mesh)
+    return [
+        Component(
+            f"{label} KV cache", "rollout", kv_cache_bytes(c, batch, P + N, mesh),
+            f"2 x L x B={batch} x (P={P} + N={N}) x K x Dh x b", label,
+        ),
+        Component(
+            f"{label} prefill", "rollout", prefill_bytes(c, rows, P, P + N, mesh),
+            f"prefill(m={rows}, P={P}, S={P + N})", label,
+        ),
+        Component(
+            f"{label} decode buffers", "rollout", C_DECODE * rows * V * 4,
+            f"{C_DECODE} x m x V' x 4 (logits, top-k/top-p)", label,
+        ),
+    ]  # fmt: skip
+
+
+def _user(
+    run: RunConfig, u: ModelConfig, dialogues: int, mesh: AbstractMesh, prompt_tokens: int, C: int
+) -> list[Component]:
+    """The LLM user's reply sampler and its judge (see `env/llm_judge.py`)."""
+    llm = run.user.llm
+    bound = min(max(llm.prompt_buckets), u.max_position_embeddings - C)
+    P = bucket(min(prompt_tokens, bound), llm.prompt_buckets)
+    B = dp_round(bucket(dialogues, run.sampler.batch_buckets), mesh)
+    N = bucket(llm.max_reply_tokens, run.sampler.new_token_buckets)
+    out = _sampler("user sampler", u, B, P, N, mesh)
+    chunk = dp_round(max(llm.judge_batch_buckets), mesh)
+    Bj = dp_round(bucket(min(dialogues, chunk), llm.judge_batch_buckets), mesh)
+    rows, V = rows_per_device(Bj, mesh), split(u.vocab_size, "act_vocab", mesh)
+    cache = kv_cache_bytes(u, Bj, P + C, mesh)
+    K = JUDGE_CANDIDATES
+    out += [
+        Component(
+            "judge KV caches", "rollout", (K + 1) * cache,
+            f"(1 + {K}) x 2 x L x B={Bj} x (P={P} + C={C}) x K x Dh x b", "user judge",
+        ),
+        Component(
+            "judge prefill", "rollout", prefill_bytes(u, rows, P, P + C, mesh),
+            f"prefill(m={rows}, P={P}, S={P + C})", "user judge",
+        ),
+        Component(
+            "judge candidate logits", "rollout", 2 * K * rows * C * V * 4,
+            f"2 x {K} x m x C x V' x 4", "user judge",
+        ),
+    ]  # fmt: skip
+    return out
+
+
+def train_shapes(run: RunConfig, mesh: AbstractMesh) -> dict[str, int]:
+    """T (learner bucket), N rows, micro rows m and forward rows m_f per device."""
+    ro, lc = run.rollout, run.learner
+    T = bucket(bucket(ro.max_prompt_tokens + ro.max_reply_tokens, ro.seq_len_buckets),
+               lc.seq_buckets)  # fmt: skip
+    per_turn = run.scaffold.mode == "think" and run.scaffold.strip_thoughts_from_context
+    n = ro.profiles_per_batch * ro.samples_per_profile
+    n *= run.dynamics.max_turns_train if per_turn else 1
+    minis = -(-n // lc.mini_batch_size)
+    N = lc.mini_batch_size * (1 << max(minis - 1, 0).bit_length())  # trainer.row_bucket
+    return {
+        "T": T, "N": N, "m": rows_per_device(lc.micro_batch_size, mesh),
+        "m_fwd": rows_per_device(lc.fwd_micro, mesh), "rows": rows_per_device(N, mesh),
+    }  # fmt: skip
+
+
+def _learner(run: RunConfig, c: ModelConfig, mesh: AbstractMesh) -> list[Component]:
+    s = train_shapes(run, mesh)
+    T, m, mf = s["T"], s["m"], s["m_fwd"]
+    V = split(c.vocab_size, "act_vocab", mesh)
+    embed_grad = (
+        c.vocab_size
+        * c.hidden_size
+        * 4
+        // shard_count(("vocab", "embed"), (c.vocab_size, c.hidden_size), mesh)
+    )
+    batch = s["rows"] * T * BATCH_BYTES_PER_TOKEN
+    grads = tree_bytes(param_logical_axes(c), param_shapes(c), mesh, itemsize=4)
+    act = train_activation_bytes(c, m, T, mesh, logits=True)
+    remat = f"remat={c.remat}, m={m}, T={T}"
+    out = [
+        Component("actor fp32 grads", "train", grads + embed_grad, "numel x 4 + V x D x 4",
+                  "actor"),
+        Component("actor activations", "train", act, remat, "actor"),
+        Component("learner batch", "train", batch, f"N={s['N']} x T x 32 B / rows", "actor"),
+        Component(
+            "old-logprob forward", "old",
+            layer_bytes(c, mf, T, T, mesh) + C_LOGITS_FWD * mf * T * V * 4,
+            f"layer(m_f={mf}, T) + 3 x m_f x T x V' x 4", "forward",
+        ),
+        Component("old outputs", "old", 3 * s["rows"] * T * 4, "3 x N x T x 4", "forward"),
+    ]  # fmt: skip
+    if run.learner.uses_critic:
+        cgrads = tree_bytes(value_logical_axes(c), value_param_shapes(c), mesh, itemsize=4)
+        cact = train_activation_bytes(c, m, T, mesh, logits=False)
+        out += [
+            Component("critic fp32 grads", "train", cgrads + embed_grad, "numel x 4", "critic"),
+            Component("critic activations", "train", cact, remat, "critic"),
+            Component("learner batch", "train", batch, "N x T x 32 B / rows", "critic"),
+        ]
+    return out
+
+
+def plan_memory(
+    run: RunConfig,
+    policy: ModelConfig,
+    user: ModelConfig | None,
+    num_devices: int,
+    device_memory: float,
+    *,
+    user_prompt_tokens: int | None = None,
+    candidate_width: int = 3,
+) -> MemoryPlan:
+    """The per-device plan of `run` on `num_devices` devices of `device_memory` bytes.
+
+    `policy` / `user` are the resolved ModelConfigs (user None unless user.kind == "llm").
+    `user_prompt_tokens` (default: rollout.max_prompt_tokens + 512 for persona and
+    instructions) sizes the LLM user's prompt bucket; `candidate_width` is C, the judge's
+    longest candidate in tokens.
+    """
+    sizes = dict(zip(MESH_AXES, run.mesh.shape(num_devices), strict=True))
+    mesh = abstract_mesh(sizes)
+    ro, sc = run.rollout, run.sampler
+    dialogues = ro.profiles_per_batch * ro.samples_per_profile
+    B = dp_round(bucket(dialogues, sc.batch_buckets), mesh)
+    P = bucket(ro.max_prompt_tokens, sc.prompt_buckets)
+    N = bucket(ro.max_reply_tokens, sc.new_token_buckets)
+    comps = _models(run, policy, user, mesh)
+    comps += _sampler("policy sampler", policy, B, P, N, mesh)
+    if user is not None:
+        tokens = user_prompt_tokens or ro.max_prompt_tokens + 512
+        comps += _user(run, user, dialogues, mesh, tokens, candidate_width)
+    comps += _learner(run, policy, mesh)
+    notes = []
+    if dialogues > max(sc.batch_buckets):
+        notes.append(f"{dialogues} dialogues exceed sampler.batch_buckets (max {B})")
+    return MemoryPlan(tuple(comps), int(device_memory), sizes, tuple(notes))

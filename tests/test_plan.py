@@ -1,0 +1,265 @@
+"""`rlver-jax plan`: sharded byte counts against real shardings, the plan against XLA's own
+memory accounting of the compiled programs, refusal and fixes, the CLI on the repo's configs.
+
+What "measured" means here: the CPU backend reports no `memory_stats()` (it returns None), so
+the measurement is XLA's buffer assignment of the compiled program,
+`jit(f).lower(...).compile().memory_analysis()`, which is per DEVICE for a sharded program:
+
+    measured = argument_size + output_size - alias_size + temp_size
+
+arguments (params, optimiser state, batch) stay live for the whole call, outputs not aliased to
+donated arguments are extra, and `temp_size` is the peak of everything else (gradients,
+activations, KV caches) as XLA packs it by liveness. That is the device memory the program
+needs; host RAM of the Python process would also count the compiler and the interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from rlver_jax import plan, plan_cli, sampling
+from rlver_jax.config_io import from_dict
+from rlver_jax.env import llm_judge
+from rlver_jax.models.config import ModelConfig
+from rlver_jax.models.transformer import param_logical_axes, param_shapes
+from rlver_jax.parallel.mesh import MeshConfig, make_mesh, param_shardings
+from rlver_jax.parallel.rules import axis_rules
+from rlver_jax.rl.learner import Learner, LearnerBatch
+from rlver_jax.run_config import RunConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+MCFG = ModelConfig(
+    family="llama", vocab_size=4096, hidden_size=128, intermediate_size=256, num_layers=4,
+    num_heads=4, num_kv_heads=2, head_dim=32,
+)  # fmt: skip
+
+
+def run_config(**sections: Any) -> RunConfig:
+    """A GRPO run whose learner sees T = 256 and N = 8 rows (plain scaffold: 1 sample each)."""
+    data: dict[str, Any] = {
+        "model": {"source": "random"},
+        "scaffold": {"mode": "plain"},
+        "rollout": {"profiles_per_batch": 8, "max_prompt_tokens": 200, "max_reply_tokens": 32},
+        "learner": {"algorithm": "grpo", "mini_batch_size": 8, "micro_batch_size": 4,
+                    "seq_buckets": [256]},
+    }  # fmt: skip
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return from_dict(RunConfig, data)
+
+
+def measured(compiled: Any) -> int:
+    m = compiled.memory_analysis()
+    return (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+    )
+
+
+def measure_train_step(run: RunConfig, mcfg: ModelConfig, mesh: Mesh | None = None) -> int:
+    """Per-device bytes of the compiled, donated train step (the learner's own function)."""
+    learner = Learner(mcfg, run.learner, mesh)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    state = jax.eval_shape(learner.init_state, param_shapes(mcfg), key)
+    s = plan.train_shapes(run, plan.abstract_mesh({"data": 1, "fsdp": 1, "tensor": 1}))
+    f32 = jax.ShapeDtypeStruct((s["N"], s["T"]), jnp.float32)
+    i32, b8 = (jax.ShapeDtypeStruct((s["N"], s["T"]), t) for t in (jnp.int32, jnp.bool_))
+    ppo, ref = run.learner.uses_critic, run.learner.uses_reference
+    batch = LearnerBatch(
+        i32, b8, b8, f32, f32, f32 if ppo else None, f32 if ppo else None, f32 if ppo else None,
+        f32 if ref else None,
+    )  # fmt: skip
+    if mesh is None:
+        fn = jax.jit(learner._train_step, donate_argnums=(0,))
+        return measured(fn.lower(state, batch).compile())
+    in_sh = (learner.state_shardings(), learner.batch_shardings(batch))
+
+    def traced(st: Any, b: Any) -> Any:
+        with axis_rules(mesh):
+            return learner._train_step(st, b)
+
+    fn = jax.jit(traced, in_shardings=in_sh, donate_argnums=(0,))
+    return measured(fn.lower(state, batch).compile())
+
+
+def train_peak(p: plan.MemoryPlan) -> int:
+    """What the train step holds: the learner state (resident) + the actor group."""
+    return p.resident + p.group_totals()[("train", "actor")]
+
+
+def within(planned: int, actual: int, tol: float = 0.2) -> None:
+    assert abs(planned - actual) <= tol * actual, (
+        f"plan {planned / 1e6:.1f} MB vs measured {actual / 1e6:.1f} MB "
+        f"({100 * (planned / actual - 1):+.0f}%)"
+    )
+
+
+# --------------------------------------------------------------------------- sharding
+@pytest.mark.parametrize("shape", [(1, 4, 2), (2, 2, 2), (1, 2, 4)])
+def test_param_bytes_match_real_shardings(shape: tuple[int, int, int]) -> None:
+    """Per-device bytes from the abstract mesh == the shard shapes of the real NamedShardings,
+    uneven dims (3 kv heads, vocab 1000 on tensor=4) replicated as the rules do."""
+    cfg = MCFG.replace(num_kv_heads=3, num_heads=6, vocab_size=1000)
+    mesh = make_mesh(MeshConfig(*shape))
+    shardings, shapes = param_shardings(cfg, mesh), param_shapes(cfg)
+    real = sum(
+        math.prod(sh.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+        for sh, leaf in zip(jax.tree.leaves(shardings), jax.tree.leaves(shapes), strict=True)
+    )
+    abstract = plan.abstract_mesh(dict(zip(("data", "fsdp", "tensor"), shape, strict=True)))
+    assert plan.tree_bytes(param_logical_axes(cfg), shapes, abstract) == real
+    total = cfg.num_params() * 4
+    assert real > total // 8  # something is replicated (uneven dims), so not a clean 1/8
+
+
+def test_kv_cache_and_rows_sharding() -> None:
+    mesh = plan.abstract_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    full = 2 * MCFG.num_layers * 8 * 320 * MCFG.num_kv_heads * MCFG.head_dim * 4
+    assert plan.kv_cache_bytes(MCFG, 8, 320, mesh) == full // 8  # rows / 4, kv heads / 2
+    assert plan.kv_cache_bytes(MCFG.replace(num_kv_heads=1, num_heads=4), 8, 320, mesh) == (
+        full // 2 // 4
+    )  # 1 kv head: not split over tensor
+    assert plan.rows_per_device(8, mesh) == 2 and plan.rows_per_device(6, mesh) == 6
+    assert plan.dp_round(6, mesh) == 8
+
+
+# --------------------------------------------------------------------------- vs XLA
+def test_train_step_plan_matches_compiled_memory() -> None:
+    """Tiny model (vocab 4096 so that logits matter), 4 rows x 256 tokens, no remat."""
+    run = run_config()
+    p = plan.plan_memory(run, MCFG, None, 1, 1e12)
+    within(train_peak(p), measure_train_step(run, MCFG))
+
+
+def test_sampler_plan_matches_compiled_memory() -> None:
+    """Prefill + decode of the policy sampler: params + KV cache + prefill activations."""
+    run = run_config()
+    p = plan.plan_memory(run, MCFG, None, 1, 1e12)
+    B, P, N = 8, 256, 32  # the plan's buckets for 8 dialogues, 200 prompt / 32 new tokens
+    assert "B=8 x (P=256 + N=32)" in next(c.formula for c in p.components if "KV" in c.name)
+    S = jax.ShapeDtypeStruct
+    pre = jax.jit(functools.partial(sampling.prefill, config=MCFG, cache_len=P + N, out_len=N,
+                                    pad_id=0))  # fmt: skip
+    settings = sampling.Settings(
+        S((B,), jnp.float32), S((B,), jnp.float32), S((B,), jnp.int32),
+        S((sampling.MAX_STOP_IDS,), jnp.int32), S((), jnp.int32),
+    )  # fmt: skip
+    args = (param_shapes(MCFG), S((B, P), jnp.int32), S((B, P), jnp.bool_), S((1,), jnp.int32),
+            S((B,), jnp.bool_), settings, S((), jnp.int32))  # fmt: skip
+    state = jax.eval_shape(pre, *args)
+    dec = jax.jit(functools.partial(sampling.decode, config=MCFG, pool=256, pad_id=0),
+                  donate_argnums=(1,))  # fmt: skip
+    actual = max(
+        measured(pre.lower(*args).compile()), measured(dec.lower(args[0], state).compile())
+    )
+    params = next(c.nbytes for c in p.components if c.name == "policy params")
+    within(params + p.group_totals()[("rollout", "policy sampler")], actual)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("mesh_shape", "model", "learner"),
+    [
+        ((1, 4, 2), {}, {}),  # fsdp x tensor on 8 CPU devices
+        ((1, 1, 1), {"remat": "full"}, {}),
+        ((1, 1, 1), {"remat": "dots"}, {}),
+        ((1, 1, 1), {}, {"algorithm": "ppo", "kl_coef": 0.1}),
+        ((2, 4, 1), {"remat": "full"}, {"micro_batch_size": 8}),
+    ],
+)
+def test_train_step_plan_variants(mesh_shape: tuple[int, ...], model: dict, learner: dict) -> None:
+    sizes = dict(zip(("data", "fsdp", "tensor"), mesh_shape, strict=True))
+    run = run_config(learner=learner, mesh=sizes)
+    mcfg = MCFG.replace(**model)
+    n = math.prod(mesh_shape)
+    p = plan.plan_memory(run, mcfg, None, n, 1e12)
+    mesh = make_mesh(MeshConfig(*mesh_shape), jax.devices()[:n]) if n > 1 else None
+    within(train_peak(p), measure_train_step(run, mcfg, mesh))
+
+
+@pytest.mark.slow
+def test_judge_plan_matches_compiled_memory() -> None:
+    """The LLM judge: prompt cache + 21 candidate copies + candidate log-softmax."""
+    run = run_config(user={"kind": "llm"})
+    p = plan.plan_memory(run, MCFG, MCFG, 1, 1e12, user_prompt_tokens=256)
+    B, P, C = 8, 256, 3
+    S = jax.ShapeDtypeStruct
+    fn = jax.jit(functools.partial(llm_judge.candidate_scores, config=MCFG))
+    args = (param_shapes(MCFG), S((B, P), jnp.int32), S((B, P), jnp.bool_), S((21, C), jnp.int32),
+            S((21,), jnp.int32), S((3,), jnp.int32))  # fmt: skip
+    user = next(c.nbytes for c in p.components if c.name == "LLM user params")
+    within(user + p.group_totals()[("rollout", "user judge")], measured(fn.lower(*args).compile()))
+
+
+# --------------------------------------------------------------------------- refusal / CLI
+def test_refuses_with_fixes(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = plan_cli.main(
+        ["--config", str(ROOT / "configs/tiny_cpu.yaml"), "--num-devices", "8",
+         "--device-memory-gb", "0.05"], out=lambda _: None,
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "REFUSED" in err
+    assert "model.remat=full" in err and "learner.micro_batch_size=" in err
+    assert "fits " in err  # at least one change would fit
+
+
+def test_cli_fits_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--config", str(ROOT / "configs/tiny_cpu.yaml"), "--num-devices", "8"]
+    assert plan_cli.main([*args, "--device-kind", "v5p"]) == 0
+    out = capsys.readouterr().out
+    assert "policy params" in out and "PEAK" in out and "fits" in out
+    assert plan_cli.main([*args, "--device-memory-gb", "95", "--json"]) == 0
+    import json
+
+    data = json.loads(capsys.readouterr().out)
+    assert data["fits"] and data["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+
+
+def test_qwen7b_stand_in_on_v5p32(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An absent hf checkpoint is planned from its known shape; params divide over 16 chips."""
+    cfg = tmp_path / "q.yaml"
+    cfg.write_text(
+        "model: {source: hf, path: /nowhere/Qwen2.5-7B-Instruct, dtype: bfloat16, "
+        "param_dtype: bfloat16, remat: full}\nlearner: {algorithm: grpo, micro_batch_size: 16, "
+        "mini_batch_size: 32}\nrollout: {profiles_per_batch: 8, samples_per_profile: 4}\n"
+    )
+    assert plan_cli.main(["--config", str(cfg), "--accelerator", "v5p-32", "--json"]) == 0
+    data = __import__("json").loads(capsys.readouterr().out)
+    comps = {c["name"]: c["nbytes"] for c in data["components"]}
+    n = plan_cli.model_config(
+        from_dict(RunConfig, {"model": {"source": "random"}}).model
+    ).num_params()  # any model works for the helper; the 7B count comes from the known shape
+    assert n > 0
+    qwen = ModelConfig.from_hf_dict(plan_cli.KNOWN_HF_CONFIGS["qwen2.5-7b-instruct"])
+    assert 7.5e9 < qwen.num_params() < 7.7e9
+    np.testing.assert_allclose(comps["policy params"], qwen.num_params() * 2 / 16, rtol=0.01)
+    assert data["mesh"] == {"data": 1, "fsdp": 16, "tensor": 1}
+    assert data["device_memory"] == 95e9
+
+
+def test_unknown_hf_checkpoint_is_an_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "q.yaml"
+    cfg.write_text("model: {source: hf, path: /nowhere/MyModel}\n")
+    assert plan_cli.main(["--config", str(cfg), "--num-devices", "1", "--device-kind", "h100"]) == 2
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_repo_configs_plan(config: str) -> None:
+    """Every config in configs/ can be planned (its own mesh on 8 devices, or 16 v5p / 8 H100
+    chips for real-scale ones) without loading weights."""
+    rc = plan_cli.main(
+        ["--config", str(ROOT / "configs" / config), "--num-devices", "8",
+         "--device-memory-gb", "1000"], out=lambda _: None,
+    )  # fmt: skip
+    assert rc == 0
