@@ -48,13 +48,27 @@ def _export(argv: Sequence[str]) -> int:
     return main(argv)
 
 
+def _train(argv: Sequence[str]) -> int:
+    from rlver_jax.train_cli import main
+
+    return main(argv)
+
+
+def _plan(argv: Sequence[str]) -> int:
+    from rlver_jax.plan_cli import main
+
+    return main(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "chat": (_chat, "one chat turn with a model (default: SmolLM2-135M-Instruct, offline)"),
     "rollout": (_rollout, "roll out dialogues with a config and print the transcripts"),
+    "train": (_train, "PPO / GRPO training from a config (resumes from its checkpoints)"),
     "bench": (_bench, "benchmarks: `bench sample`"),
     "eval": (_eval, "benchmark a policy on the test profiles (SAGE protocol + capability)"),
     "experiment": (_experiment, "think vs plain: `experiment scaffold` trains, evaluates, reports"),
     "export": (_export, "a training checkpoint -> a HF directory (weights, config, tokenizer)"),
+    "plan": (_plan, "per-device memory of a config on a mesh, before launch (exit 2: no fit)"),
 }
 
 

@@ -13,8 +13,9 @@ p / b = bytes of the param / compute dtype.
 Resident (whole run):
   params          sum over weights of numel x p / shards          (policy; reference if
                                                                     kl_coef > 0; LLM user)
-  AdamW moments   2 x params (optax keeps mu and nu in the param dtype; the params themselves
-                  are the master copy: bf16 params mean bf16 moments)
+  AdamW moments   optax's own state of `LearnerConfig.optimizers()` (eval_shape of its init):
+                  mu and nu sharded like their params, 2 x params in the param dtype by default
+                  (the params themselves are the master copy; no separate fp32 copy)
   critic (PPO)    backbone without lm_head + value head, and its own 2 moments
 
 Phases (their transients never overlap; the peak is resident + the largest phase group):
@@ -33,8 +34,8 @@ Phases (their transients never overlap; the peak is resident + the largest phase
              logits(m, T)   = 5 x m x T x V' x 4     (fp32 logits, log-softmax, softmax for the
                                                       entropy and their gradients; actor only)
              remat none: L x layer + logits
-             remat full: L x m x T x D x b + max(logits, 2 x layer)
-             remat dots: L x m x T x (2 D + H' Dh + 2 K' Dh + 2 F') x b + max(logits, 2 x layer)
+             remat full: L x m x T x D x b + max(logits, 1.5 x layer)
+             remat dots: L x m x T x (2 D + H' Dh + 2 K' Dh + 2 F') x b + max(logits, 1.5 x layer)
            + the learner batch (N x T x 32 bytes / rows split).
 
 The activation coefficients (8, 3, 3, 6, 5) were fitted to XLA's buffer assignment on CPU
@@ -51,6 +52,7 @@ from typing import Any, Literal
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import AbstractMesh
 
 from rlver_jax.models.config import ModelConfig
@@ -58,11 +60,14 @@ from rlver_jax.models.transformer import CACHE_LOGICAL_AXES, param_logical_axes,
 from rlver_jax.models.value_head import value_logical_axes, value_param_shapes
 from rlver_jax.parallel.mesh import MESH_AXES
 from rlver_jax.parallel.rules import LogicalAxes, logical_to_spec
+from rlver_jax.rl.optim import AdamWConfig
 from rlver_jax.run_config import RunConfig
+from rlver_jax.sampling import SamplerConfig
 
 Phase = Literal["resident", "init", "rollout", "old", "train"]
 GB = 1e9
 C_EMBED, C_Q, C_KV, C_MLP, C_LOGITS, C_LOGITS_FWD, C_DECODE = 8, 3, 3, 6, 5, 3, 16
+C_RECOMPUTE = 1.5  # remat: a recomputed layer's activations + its backward temporaries
 BATCH_BYTES_PER_TOKEN = 32  # tokens, masks and the float32 columns of a LearnerBatch
 JUDGE_CANDIDATES = 21  # the judge scores -10 .. 10
 
@@ -89,6 +94,7 @@ class MemoryPlan:
 
     @property
     def resident(self) -> int:
+        """Bytes held for the whole run (params, optimiser states)."""
         return sum(c.nbytes for c in self.components if c.phase == "resident")
 
     def group_totals(self) -> dict[tuple[str, str], int]:
@@ -106,11 +112,13 @@ class MemoryPlan:
 
     @property
     def peak_phase(self) -> tuple[str, str]:
+        """The (phase, group) whose transients set the peak."""
         totals = self.group_totals()
         return max(totals, key=totals.__getitem__) if totals else ("resident", "")
 
     @property
     def peak(self) -> int:
+        """resident + the largest transient group of any phase: the per-device need."""
         return self.resident + max(self.group_totals().values(), default=0)
 
     def fits(self, margin: float = 0.05) -> bool:
@@ -150,6 +158,24 @@ def tree_bytes(axes: Any, shapes: Any, mesh: AbstractMesh, itemsize: int | None 
     return total
 
 
+def opt_state_bytes(opt: AdamWConfig, axes: Any, shapes: Any, mesh: AbstractMesh) -> int:
+    """Per-device bytes of `opt.tx().init(params)` as the learner builds it: leaves shaped like a
+    parameter are sharded like it (`optim.opt_state_shardings`), the rest replicated. The
+    dtypes are optax's own (mu, nu follow the param dtype unless the optimiser says otherwise)."""
+    is_struct = lambda x: isinstance(x, jax.ShapeDtypeStruct)
+    counts = jax.tree.map(
+        lambda names, leaf: shard_count(names, leaf.shape, mesh),
+        axes, shapes, is_leaf=lambda x: isinstance(x, tuple),
+    )  # fmt: skip
+    state = jax.eval_shape(opt.tx().init, shapes)
+    nbytes = lambda leaf: math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+    per_leaf = optax.tree_utils.tree_map_params(
+        opt.tx(), lambda leaf, n: nbytes(leaf) // n, state, counts,
+        transform_non_params=nbytes, is_leaf=is_struct,
+    )  # fmt: skip
+    return int(sum(jax.tree.leaves(per_leaf)))
+
+
 # --------------------------------------------------------------------------- formulas
 def layer_bytes(c: ModelConfig, rows: int, T: int, S: int, mesh: AbstractMesh) -> int:
     """Activations of one layer for `rows` local rows of T queries over S keys (no remat)."""
@@ -180,7 +206,7 @@ def train_activation_bytes(
     saved = saved_bytes(c, rows, T, mesh)
     if c.remat == "none":
         return saved + lg
-    return saved + max(lg, 2 * layer_bytes(c, rows, T, T, mesh))
+    return saved + max(lg, int(C_RECOMPUTE * layer_bytes(c, rows, T, T, mesh)))
 
 
 def kv_cache_bytes(c: ModelConfig, batch: int, length: int, mesh: AbstractMesh) -> int:
@@ -212,11 +238,17 @@ def _models(
 ) -> list[Component]:
     p_axes, p_shapes = param_logical_axes(policy), param_shapes(policy)
     pbytes = tree_bytes(p_axes, p_shapes, mesh)
+    actor_opt, critic_opt = run.learner.optimizers()
     ip = np.dtype(policy.param_dtype).itemsize
     n = policy.num_params()
     out = [
         Component("policy params", "resident", pbytes, f"{n / 1e9:.3g}B x {ip} B / shards"),
-        Component("policy AdamW moments", "resident", 2 * pbytes, "2 x params (mu, nu)"),
+        Component(
+            "policy AdamW moments",
+            "resident",
+            opt_state_bytes(actor_opt, p_axes, p_shapes, mesh),
+            "mu + nu, sharded like params",
+        ),
         Component("loaded policy weights", "init", pbytes, "copied by init_state", "init"),
     ]
     if run.learner.uses_critic:
@@ -224,7 +256,12 @@ def _models(
         cbytes = tree_bytes(c_axes, c_shapes, mesh)
         out += [
             Component("critic params", "resident", cbytes, "backbone (no lm_head) + value head"),
-            Component("critic AdamW moments", "resident", 2 * cbytes, "2 x critic params"),
+            Component(
+                "critic AdamW moments",
+                "resident",
+                opt_state_bytes(critic_opt, c_axes, c_shapes, mesh),
+                "mu + nu of the critic",
+            ),
         ]
     if run.learner.uses_reference:
         out.append(Component("reference params", "resident", pbytes, "kl_coef > 0: 1 x params"))
@@ -279,8 +316,9 @@ def _user(
     llm = run.user.llm
     bound = min(max(llm.prompt_buckets), u.max_position_embeddings - C)
     P = bucket(min(prompt_tokens, bound), llm.prompt_buckets)
-    B = dp_round(bucket(dialogues, run.sampler.batch_buckets), mesh)
-    N = bucket(llm.max_reply_tokens, run.sampler.new_token_buckets)
+    sc = SamplerConfig()  # LLMUser's own sampler: default buckets but its prompt buckets
+    B = dp_round(bucket(dialogues, sc.batch_buckets), mesh)
+    N = bucket(llm.max_reply_tokens, sc.new_token_buckets)
     out = _sampler("user sampler", u, B, P, N, mesh)
     chunk = dp_round(max(llm.judge_batch_buckets), mesh)
     Bj = dp_round(bucket(min(dialogues, chunk), llm.judge_batch_buckets), mesh)
@@ -388,6 +426,14 @@ def plan_memory(
         comps += _user(run, user, dialogues, mesh, tokens, candidate_width)
     comps += _learner(run, policy, mesh)
     notes = []
+    dp = sizes["data"] * sizes["fsdp"]
+    for key in ("micro_batch_size", "forward_micro_batch_size"):
+        value = getattr(run.learner, key) or run.learner.micro_batch_size
+        if value % dp:
+            notes.append(
+                f"learner.{key}={value} is not a multiple of data x fsdp = {dp}: its rows are "
+                "replicated (every device computes all of them); use a multiple of it"
+            )
     if dialogues > max(sc.batch_buckets):
         notes.append(f"{dialogues} dialogues exceed sampler.batch_buckets (max {B})")
     return MemoryPlan(tuple(comps), int(device_memory), sizes, tuple(notes))

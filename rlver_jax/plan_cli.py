@@ -207,8 +207,8 @@ def candidate_fixes(run: RunConfig, mesh: dict[str, int]) -> list[list[str]]:
     for key in ("param_dtype", "dtype"):
         if getattr(m, key) == "float32":
             fixes.append([f"model.{key}=bfloat16"])
-    micro = lc.micro_batch_size
-    while micro > 1:
+    dp, micro = mesh["data"] * mesh["fsdp"], lc.micro_batch_size
+    while micro % 2 == 0 and (micro // 2) % dp == 0:  # smaller, still split over all devices
         micro //= 2
         fixes.append(
             [f"learner.micro_batch_size={micro}", f"learner.forward_micro_batch_size={micro}"]
@@ -218,8 +218,10 @@ def candidate_fixes(run: RunConfig, mesh: dict[str, int]) -> list[list[str]]:
     for key in ("samples_per_profile", "profiles_per_batch"):
         if getattr(ro, key) > 1:
             fixes.append([f"rollout.{key}={getattr(ro, key) // 2}"])
-    if ro.max_prompt_tokens > 256:
-        fixes.append([f"rollout.max_prompt_tokens={ro.max_prompt_tokens // 2}"])
+    tokens = ro.max_prompt_tokens
+    while tokens > 256:
+        tokens //= 2
+        fixes.append([f"rollout.max_prompt_tokens={tokens}"])
     if run.user.kind == "llm" and max(run.user.llm.judge_batch_buckets) > 1:
         fixes.append(["user.llm.judge_batch_buckets=[1]"])
     if lc.uses_reference:
@@ -249,7 +251,10 @@ def suggest_fixes(
         if together is None and p_all.fits(margin):
             together = Fix(tuple(combined), p_all.peak, True)
     out = sorted(singles, key=lambda f: (not f.fits, f.peak))
-    if together is not None and not any(f.fits for f in singles):
+    if not any(f.fits for f in singles) and combined:
+        if together is None:  # report how far all of them together get
+            p_all = make(with_overrides(data, combined))
+            together = Fix(tuple(combined), p_all.peak, False)
         out.insert(0, together)
     devices = num_devices
     while devices < 16384:
@@ -275,20 +280,20 @@ def fmt_bytes(n: float) -> str:
 
 def format_plan(plan: MemoryPlan, margin: float) -> str:
     """The component table, the phase peaks and the verdict."""
-    rows = [f"{'component':<28} {'phase':<9} {'group':<15} {'per device':>10}  formula"]
+    rows = [f"{'component':<30} {'phase':<9} {'group':<15} {'per device':>10}  formula"]
     for c in plan.components:
         rows.append(
-            f"{c.name:<28} {c.phase:<9} {c.group:<15} {fmt_bytes(c.nbytes):>10}  {c.formula}"
+            f"{c.name:<30} {c.phase:<9} {c.group:<15} {fmt_bytes(c.nbytes):>10}  {c.formula}"
         )
-    rows.append(f"{'resident':<54} {fmt_bytes(plan.resident):>10}")
+    rows.append(f"{'resident':<56} {fmt_bytes(plan.resident):>10}")
     for (phase, group), total in plan.group_totals().items():
         peak = fmt_bytes(plan.resident + total)
-        rows.append(f"{'peak of ' + phase + ' / ' + group:<54} {peak:>10}  resident + group")
+        rows.append(f"{'peak of ' + phase + ' / ' + group:<56} {peak:>10}  resident + group")
     usable = (1 - margin) * plan.device_memory
     phase, group = plan.peak_phase
     verdict = "fits" if plan.fits(margin) else "DOES NOT FIT"
     rows.append(
-        f"{'PEAK (' + phase + ' / ' + group + ')':<54} {fmt_bytes(plan.peak):>10}  "
+        f"{'PEAK (' + phase + ' / ' + group + ')':<56} {fmt_bytes(plan.peak):>10}  "
         f"{100 * plan.peak / usable:.0f}% of {fmt_bytes(usable)} usable "
         f"({fmt_bytes(plan.device_memory)} x {1 - margin:g}): {verdict}"
     )

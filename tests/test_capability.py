@@ -83,8 +83,14 @@ def judge(model: tuple[Any, ModelConfig], tok: Tokenizer) -> LLMCapabilityJudge:
 def dialogues() -> list[dict[str, Any]]:
     return [
         transcript([("My boss yelled at me.", "That sounds awful.")], 0),
-        transcript([("I failed the exam.", "Oh no."), ("Yes.", "You could retake it."),
-                    ("Maybe.", "What do you think?")], 1),  # fmt: skip
+        transcript(
+            [
+                ("I failed the exam.", "Oh no."),
+                ("Yes.", "You could retake it."),
+                ("Maybe.", "What do you think?"),
+            ],
+            1,
+        ),
         transcript([("Hi.", "Hello, tell me more.")] * 2, 2),
     ]
 
@@ -111,7 +117,9 @@ def test_format_dialogue_shows_visible_text_only() -> None:
     text = format_dialogue(t["messages"], "en")
     assert text == "User: I feel bad.\nAI: I hear you. Really."
     assert THOUGHT not in text
-    assert format_dialogue(t["messages"], "zh", omitted=True).startswith("（更早的对话已省略）\n用户：")
+    assert format_dialogue(t["messages"], "zh", omitted=True).startswith(
+        "（更早的对话已省略）\n用户："
+    )
 
 
 def test_scores_from_logprobs() -> None:
@@ -124,24 +132,37 @@ def test_scores_from_logprobs() -> None:
 
 # --------------------------------------------------------------------------- LLM judge
 def independent_logprobs(
-    params: Any, config: ModelConfig, tok: Tokenizer, prompt: list[int], terms: list[int]
+    params: Any, config: ModelConfig, tok: Tokenizer, prompts: list[list[int]], terms: list[int]
 ) -> np.ndarray:
-    """[5] log p(candidate k, then a terminator | prompt): one plain forward per candidate."""
-    text = tok.decode(prompt, skip_special_tokens=False)
-    out = []
-    for k in CANDIDATE_SCORES:
-        full = tok.encode(text + str(k))
-        assert full[: len(prompt)] == prompt
-        cand = full[len(prompt) :]
-        seq = np.asarray([prompt + cand], np.int32)
-        mask = np.ones_like(seq, bool)
-        logits, _ = forward(params, seq, positions_from_mask(mask), mask, config)
-        lp = np.asarray(jax.nn.log_softmax(logits[0].astype(np.float32), axis=-1), np.float64)
-        n = len(prompt)
-        total = sum(lp[n - 1 + j, t] for j, t in enumerate(cand))
-        last = lp[n + len(cand) - 1, terms]
-        out.append(total + np.log(np.exp(last - last.max()).sum()) + last.max())
-    return np.asarray(out)
+    """[len(prompts), 5] log p(candidate k, then a terminator | prompt): per (prompt, candidate)
+    the whole sequence prompt + candidate in a plain forward (no cache, no left padding; the
+    rows right-padded into one batch), candidate ids from encoding the prompt text + the digit."""
+    seqs, spans = [], []
+    for prompt in prompts:
+        text = tok.decode(prompt, skip_special_tokens=False)
+        for k in CANDIDATE_SCORES:
+            full = tok.encode(text + str(k))
+            assert full[: len(prompt)] == prompt
+            seqs.append(full)
+            spans.append((len(prompt), len(full)))
+    width = max(len(s) for s in seqs)
+    tokens = np.zeros((len(seqs), width), np.int32)
+    mask = np.zeros((len(seqs), width), bool)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)], mask[i, : len(s)] = s, True
+
+    @jax.jit
+    def logprobs(params: Any, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+        logits, _ = forward(params, tokens, positions_from_mask(mask), mask, config)
+        return jax.nn.log_softmax(logits.astype(np.float32), axis=-1)
+
+    lp = np.asarray(logprobs(params, tokens, mask), np.float64)
+    out = np.zeros(len(seqs))
+    for i, ((n, end), s) in enumerate(zip(spans, seqs, strict=True)):
+        total = sum(lp[i, j - 1, s[j]] for j in range(n, end))
+        last = lp[i, end - 1, terms]
+        out[i] = total + np.log(np.exp(last - last.max()).sum()) + last.max()
+    return out.reshape(len(prompts), len(CANDIDATE_SCORES))
 
 
 def test_llm_judge_matches_independent_forward(
@@ -153,17 +174,13 @@ def test_llm_judge_matches_independent_forward(
     assert set(tok.stop_token_ids) <= set(terms)
     logprobs = judge.candidate_logprobs(ts)
     assert logprobs.shape == (3, 5, 5) and logprobs.dtype == np.float32
-    ref = np.zeros((3, 5, 5))
-    lengths = set()
-    for n, t in enumerate(ts):
-        for i in range(5):
-            prompt = judge.prompt_ids(t["messages"], i)
-            lengths.add(len(prompt))
-            text = tok.decode(prompt, skip_special_tokens=False)
-            assert f"Rate Dim {i}:" in text and THOUGHT not in text
-            assert text.endswith("Score (1-5): <|im_end|>\n<|im_start|>assistant\n")
-            ref[n, i] = independent_logprobs(params, config, tok, prompt, terms)
-    assert len(lengths) > 3  # prompts of different lengths share one padded batch
+    prompts = [judge.prompt_ids(t["messages"], i) for t in ts for i in range(5)]
+    for n, prompt in enumerate(prompts):
+        text = tok.decode(prompt, skip_special_tokens=False)
+        assert f"Rate Dim {n % 5}:" in text and THOUGHT not in text
+        assert text.endswith("Score (1-5): <|im_end|>\n<|im_start|>assistant\n")
+    assert len({len(p) for p in prompts}) >= 3  # different lengths share one padded batch
+    ref = independent_logprobs(params, config, tok, prompts, terms).reshape(3, 5, 5)
     np.testing.assert_allclose(logprobs, ref, atol=2e-4, rtol=0)
     top2 = np.sort(ref, axis=-1)[..., -2:]
     assert np.all(top2[..., 1] - top2[..., 0] > 1e-3)  # argmax well defined

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import shlex
 import subprocess
@@ -255,10 +256,13 @@ ACTIONS = ("create", "install", "launch", "logs", "stop", "delete", "info")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tpu/pod.py", description=__doc__.split("\n")[0])
     parser.add_argument("action", choices=ACTIONS)
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--zone", required=True)
-    parser.add_argument("--accelerator", required=True, help="e.g. v5p-32, v6e-16, v6e-8")
-    parser.add_argument("--project")
+    env = os.environ.get
+    parser.add_argument("--name", default=env("TPU_NAME", ""), help="[TPU_NAME]")
+    parser.add_argument("--zone", default=env("TPU_ZONE", ""), help="[TPU_ZONE]")
+    parser.add_argument(
+        "--accelerator", default=env("TPU_ACCELERATOR", ""), help="v5p-32, v6e-16, v6e-8"
+    )
+    parser.add_argument("--project", default=env("TPU_PROJECT") or None, help="[TPU_PROJECT]")
     parser.add_argument("--runtime-version", help="default: the family's TPU VM image")
     parser.add_argument("--spot", action="store_true")
     parser.add_argument("--repo", help="git URL to clone on the workers (default: copy)")

@@ -286,7 +286,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--skip-train", action="store_true", help="evaluate existing runs")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report only")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(list(argv))
+    args = parser.parse_intermixed_args(list(argv))
 
     from rlver_jax.run_config import load_run_config
 

@@ -182,8 +182,10 @@ def _truncate_transcripts(path: Path, after_step: int) -> None:
 
 
 def _abstract_state(learner: Learner, params: Any, key: jax.Array) -> TrainState:
-    """``ShapeDtypeStruct``s (with shardings) of the state ``learner.init_state`` would build."""
-    shapes = jax.eval_shape(learner.init_state, params, key)
+    """``ShapeDtypeStruct``s (with shardings) of the state ``learner.init_state`` would build
+    (traced by a twin without compiler options: those are refused on a jit nested in a trace)."""
+    twin = Learner(learner.mcfg, learner.cfg, learner.mesh)
+    shapes = jax.eval_shape(twin.init_state, params, key)
     shardings = learner.state_shardings()
     if shardings is None:
         return shapes
