@@ -45,7 +45,9 @@ def build_capability_judge(
         return ReferenceCapabilityJudge(policy_tokenizer, language=lang)
     if kind != "llm":
         raise ValueError(f"--judge: expected one of {JUDGES}, got {kind!r}")
-    if hasattr(user, "params") and hasattr(user, "model_config"):
+    from rlver_jax.env.llm_user import LLMUser
+
+    if isinstance(user, LLMUser):
         params, config, tok = user.params, user.model_config, user.tokenizer
     else:
         from rlver_jax.models.loader import load_model

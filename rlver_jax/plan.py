@@ -23,7 +23,7 @@ Phases (their transients never overlap; the peak is resident + the largest phase
   rollout  policy sampler | LLM-user sampler | LLM-user judge, one at a time:
              KV cache      2 x L x B' x (P + N) x K' x Dh x b   (B: batch bucket rounded to a
                            multiple of data x fsdp, P / N: prompt / new-token buckets)
-             prefill       one layer's activations over the prompt (formula of `layer`, S = P+N)
+             prefill       m x P x [(2 D + H' Dh + 2 K' Dh + F') x b + H' x S x (8 + b)], S = P+N
              judge         22 x the prompt cache (the prompt cache and its 21 candidate copies,
                            S = P + C) + 2 x 21 x B' x C x V' x 4 (candidate log-softmax)
   old      forward over a forward micro-batch m_f: layer(m_f, T, T) + 3 x m_f x T x V' x 4
@@ -37,6 +37,8 @@ Phases (their transients never overlap; the peak is resident + the largest phase
              remat full: L x m x T x D x b + max(logits, 1.5 x layer)
              remat dots: L x m x T x (2 D + H' Dh + 2 K' Dh + 2 F') x b + max(logits, 1.5 x layer)
            + the learner batch (N x T x 32 bytes / rows split).
+  FSDP     with fsdp > 1 every group also holds one layer + embed/lm_head all-gathered (split
+           over `tensor` only), twice in training (their gradients before the reduce-scatter).
 
 The activation coefficients (8, 3, 3, 6, 5) were fitted to XLA's buffer assignment on CPU
 (`compiled.memory_analysis()`, tests/test_plan.py checks the whole plan against it within 20%);
@@ -105,11 +107,6 @@ class MemoryPlan:
                 out[(c.phase, c.group)] = out.get((c.phase, c.group), 0) + c.nbytes
         return out
 
-    def phase_peak(self, phase: Phase) -> int:
-        """resident + the largest group of `phase`."""
-        groups = [v for (p, _), v in self.group_totals().items() if p == phase]
-        return self.resident + max(groups, default=0)
-
     @property
     def peak_phase(self) -> tuple[str, str]:
         """The (phase, group) whose transients set the peak."""
@@ -176,6 +173,22 @@ def opt_state_bytes(opt: AdamWConfig, axes: Any, shapes: Any, mesh: AbstractMesh
     return int(sum(jax.tree.leaves(per_leaf)))
 
 
+def gathered_bytes(
+    c: ModelConfig, mesh: AbstractMesh, copies: int, phase: Phase, group: str
+) -> Component:
+    """FSDP all-gathers each weight inside its matmul: one layer plus the embedding / lm_head,
+    split over `tensor` only, live at a time; `copies` = 2 in training (their gradients before
+    the reduce-scatter). Nothing when fsdp = 1."""
+    axes, shapes = param_logical_axes(c), param_shapes(c)
+    local = abstract_mesh({**mesh.shape, "fsdp": 1})
+    layer = tree_bytes(axes["layers"], shapes["layers"], local) // c.num_layers
+    heads = [k for k in ("embed", "lm_head") if k in axes]
+    head = tree_bytes([axes[k] for k in heads], [shapes[k] for k in heads], local)
+    nbytes = 0 if mesh.shape["fsdp"] == 1 else copies * (layer + head)
+    return Component(f"{group} gathered weights", phase, nbytes,
+                     f"{copies} x (1 layer + embed/lm_head) / tensor", group)  # fmt: skip
+
+
 # --------------------------------------------------------------------------- formulas
 def layer_bytes(c: ModelConfig, rows: int, T: int, S: int, mesh: AbstractMesh) -> int:
     """Activations of one layer for `rows` local rows of T queries over S keys (no remat)."""
@@ -236,43 +249,30 @@ def dp_round(n: int, mesh: AbstractMesh) -> int:
 def _models(
     run: RunConfig, policy: ModelConfig, user: ModelConfig | None, mesh: AbstractMesh
 ) -> list[Component]:
+    """Params and optimiser states (resident) and the init-time copy of the loaded weights."""
     p_axes, p_shapes = param_logical_axes(policy), param_shapes(policy)
-    pbytes = tree_bytes(p_axes, p_shapes, mesh)
-    actor_opt, critic_opt = run.learner.optimizers()
-    ip = np.dtype(policy.param_dtype).itemsize
-    n = policy.num_params()
+    pbytes, (actor_opt, critic_opt) = tree_bytes(p_axes, p_shapes, mesh), run.learner.optimizers()
+    size = lambda c: f"{c.num_params() / 1e9:.3g}B x {np.dtype(c.param_dtype).itemsize} B"
+    moments = lambda opt, axes, shapes: opt_state_bytes(opt, axes, shapes, mesh)
     out = [
-        Component("policy params", "resident", pbytes, f"{n / 1e9:.3g}B x {ip} B / shards"),
-        Component(
-            "policy AdamW moments",
-            "resident",
-            opt_state_bytes(actor_opt, p_axes, p_shapes, mesh),
-            "mu + nu, sharded like params",
-        ),
+        Component("policy params", "resident", pbytes, f"{size(policy)} / shards"),
+        Component("policy AdamW moments", "resident", moments(actor_opt, p_axes, p_shapes),
+                  "optax mu + nu, sharded like params"),
         Component("loaded policy weights", "init", pbytes, "copied by init_state", "init"),
-    ]
+    ]  # fmt: skip
     if run.learner.uses_critic:
         c_axes, c_shapes = value_logical_axes(policy), value_param_shapes(policy)
-        cbytes = tree_bytes(c_axes, c_shapes, mesh)
         out += [
-            Component("critic params", "resident", cbytes, "backbone (no lm_head) + value head"),
-            Component(
-                "critic AdamW moments",
-                "resident",
-                opt_state_bytes(critic_opt, c_axes, c_shapes, mesh),
-                "mu + nu of the critic",
-            ),
-        ]
+            Component("critic params", "resident", tree_bytes(c_axes, c_shapes, mesh),
+                      "backbone (no lm_head) + value head"),
+            Component("critic AdamW moments", "resident", moments(critic_opt, c_axes, c_shapes),
+                      "optax mu + nu of the critic"),
+        ]  # fmt: skip
     if run.learner.uses_reference:
         out.append(Component("reference params", "resident", pbytes, "kl_coef > 0: 1 x params"))
     if user is not None:
         ubytes = tree_bytes(param_logical_axes(user), param_shapes(user), mesh)
-        iu = np.dtype(user.param_dtype).itemsize
-        out.append(
-            Component(
-                "LLM user params", "resident", ubytes, f"{user.num_params() / 1e9:.3g}B x {iu} B"
-            )
-        )
+        out.append(Component("LLM user params", "resident", ubytes, f"{size(user)} / shards"))
     return out
 
 
@@ -306,6 +306,7 @@ def _sampler(
             f"{label} decode buffers", "rollout", C_DECODE * rows * V * 4,
             f"{C_DECODE} x m x V' x 4 (logits, top-k/top-p)", label,
         ),
+        gathered_bytes(c, mesh, 1, "rollout", label),
     ]  # fmt: skip
 
 
@@ -338,6 +339,7 @@ def _user(
             "judge candidate logits", "rollout", 2 * K * rows * C * V * 4,
             f"2 x {K} x m x C x V' x 4", "user judge",
         ),
+        gathered_bytes(u, mesh, 1, "rollout", "user judge"),
     ]  # fmt: skip
     return out
 
@@ -383,6 +385,8 @@ def _learner(run: RunConfig, c: ModelConfig, mesh: AbstractMesh) -> list[Compone
             f"layer(m_f={mf}, T) + 3 x m_f x T x V' x 4", "forward",
         ),
         Component("old outputs", "old", 3 * s["rows"] * T * 4, "3 x N x T x 4", "forward"),
+        gathered_bytes(c, mesh, 1, "old", "forward"),
+        gathered_bytes(c, mesh, 2, "train", "actor"),
     ]  # fmt: skip
     if run.learner.uses_critic:
         cgrads = tree_bytes(value_logical_axes(c), value_param_shapes(c), mesh, itemsize=4)
@@ -391,6 +395,7 @@ def _learner(run: RunConfig, c: ModelConfig, mesh: AbstractMesh) -> list[Compone
             Component("critic fp32 grads", "train", cgrads + embed_grad, "numel x 4", "critic"),
             Component("critic activations", "train", cact, remat, "critic"),
             Component("learner batch", "train", batch, "N x T x 32 B / rows", "critic"),
+            gathered_bytes(c, mesh, 2, "train", "critic"),
         ]
     return out
 

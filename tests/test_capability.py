@@ -304,3 +304,23 @@ def test_summarize_scores_and_radar(ref_judge: ReferenceCapabilityJudge, tmp_pat
     path = radar_chart(models, tmp_path / "radar.png", names=ref_judge.names)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.image.imread(path).ndim == 3
+
+
+@pytest.mark.slow
+def test_smollm2_capability_judge_real_rubric() -> None:
+    """SmolLM2-135M judges with the packaged rubric: one program per bucket, scores in [1, 5]
+    (a 135M model is no reliable judge; the scores are printed, not asserted to order)."""
+    from rlver_jax.models.default_model import load_default_model
+
+    params, config, tok = load_default_model()
+    j = LLMCapabilityJudge(params, config, tok, batch_buckets=(5,))
+    ts = [transcript(EMPATHIC, 0), transcript(SOLUTIONS, 1)]
+    scores = j.score(ts)
+    print("\nSmolLM2 capability judge (expected scores):")
+    for name, row in zip(("empathic", "solutions"), scores.expected, strict=True):
+        values = {d.name: round(float(v), 2) for d, v in zip(j.rubric.dimensions, row, strict=True)}
+        print(f"  {name:<10}", values)
+    assert scores.expected.shape == (2, 5) and np.all(
+        (scores.expected >= 1) & (scores.expected <= 5)
+    )
+    assert len(j.scorer.used_shapes) == 1

@@ -150,6 +150,9 @@ def test_scaffold_experiment_report(tmp_path: Path) -> None:
 
 
 def test_training_stats() -> None:
+    from rlver_jax.rl import trainer
+
+    assert trainer.REWARD_KEY == REWARD_KEY  # the curve plots what the trainer logs
     s = training_stats([1, 2, 3, 4, 5, 6, 7, 8], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.9])
     assert s["tail_steps"] == 2 and s["tail_mean_reward"] == pytest.approx(0.8)
     assert (s["first_reward"], s["last_reward"], s["max_reward"], s["steps"]) == (0.1, 0.9, 0.9, 8)

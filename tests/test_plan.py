@@ -99,6 +99,7 @@ def train_peak(p: plan.MemoryPlan) -> int:
 
 
 def within(planned: int, actual: int, tol: float = 0.2) -> None:
+    print(f"plan {planned / 1e6:.1f} MB, measured {actual / 1e6:.1f} MB")
     assert abs(planned - actual) <= tol * actual, (
         f"plan {planned / 1e6:.1f} MB vs measured {actual / 1e6:.1f} MB "
         f"({100 * (planned / actual - 1):+.0f}%)"

@@ -87,7 +87,8 @@ def test_generated_commands() -> None:
     assert {"--zone=us-east5-a", "--project=proj-1", "--accelerator-type=v5p-32",
             "--version=v2-alpha-tpuv5"} <= set(create)  # fmt: skip
     install = pod.install_commands(p)
-    assert [c[0] for c in install] == ["tar", "gcloud", "gcloud", "gcloud"]  # copy mode
+    assert [c[0] for c in install] == ["bash", "gcloud", "gcloud", "gcloud"]  # copy mode
+    assert "ls-files" in install[0][2] and pod.TARBALL in install[0][2]
     assert all("--worker=all" in c for c in install[1:])
     assert install[-1][-1] == "--command=bash ~/rlver_jax/tpu/worker_setup.sh ~/rlver_jax"
     (launch,) = pod.launch_commands(p, CONFIG, OUTPUT, OVERRIDES)

@@ -175,17 +175,18 @@ def _clone_script(pod: Pod) -> str:
 
 
 def install_commands(pod: Pod) -> list[Command]:
-    """Put the project on every worker (git clone, or a tarball of the local tree copied with
-    `scp --worker=all`), then run `tpu/worker_setup.sh` there (Python >= 3.11,
-    `./install.sh tpu`, gcsfs for gs:// paths)."""
+    """Put the project on every worker (git clone, or a tarball of this checkout's files that
+    git does not ignore, copied with `scp --worker=all`), then run `tpu/worker_setup.sh` there
+    (Python >= 3.11, `./install.sh tpu`, gcsfs for gs:// paths)."""
     cmds: list[Command] = []
     where = pod._where()
     if pod.repo is not None:
         cmds.append(ssh_command(pod, _clone_script(pod)))
     else:
+        root = shlex.quote(str(REPO_ROOT))  # tracked + untracked files, minus .gitignore'd ones
         cmds.append([
-            "tar", "-C", str(REPO_ROOT), "-czf", TARBALL, "--exclude=./.git", "--exclude=./.venv",
-            "--exclude=./runs", "--exclude=__pycache__", ".",
+            "bash", "-c", f"git -C {root} ls-files -z -co --exclude-standard | "
+            f"tar -C {root} --null -T - --ignore-failed-read -czf {TARBALL}",
         ])  # fmt: skip
         cmds.append([
             "gcloud", "compute", "tpus", "tpu-vm", "scp", TARBALL, f"{pod.name}:{TARBALL}",

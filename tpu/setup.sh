@@ -12,8 +12,8 @@ if [ -n "$REPO" ]; then
   clone="git clone --depth 1 --branch $(q "$REF") $(q "$REPO") $d"
   ssh_cmd all "if [ -d $d/.git ]; then $update; else $clone; fi"
 else
-  run_cmd tar -C "$REPO_ROOT" -czf "$TARBALL" --exclude=./.git --exclude=./.venv \
-    --exclude=./runs --exclude=__pycache__ .
+  root="$(q "$REPO_ROOT")" # tracked + untracked files, minus .gitignore'd ones
+  run_cmd bash -c "git -C $root ls-files -z -co --exclude-standard | tar -C $root --null -T - --ignore-failed-read -czf $TARBALL"
   run_cmd gcloud compute tpus tpu-vm scp "$TARBALL" "$NAME:$TARBALL" "${WHERE[@]}" --worker=all
   ssh_cmd all "mkdir -p $REMOTE_DIR && tar xzf $TARBALL -C $REMOTE_DIR"
 fi

@@ -183,10 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(" | ".join(f"{name:>12}" for name, _ in COLUMNS), flush=True)
     rows: list[dict[str, Any]] = []
-    for dtype in dtypes:
+    for dtype in dtypes:  # torch right after JAX, so each dtype's comparison completes early
         rows += bench_jax(dtype, batches, args.prompt_len, args.new_tokens, args.repeats, bw)
-    if not args.skip_torch:
-        for dtype in dtypes:
+        if not args.skip_torch:
             rows += bench_torch(dtype, batches, args.prompt_len, args.new_tokens, args.repeats)
     torch_speed = {(r["dtype"], r["batch"]): r["e2e_tok_s"] for r in rows if r["engine"] == "torch"}
     for r in rows:

@@ -242,6 +242,7 @@ class LLMCapabilityJudge:
         )
 
     def _render(self, content: str) -> str:
+        """`content` as a user message in the chat template, then the generation prompt."""
         messages = [{"role": "user", "content": content}]
         if self.system_prompt is not None:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
@@ -304,6 +305,7 @@ _features_jit = jax.jit(reply_features, static_argnames=("ngram",))
 
 
 def _sat(x: np.ndarray) -> np.ndarray:
+    """1 - exp(-x / SATURATION) for x >= 0 (0 below)."""
     return 1.0 - np.exp(-np.maximum(x, 0.0) / SATURATION)
 
 

@@ -126,6 +126,7 @@ def training_stats(steps: Sequence[int], values: Sequence[float]) -> dict[str, A
 
 
 def _capability_matrix(eval_dir: Path) -> np.ndarray | None:
+    """[N, 5] capability scores of an eval directory in dialogue order (None: not judged)."""
     path = eval_dir / CAPABILITY_FILE
     if not path.exists():
         return None
@@ -134,6 +135,7 @@ def _capability_matrix(eval_dir: Path) -> np.ndarray | None:
 
 
 def _paired(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
+    """Whether two evals played the same profiles in the same dialogue order."""
     key = lambda ts: [t["profile_id"] for t in sorted(ts, key=lambda t: t["dialogue_id"])]
     return key(a) == key(b)
 
@@ -159,6 +161,7 @@ def _differences(
 
 
 def _interval(d: dict[str, Any]) -> report.Interval:
+    """An `Interval` back from its `as_dict()`."""
     return report.Interval(d["mean"], d["lo"], d["hi"], int(d["n"]), d["level"])
 
 
@@ -222,6 +225,7 @@ def write_report(
 
 
 def _differences_md(diffs: dict[str, Any], names: dict[str, str]) -> str:
+    """One difference table per model pair."""
     parts = []
     for pair, values in diffs.items():
         label = {"final_emotion": "Final emotion (Sentient score)"} | names
@@ -242,6 +246,7 @@ def _examples_md(evals: dict[str, Any], k: int) -> str:
 
 
 def _summary_md(data: dict[str, Any], tables: dict[str, str], rep: Path, out: Path) -> str:
+    """The report's README.md: training, benchmark, capability, differences, examples."""
     rel = lambda p: Path(p).relative_to(out).as_posix()
     lines = [f"# Think vs plain: {data['title']}", ""]
     if data["command"]:

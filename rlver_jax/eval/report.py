@@ -28,11 +28,13 @@ class Interval:
     n: int
     level: float
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
         return {"mean": self.mean, "lo": self.lo, "hi": self.hi, "n": self.n, "level": self.level}
 
 
 def _percentiles(stats: np.ndarray, level: float) -> tuple[float, float]:
+    """The central `level` interval of bootstrap statistics."""
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(stats, [alpha, 1.0 - alpha])
     return float(lo), float(hi)
@@ -135,6 +137,7 @@ def diff_table(diffs: Mapping[str, Interval], names: Mapping[str, str], digits: 
 
 
 def _level(diffs: Mapping[str, Interval]) -> float:
+    """The confidence level of a set of intervals (0.95 when empty)."""
     return next(iter(diffs.values())).level if diffs else 0.95
 
 
@@ -161,6 +164,7 @@ def dialogue_markdown(t: Mapping[str, Any], max_messages: int = 8) -> str:
 
 # --------------------------------------------------------------------------- plots
 def _pyplot() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,6 +174,7 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: str | Path) -> Path:
+    """Save `fig` as a PNG at `path` (parents created) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")

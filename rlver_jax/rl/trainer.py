@@ -45,6 +45,7 @@ from typing import Any
 import jax
 import numpy as np
 import yaml
+from jax.sharding import Mesh
 
 from rlver_jax import components
 from rlver_jax.env.profile_dataset import (
@@ -56,7 +57,8 @@ from rlver_jax.env.rollout import RolloutEngine, RolloutResult, write_transcript
 from rlver_jax.metrics import MetricsWriter, PhaseTimer, ProgressBar
 from rlver_jax.parallel.compile_count import compile_count
 from rlver_jax.rl.checkpoint import Checkpointer, checkpoint_extra, restore_iterator
-from rlver_jax.rl.learner import Learner, TrainState
+from rlver_jax.models.config import ModelConfig
+from rlver_jax.rl.learner import Learner, LearnerConfig, TrainState
 from rlver_jax.rl.signals import PreemptionGuard, save_and_stop_if_requested, save_on_crash
 from rlver_jax.run_config import RunConfig, run_config_dict
 
@@ -181,6 +183,25 @@ def _truncate_transcripts(path: Path, after_step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
 
 
+_LEARNERS: dict[tuple[Any, ...], Learner] = {}
+
+
+def cached_learner(
+    model_config: ModelConfig, config: LearnerConfig, mesh: Mesh, fast_compile: bool = False
+) -> Learner:
+    """One :class:`Learner` per (model, learner config, mesh devices): later :func:`train` calls
+    in the same process (tests, sweeps) reuse its compiled steps instead of recompiling. (Keyed
+    by device ids: equal meshes do not always hash equal.)"""
+    key = (model_config, config, mesh.axis_names, mesh.devices.shape, fast_compile)
+    key += tuple(d.id for d in mesh.devices.flat)
+    if key not in _LEARNERS:
+        if len(_LEARNERS) >= 4:
+            _LEARNERS.pop(next(iter(_LEARNERS)))
+        copts = {"xla_backend_optimization_level": 0} if fast_compile else None
+        _LEARNERS[key] = Learner(model_config, config, mesh, copts)
+    return _LEARNERS[key]
+
+
 def _abstract_state(learner: Learner, params: Any, key: jax.Array) -> TrainState:
     """``ShapeDtypeStruct``s (with shardings) of the state ``learner.init_state`` would build
     (traced by a twin without compiler options: those are refused on a jit nested in a trace)."""
@@ -239,8 +260,7 @@ def train(cfg: RunConfig) -> TrainSummary:
     params, mcfg, tok, sampler = components.build_policy(cfg.model, mesh, cfg)
     user = components.build_user(cfg, mesh, tok)
     engine = components.build_engine(cfg, sampler, tok, user)
-    copts = {"xla_backend_optimization_level": 0} if tc.fast_compile else None
-    learner = Learner(mcfg, cfg.learner, mesh, copts)
+    learner = cached_learner(mcfg, cfg.learner, mesh, tc.fast_compile)
     key = jax.random.key_data(jax.random.key(cfg.seed))
     batch = cfg.rollout.profiles_per_batch
     profiles_it = profile_iterator(

@@ -1,0 +1,130 @@
+"""Helpers shared by `bench train`, `bench rollout` and `bench peer` (not by `bench sample`,
+whose own helpers -- `rss_peak_mb`, `device_peak_mb`, `copy_bandwidth` -- they import).
+
+- :func:`machine_line`: the header every benchmark prints first (jax version, backend, CPU
+  count, load average, and a warning when the machine is busier than it has cores: timings
+  taken then are not representative).
+- :func:`header` / :func:`format_row`: the fixed-width `" | "` tables of `bench sample`, for
+  any column list.
+- :func:`matmul_peak`: the measured matmul peak that MFU is quoted against.
+- :func:`timed_update`: :meth:`Learner.update` split into its jitted phases, each timed to
+  completion (``block_until_ready``), so device time and host time can be told apart.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Columns = Sequence[tuple[str, str]]
+CELL = 12
+
+
+def load_average() -> tuple[float, float, float]:
+    """The 1, 5 and 15 minute load averages (zeros where the OS has none)."""
+    try:
+        return os.getloadavg()
+    except OSError:
+        return (0.0, 0.0, 0.0)
+
+
+def machine_line(title: str) -> str:
+    """One self-describing line: what ran, on which jax / device / CPU count, under what load."""
+    dev = jax.devices()[0]
+    cpus = os.cpu_count() or 1
+    l1, l5, l15 = load_average()
+    line = (
+        f"{title}; jax {jax.__version__}, {dev.platform} {dev.device_kind} x{jax.device_count()}, "
+        f"{cpus} CPUs, load average {l1:.1f} / {l5:.1f} / {l15:.1f}"
+    )
+    if l1 > cpus:
+        line += f"\nWARNING: load {l1:.1f} > {cpus} CPUs: timings are NOT representative"
+    return line
+
+
+def header(columns: Columns) -> str:
+    """The column names, right-aligned in cells of `CELL` characters."""
+    return " | ".join(f"{name:>{CELL}}" for name, _ in columns)
+
+
+def format_row(columns: Columns, row: dict[str, Any]) -> str:
+    """One table row; a missing or None value prints as '-'."""
+    cells = []
+    for name, fmt in columns:
+        value = row.get(name)
+        cells.append("-" if value is None else fmt.format(value))
+    return " | ".join(f"{c:>{CELL}}" for c in cells)
+
+
+def parse_table(text: str) -> list[dict[str, str]]:
+    """Read back the rows of every table printed by :func:`header` / :func:`format_row`
+    (lines with `" | "` cells; a header line starts a table). Used by the tests."""
+    rows: list[dict[str, str]] = []
+    names: list[str] | None = None
+    for line in text.splitlines():
+        if " | " not in line:
+            names = None
+            continue
+        cells = [c.strip() for c in line.split(" | ")]
+        if names is None or len(cells) != len(names):
+            names = cells
+            continue
+        rows.append(dict(zip(names, cells, strict=True)))
+    return rows
+
+
+def matmul_peak(dtype: str, n: int = 2048, repeats: int = 5) -> float:
+    """Best observed FLOP/s of one jitted ``[n, n] @ [n, n]`` in ``dtype`` (``2 n^3`` FLOPs per
+    call; the first call compiles and is not counted). This is the machine's *measured* matmul
+    peak: MFU = achieved model FLOP/s / this number, for the same compute dtype."""
+    dt = jnp.dtype(dtype)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dt)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dt)
+    dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=dt))
+    dot(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dot(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best
+
+
+def _blocked(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    t = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return out, time.perf_counter() - t
+
+
+def timed_update(
+    learner: Any, state: Any, traj: Any, num_samples: int | None = None
+) -> tuple[Any, dict[str, float], dict[str, float]]:
+    """:meth:`Learner.update` (pad -> compute_old -> compute_advantages -> train_step) with
+    each phase timed. Returns ``(state, metrics, timings)``; ``timings`` holds ``pad_s`` (host),
+    ``old_s``, ``adv_s``, ``train_s`` (jitted calls, run to completion), ``fetch_s`` (metrics
+    to the host), ``device_s = old_s + adv_s + train_s``, ``total_s``, and the padded batch's
+    ``rows``, ``seq``, ``real_tokens`` and ``pad_frac = 1 - real_tokens / (rows * seq)``."""
+    t0 = time.perf_counter()
+    traj = learner.pad(traj, num_samples)
+    pad_s = time.perf_counter() - t0
+    (old, m_old), old_s = _blocked(learner.compute_old, state, traj)
+    (batch, m_adv), adv_s = _blocked(learner.compute_advantages, traj, old)
+    (state, m_step), train_s = _blocked(learner.train_step, state, batch)
+    t = time.perf_counter()
+    metrics = {k: float(v) for k, v in jax.device_get(m_old | m_adv | m_step).items()}
+    fetch_s = time.perf_counter() - t
+    rows, seq = (int(x) for x in traj.tokens.shape)
+    real = int(np.asarray(traj.token_mask).sum())
+    timings = {
+        "pad_s": pad_s, "old_s": old_s, "adv_s": adv_s, "train_s": train_s, "fetch_s": fetch_s,
+        "device_s": old_s + adv_s + train_s, "total_s": time.perf_counter() - t0,
+        "rows": float(rows), "seq": float(seq), "real_tokens": float(real),
+        "pad_frac": 1.0 - real / (rows * seq),
+    }  # fmt: skip
+    return state, metrics, timings

@@ -1,0 +1,329 @@
+"""`rlver-jax bench peer`: the same GRPO step in rlver_jax and in google-tunix, side by side.
+
+Both tools, in ONE process, run the same step on the same CPU: ``prompts x group`` rows of a
+``prompt_len``-token prompt, ``new_tokens`` sampled tokens each (temperature 1, no stop token:
+fixed lengths), then one GRPO update (one optimiser step over the whole batch, clipping 0.2,
+token-mean loss, no KL term, AdamW lr 1e-6 with global-norm clipping 1.0) on the
+``prompt_len + new_tokens``-token rows. The model is the same tiny Qwen2 shape in both (tied
+embeddings, q/k/v biases) with random weights.
+
+- rlver_jax: :class:`~rlver_jax.sampling.Sampler` + :meth:`Learner.update` (GRPO). The update
+  includes compute_old (one extra forward recomputing the old logprobs); ``train_step_tok_s``
+  is the train step alone.
+- tunix: ``tunix.models.qwen2.model.Qwen2`` + ``RLCluster`` (vanilla rollout: tunix's
+  ``Sampler``) + ``GRPOLearner.train``; sampling = ``RLCluster.generate``, training =
+  ``RLCluster.update_actor`` (run to completion: the params are blocked on). With
+  ``num_iterations=1`` and ``beta=0`` tunix does not recompute old logprobs.
+
+Rates: ``sample_tok_s = rows * new_tokens / sample_s`` and
+``train_tok_s = rows * (prompt_len + new_tokens) / train_s``; best of the warm steps (the
+first step of each tool compiles). ``ratio`` rows are rlver_jax / tunix (> 1: rlver_jax is
+faster).
+
+tunix lives only in the peer environment (``bash bench/setup_peer_env.sh``); without it this
+command says why and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from rlver_jax.bench.common import format_row, header, load_average, machine_line
+
+COLUMNS = (
+    ("tool", "{}"), ("dtype", "{}"), ("rows", "{}"), ("compile_s", "{:.1f}"),
+    ("sample_s", "{:.3f}"), ("sample_tok_s", "{:.0f}"), ("train_s", "{:.3f}"),
+    ("train_tok_s", "{:.0f}"), ("trainstep_tok", "{:.0f}"), ("step_s", "{:.3f}"),
+)  # fmt: skip
+RATIO_COLUMNS = (
+    ("tool", "{}"), ("dtype", "{}"), ("rows", "{}"), ("compile_s", "{:.2f}x"),
+    ("sample_s", "{:.2f}x"), ("sample_tok_s", "{:.2f}x"), ("train_s", "{:.2f}x"),
+    ("train_tok_s", "{:.2f}x"), ("trainstep_tok", "{:.2f}x"), ("step_s", "{:.2f}x"),
+)  # fmt: skip
+SETUP_HINT = "bash bench/setup_peer_env.sh && /tmp/rlver-peer-venv/bin/rlver-jax bench peer"
+EXIT_NO_TUNIX = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """The shared model shape and GRPO batch (``rows = prompts * group``)."""
+
+    vocab: int = 4096
+    hidden: int = 256
+    mlp: int = 768
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 64
+    prompts: int = 2
+    group: int = 4
+    prompt_len: int = 64
+    new_tokens: int = 64
+    dtype: str = "float32"
+
+    @property
+    def rows(self) -> int:
+        return self.prompts * self.group
+
+
+def tunix_status() -> tuple[bool, str]:
+    """(importable, version or the exact import error)."""
+    try:
+        import importlib.metadata as md
+
+        import tunix.generate.sampler  # noqa: F401
+        import tunix.rl.grpo.grpo_learner  # noqa: F401
+
+        return True, md.version("google-tunix")
+    except Exception as err:  # ImportError, or anything tunix raises while importing
+        return False, f"{type(err).__name__}: {err}"
+
+
+def prompt_ids(shape: Shape, seed: int = 0) -> list[list[int]]:
+    """``rows`` prompts (each group of ``group`` rows shares one) of ids in ``[2, vocab)``."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(2, shape.vocab, (shape.prompts, shape.prompt_len)).tolist()
+    return [p for p in base for _ in range(shape.group)]
+
+
+def _rates(shape: Shape, sample_s: float, train_s: float, step_s: float) -> dict[str, float]:
+    return {
+        "sample_s": sample_s, "train_s": train_s, "step_s": step_s,
+        "sample_tok_s": shape.rows * shape.new_tokens / sample_s,
+        "train_tok_s": shape.rows * (shape.prompt_len + shape.new_tokens) / train_s,
+    }  # fmt: skip
+
+
+def bench_rlver(shape: Shape, steps: int) -> dict[str, Any]:
+    """``steps`` GRPO steps with rlver_jax's Sampler and Learner; the best warm step."""
+    from rlver_jax.bench.common import timed_update
+    from rlver_jax.models.config import ModelConfig
+    from rlver_jax.models.transformer import init_params
+    from rlver_jax.parallel.compile_count import count_compiles
+    from rlver_jax.rl.learner import Learner
+    from rlver_jax.rl.optim import LearnerConfig
+    from rlver_jax.sampling import Sampler, SamplerConfig
+    from rlver_jax.trajectories import Trajectories
+
+    s, T = shape, shape.prompt_len + shape.new_tokens
+    cfg = ModelConfig(
+        family="qwen2", vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.mlp,
+        num_layers=s.layers, num_heads=s.heads, num_kv_heads=s.kv_heads, head_dim=s.head_dim,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=True, dtype=s.dtype,
+        param_dtype=s.dtype,
+    )  # fmt: skip
+    buckets = SamplerConfig(
+        prompt_buckets=(s.prompt_len,), batch_buckets=(s.rows,), new_token_buckets=(s.new_tokens,)
+    )
+    sampler = Sampler(cfg, pad_id=0, sampler_config=buckets)
+    lcfg = LearnerConfig(
+        algorithm="grpo", kl_coef=0.0, entropy_coef=0.0, mini_batch_size=s.rows,
+        micro_batch_size=s.rows, seq_buckets=(T,), actor_lr=1e-6, actor_warmup_ratio=0.0,
+        clip_low=0.2, clip_high=0.2, loss_agg="token-mean",
+    )  # fmt: skip
+    learner = Learner(cfg, lcfg)
+    params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
+    state = learner.init_state(params, jax.random.key_data(jax.random.key(0)))
+    prompts = prompt_ids(s)
+    rng = np.random.default_rng(1)
+    results = []
+    with count_compiles() as first:
+        for i in range(steps):
+            t0 = time.perf_counter()
+            out = sampler(state.policy, prompts, max_new_tokens=s.new_tokens, temperature=1.0,
+                          stop_token_ids=(), seed=i)  # fmt: skip
+            sample_s = time.perf_counter() - t0
+            tokens = np.concatenate([np.asarray(prompts, np.int32), out.tokens], axis=1)
+            loss_mask = np.zeros((s.rows, T), bool)
+            loss_mask[:, s.prompt_len :] = True
+            lp = np.zeros((s.rows, T), np.float32)
+            lp[:, s.prompt_len :] = out.logprobs
+            scores = rng.random(s.rows).astype(np.float32)  # the reward function's scores
+            traj = Trajectories(
+                tokens=tokens, token_mask=np.ones((s.rows, T), bool), loss_mask=loss_mask,
+                sampler_logprobs=lp, rewards=np.zeros((s.rows, T), np.float32), scores=scores,
+                group_ids=(np.arange(s.rows) // s.group).astype(np.int32),
+                dialogue_ids=np.arange(s.rows, dtype=np.int32), format_ok=np.ones(s.rows, bool),
+            )  # fmt: skip
+            state, _, lt = timed_update(learner, state, traj)
+            step_s = time.perf_counter() - t0
+            results.append(_rates(s, sample_s, lt["total_s"], step_s) | {
+                "trainstep_tok": s.rows * T / lt["train_s"]})  # fmt: skip
+            if i == 0:
+                compile_s = first.seconds
+    best = _best(results)
+    return {"tool": "rlver_jax", "dtype": s.dtype, "rows": s.rows, "compile_s": compile_s} | best
+
+
+def _best(results: list[dict[str, float]]) -> dict[str, float]:
+    """Per column, the best of the warm steps (all steps if there is only one)."""
+    warm = results[1:] or results
+    out = {}
+    for key in warm[0]:
+        pick = max if key.endswith("tok_s") or key == "trainstep_tok" else min
+        out[key] = pick(r[key] for r in warm)
+    return out
+
+
+class IdTokenizer:
+    """Text = space-separated token ids, so tunix's string API sees exactly our prompts.
+    ``bos_id`` 0 is falsy: tunix prepends nothing; pad 0, eos 1 (never a prompt id)."""
+
+    def encode(self, text: str, **_: Any) -> list[int]:
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids: Any, **_: Any) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def bos_id(self) -> int:
+        return 0
+
+    def eos_id(self) -> int:
+        return 1
+
+    def pad_id(self) -> int:
+        return 0
+
+
+def bench_tunix(shape: Shape, steps: int) -> dict[str, Any]:
+    """``steps`` GRPO steps of tunix's GRPOLearner; generate / update_actor timed per step."""
+    import optax
+    from flax import nnx
+    from tunix.models.qwen2 import model as qwen2
+    from tunix.rl import rl_cluster as rlc
+    from tunix.rl.grpo import grpo_learner
+    from tunix.rl.rollout import base_rollout
+
+    from rlver_jax.parallel.compile_count import count_compiles
+
+    s, T = shape, shape.prompt_len + shape.new_tokens
+    dtype = jax.numpy.dtype(s.dtype)
+    mcfg = qwen2.ModelConfig(
+        num_layers=s.layers, vocab_size=s.vocab, embed_dim=s.hidden, hidden_dim=s.mlp,
+        num_heads=s.heads, head_dim=s.head_dim, num_kv_heads=s.kv_heads, rope_theta=10000,
+        norm_eps=1e-6, use_tied_embedding=True, dtype=dtype, param_dtype=dtype,
+    )  # fmt: skip
+    mesh = jax.make_mesh((1, 1), ("fsdp", "tp"))
+    with mesh:
+        model = qwen2.Qwen2(mcfg, rngs=nnx.Rngs(0))
+    # tunix zero-initialises some kernels: give every matrix N(0, 0.02) as on our side.
+    params = nnx.state(model, nnx.Param)
+    keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(params))))
+    nnx.update(model, jax.tree.map(
+        lambda x: (0.02 * jax.random.normal(next(keys), x.shape)).astype(x.dtype)
+        if x.ndim >= 2 else x, params))  # fmt: skip
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(1.0), optax.adamw(1e-6, b1=0.9, b2=0.999, weight_decay=0.01)
+    )
+    cluster = rlc.RLCluster(
+        actor=model, reference=None, tokenizer=IdTokenizer(),
+        cluster_config=rlc.ClusterConfig(
+            role_to_mesh={rlc.Role.ACTOR: mesh, rlc.Role.REFERENCE: mesh, rlc.Role.ROLLOUT: mesh},
+            rollout_engine="vanilla", offload_to_cpu=False,
+            training_config=rlc.RLTrainingConfig(
+                actor_optimizer=optimizer, eval_every_n_steps=10**9, max_steps=steps,
+                mini_batch_size=s.rows, train_micro_batch_size=s.rows, pbar_description=None,
+            ),
+            rollout_config=base_rollout.RolloutConfig(
+                max_tokens_to_generate=s.new_tokens, max_prompt_length=s.prompt_len,
+                kv_cache_size=T, temperature=1.0, top_p=1.0, top_k=None,
+            ),
+        ),
+    )  # fmt: skip
+    rng = np.random.default_rng(1)
+    reward = lambda prompts, completions, **_: rng.random(len(completions)).tolist()
+    learner = grpo_learner.GRPOLearner(
+        rl_cluster=cluster, reward_fns=reward,
+        algo_config=grpo_learner.GRPOConfig(
+            num_generations=s.group, num_iterations=1, beta=0.0, epsilon=0.2,
+            loss_agg_mode="token-mean",
+        ),
+    )  # fmt: skip
+    times: list[dict[str, float]] = []
+    generate, update = cluster.generate, cluster.update_actor
+
+    def timed_generate(*args: Any, **kwargs: Any) -> Any:
+        times.append({"t0": time.perf_counter()})
+        out = generate(*args, **kwargs)
+        times[-1]["sample_s"] = time.perf_counter() - times[-1]["t0"]
+        return out
+
+    def timed_update(*args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        out = update(*args, **kwargs)
+        jax.block_until_ready(nnx.state(cluster.actor_trainer.model, nnx.Param))
+        times[-1]["train_s"] = time.perf_counter() - t
+        times[-1]["step_s"] = time.perf_counter() - times[-1]["t0"]
+        return out
+
+    cluster.generate, cluster.update_actor = timed_generate, timed_update  # instrumentation
+    texts = [" ".join(map(str, p)) for p in prompt_ids(s)[:: s.group]]
+    data = [{"prompts": texts} for _ in range(steps)]
+    with count_compiles() as compiles:
+        learner.train(data)
+    if len(times) != steps or any("train_s" not in t for t in times):
+        raise RuntimeError(f"tunix ran {len(times)} generate calls for {steps} steps: {times}")
+    results = [_rates(s, t["sample_s"], t["train_s"], t["step_s"]) for t in times]
+    for r in results:
+        r["trainstep_tok"] = r["train_tok_s"]
+    # tunix compiles lazily inside its loop: attribute all compile time to the first step.
+    return {"tool": "tunix", "dtype": s.dtype, "rows": s.rows,
+            "compile_s": compiles.seconds} | _best(results)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rlver-jax bench peer", description=__doc__.split("\n")[0])
+    for field in dataclasses.fields(Shape):
+        flag = "--" + field.name.replace("_", "-")
+        ap.add_argument(flag, type=type(field.default), default=field.default)
+    ap.add_argument("--steps", type=int, default=3, help="GRPO steps per tool; first compiles")
+    ap.add_argument("--tiny", action="store_true", help="a minuscule shape (tests)")
+    ap.add_argument("--json", dest="json_path", help="also write the rows to this JSON file")
+    return ap
+
+
+TINY = {"vocab": 256, "hidden": 32, "mlp": 64, "layers": 1, "heads": 2, "kv_heads": 1,
+        "head_dim": 16, "prompts": 1, "group": 2, "prompt_len": 8, "new_tokens": 8}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Check tunix, run both tools, print the table and the ratios; exits 2 without tunix."""
+    args = build_parser().parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Shape)}
+    shape = Shape(**(values | (TINY if args.tiny else {})))
+    ok, version = tunix_status()
+    print(machine_line(
+        f"bench peer: GRPO step, rlver_jax vs google-tunix {version if ok else '(absent)'}"
+    ), flush=True)  # fmt: skip
+    if not ok:
+        print(f"tunix is not usable in this environment ({version}); it is installed only in "
+              f"the peer env: {SETUP_HINT}", flush=True)
+        raise SystemExit(EXIT_NO_TUNIX)
+    print(f"shape: {shape}", flush=True)
+    print(header(COLUMNS), flush=True)
+    rows = []
+    for bench in (bench_rlver, bench_tunix):
+        rows.append(bench(shape, args.steps))
+        print(format_row(COLUMNS, rows[-1]), flush=True)
+    ours, theirs = rows
+    ratio = {k: ours[k] / theirs[k] for k in ours if isinstance(ours[k], float) and theirs[k]}
+    rows.append({"tool": "ratio", "dtype": shape.dtype, "rows": shape.rows} | ratio)
+    print(format_row(RATIO_COLUMNS, rows[-1]))
+    print(f"rlver_jax / tunix: sampling {ratio['sample_tok_s']:.2f}x, training (update) "
+          f"{ratio['train_tok_s']:.2f}x, train step alone {ratio['trainstep_tok']:.2f}x tokens/s")
+    print("load average now {:.1f} / {:.1f} / {:.1f}".format(*load_average()))
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump({"shape": dataclasses.asdict(shape), "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
