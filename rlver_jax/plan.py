@@ -26,7 +26,8 @@ Phases (their transients never overlap; the peak is resident + the largest phase
              prefill       m x P x [(2 D + H' Dh + 2 K' Dh + F') x b + H' x S x (8 + b)], S = P+N
              judge         22 x the prompt cache (the prompt cache and its 21 candidate copies,
                            S = P + C) + 2 x 21 x B' x C x V' x 4 (candidate log-softmax)
-  old      forward over a forward micro-batch m_f: layer(m_f, T, T) + 3 x m_f x T x V' x 4
+  old      forward-only pass of `Learner.compute_old` over m_f rows (forward micro-batch):
+           max(prefill(m_f, T, T), m_f x T x V' x 4) (one layer or one fp32 logits block)
   train    per model (actor, then critic): fp32 gradient accumulator (numel x 4 / shards)
            + the embedding's dense fp32 gradient (V x D x 4 / shards) + activations of a
            micro-batch of m rows x T tokens (T: the learner's sequence bucket):
@@ -68,7 +69,7 @@ from rlver_jax.sampling import SamplerConfig
 
 Phase = Literal["resident", "init", "rollout", "old", "train"]
 GB = 1e9
-C_EMBED, C_Q, C_KV, C_MLP, C_LOGITS, C_LOGITS_FWD, C_DECODE = 8, 3, 3, 6, 5, 3, 16
+C_EMBED, C_Q, C_KV, C_MLP, C_LOGITS, C_LOGITS_FWD, C_DECODE = 8, 3, 3, 6, 5, 1, 16
 C_RECOMPUTE = 1.5  # remat: a recomputed layer's activations + its backward temporaries
 BATCH_BYTES_PER_TOKEN = 32  # tokens, masks and the float32 columns of a LearnerBatch
 JUDGE_CANDIDATES = 21  # the judge scores -10 .. 10
@@ -381,8 +382,8 @@ def _learner(run: RunConfig, c: ModelConfig, mesh: AbstractMesh) -> list[Compone
         Component("learner batch", "train", batch, f"N={s['N']} x T x 32 B / rows", "actor"),
         Component(
             "old-logprob forward", "old",
-            layer_bytes(c, mf, T, T, mesh) + C_LOGITS_FWD * mf * T * V * 4,
-            f"layer(m_f={mf}, T) + 3 x m_f x T x V' x 4", "forward",
+            max(prefill_bytes(c, mf, T, T, mesh), C_LOGITS_FWD * mf * T * V * 4),
+            f"max(prefill(m_f={mf}, T, T), m_f x T x V' x 4)", "forward",
         ),
         Component("old outputs", "old", 3 * s["rows"] * T * 4, "3 x N x T x 4", "forward"),
         gathered_bytes(c, mesh, 1, "old", "forward"),

@@ -1,8 +1,8 @@
 """`rlver-jax plan --config X [key=value ...]`: per-device memory of a run, before launch.
 
     rlver-jax plan --config configs/tiny_cpu.yaml
-    rlver-jax plan --config configs/qwen25_7b_v5p.yaml --accelerator v5p-32
-    rlver-jax plan --config configs/qwen25_7b_h100.yaml --device-kind h100 --num-devices 8
+    rlver-jax plan --config configs/qwen2.5-7b_ppo_think_v5p.yaml --accelerator v5p-32
+    rlver-jax plan --config configs/qwen2.5-7b_grpo_plain_h100.yaml --device-kind h100
 
 Prints one row per component (see `rlver_jax.plan` for the formulas), the peak of each phase
 and the total against the device memory; exits 2, naming changes that would fit, when the
@@ -26,6 +26,7 @@ from typing import Any
 from rlver_jax.config_io import ConfigError, apply_overrides, from_dict, load_yaml
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.loader import ModelSpec
+from rlver_jax.parallel.mesh import MeshConfig
 from rlver_jax.plan import GB, MemoryPlan, plan_memory
 from rlver_jax.run_config import RunConfig
 
@@ -81,12 +82,14 @@ def _stand_in_checkpoints(data: dict[str, Any], hf_config: str | None, tmp: Path
         path = str(node.get("path") or "")
         if path and Path(path).exists():
             continue
-        raw: dict[str, Any] | None = None
-        if hf_config and Path(hf_config).is_file():
-            raw = json.loads(Path(hf_config).read_text())
-        else:
-            name = (hf_config or Path(path.rstrip("/")).name).lower()
-            raw = KNOWN_HF_CONFIGS.get(name)
+        raw = KNOWN_HF_CONFIGS.get(Path(path.rstrip("/")).name.lower())
+        if raw is None and hf_config:  # not a known name: the --hf-config shape
+            file = Path(hf_config)
+            raw = (
+                json.loads(file.read_text())
+                if file.is_file()
+                else KNOWN_HF_CONFIGS.get(hf_config.lower())
+            )
         if raw is None:
             raise PlanError(
                 f"{'.'.join(keys)}.path {path!r} is not on this machine and its shape is not "
@@ -161,9 +164,13 @@ def host_memory_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def detect_devices(args: argparse.Namespace) -> tuple[int, float, str]:
-    """(num_devices, bytes per device, where the memory figure came from)."""
+def detect_devices(args: argparse.Namespace, mesh: MeshConfig) -> tuple[int, float, str]:
+    """(num_devices, bytes per device, where the memory figure came from). Devices: the flag,
+    the accelerator's, the product of a mesh without -1, else jax's device count."""
     kind, num = args.device_kind, args.num_devices
+    sizes = (mesh.data, mesh.fsdp, mesh.tensor)
+    if num is None and not args.accelerator and -1 not in sizes:
+        num = sizes[0] * sizes[1] * sizes[2]
     if args.accelerator:
         kind, n = accelerator_devices(args.accelerator)
         num = num or n
@@ -232,41 +239,55 @@ def candidate_fixes(run: RunConfig, mesh: dict[str, int]) -> list[list[str]]:
 def suggest_fixes(
     data: dict[str, Any], plan: MemoryPlan, num_devices: int, margin: float, **kw: Any
 ) -> list[Fix]:
-    """Each candidate alone (fitting ones first, then by peak); if none fits alone, the
-    candidates applied together in order until the plan fits; and the device count that fits."""
+    """One line per knob: its least drastic value that fits (knobs that fit first, in the
+    order of `candidate_fixes`), else its best try; if no knob fits alone, all of them
+    together; and the device count at which the unchanged config fits."""
 
     def make(cfg: RunConfig, devices: int = num_devices) -> MemoryPlan:
         return plan_memory(cfg, *resolve_models(cfg), devices, plan.device_memory, **kw)
 
-    run = with_overrides(data)
-    singles, combined, together = [], [], None
-    for fix in candidate_fixes(run, plan.mesh):
+    best: dict[str, Fix] = {}
+    chosen: dict[str, list[str]] = {}  # knob -> its last (most drastic) try
+    for fix in candidate_fixes(with_overrides(data), plan.mesh):
         try:
             p = make(with_overrides(data, fix))
-            p_all = make(with_overrides(data, [*combined, *fix]))
         except ValueError:
             continue
-        combined += fix
-        singles.append(Fix(tuple(fix), p.peak, p.fits(margin)))
-        if together is None and p_all.fits(margin):
-            together = Fix(tuple(combined), p_all.peak, True)
-    out = sorted(singles, key=lambda f: (not f.fits, f.peak))
-    if not any(f.fits for f in singles) and combined:
-        if together is None:  # report how far all of them together get
-            p_all = make(with_overrides(data, combined))
-            together = Fix(tuple(combined), p_all.peak, False)
-        out.insert(0, together)
+        new, key = Fix(tuple(fix), p.peak, p.fits(margin)), fix[0].split("=")[0]
+        chosen[key] = fix
+        old = best.get(key)
+        if old is None or (not old.fits and (new.fits or new.peak < old.peak)):
+            best[key] = new
+    out = [f for f in best.values() if f.fits]
+    out += sorted((f for f in best.values() if not f.fits), key=lambda f: f.peak)
+    combined = [o for fix in chosen.values() for o in fix]
+    if combined and not any(f.fits for f in out):
+        p_all = make(with_overrides(data, combined))
+        out.insert(0, Fix(tuple(combined), p_all.peak, p_all.fits(margin)))
     devices = num_devices
     while devices < 16384:
         devices *= 2
         try:
-            p = make(run, devices)
+            p = make(with_overrides(data), devices)
         except ValueError:
             break
         if p.fits(margin):
             out.append(Fix((f"--num-devices {devices} (same config)",), p.peak, True))
             break
     return out
+
+
+HINTS: dict[str, str] = {
+    "prefill": "a prefill holds H x P x (P + N) attention scores per row (no flash attention): "
+    "shorter prompts (rollout.max_prompt_tokens) or fewer sampler rows per device",
+    "activations": "a micro-batch's activations: fewer rows per device, model.remat=full, "
+    "shorter sequences (T grows with max_prompt_tokens + max_reply_tokens)",
+    "forward": "the old-logprob pass: learner.forward_micro_batch_size or shorter sequences",
+    "moments": "optimiser states: more devices on fsdp, or bf16 params",
+    "params": "weights: more devices on fsdp (mesh.fsdp=-1), bf16 params",
+    "cache": "KV caches: fewer dialogues per step or shorter prompts",
+    "judge": "the judge's 21 cache copies: user.llm.judge_batch_buckets",
+}
 
 
 # --------------------------------------------------------------------------- output
@@ -332,7 +353,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         try:
             data = load_plan_data(args.config, args.overrides, Path(tmp), args.hf_config)
             run = with_overrides(data)
-            num, memory, source = detect_devices(args)
+            num, memory, source = detect_devices(args, run.mesh)
             policy, user = resolve_models(run)
             plan = plan_memory(run, policy, user, num, memory, **kw)
         except (PlanError, ConfigError, ValueError) as err:
@@ -360,8 +381,11 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         + ", ".join(f"{c.name} {fmt_bytes(c.nbytes)}" for c in biggest)
         + ". Changes (peak after):"
     ]
+    hint = next((h for k, h in HINTS.items() if k in biggest[0].name), "")
     lines += [f"  {'fits ' if f.fits else 'still'} {fmt_bytes(f.peak):>9}  {' '.join(f.overrides)}"
               for f in fixes]  # fmt: skip
+    if hint:
+        lines.append(f"Largest component: {hint}.")
     print("\n".join(lines), file=sys.stderr)
     return 2
 

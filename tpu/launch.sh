@@ -3,7 +3,7 @@
 # through RLVER_COORDINATOR=auto on multi-host slices). Checkpoints and metrics go to --output,
 # which must be gs:// (the hosts share no disk).
 #   tpu/launch.sh --name rl --zone us-east5-a --accelerator v5p-32 \
-#     --config configs/qwen25_7b_v5p.yaml --output gs://BUCKET/runs/qwen7b [key=value ...] [--dry-run]
+#     --config configs/qwen2.5-7b_ppo_think_v5p.yaml --output gs://BUCKET/runs/qwen7b [key=value ...] [--dry-run]
 # Options: tpu/common.sh.
 source "$(dirname "$0")/common.sh"
 parse_args "$@"

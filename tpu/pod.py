@@ -9,7 +9,7 @@ this module is the testable model of what they do.
     python3 tpu/pod.py install --name rl --zone us-east5-a --accelerator v5p-32 \
         --repo https://github.com/me/rlver_jax.git --dry-run
     python3 tpu/pod.py launch  --name rl --zone us-east5-a --accelerator v5p-32 \
-        --config configs/qwen25_7b_v5p.yaml --output gs://my-bucket/runs/qwen7b --dry-run
+        --config configs/qwen2.5-7b_ppo_think_v5p.yaml --output gs://my-bucket/runs/qwen7b --dry-run
     python3 tpu/pod.py logs | stop | delete ...
 
 Topology (verified against Google's docs and xpk's system table):

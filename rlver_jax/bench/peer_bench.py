@@ -176,8 +176,10 @@ class IdTokenizer:
     """Text = space-separated token ids, so tunix's string API sees exactly our prompts.
     ``bos_id`` 0 is falsy: tunix prepends nothing; pad 0, eos 1 (never a prompt id)."""
 
-    def encode(self, text: str, **_: Any) -> list[int]:
-        return [int(t) for t in text.split()]
+    def encode(self, text: Any, **_: Any) -> list[int]:
+        if isinstance(text, np.ndarray):  # tunix may hand over a 0-d array of the string
+            text = text.item() if text.ndim == 0 else " ".join(map(str, text.tolist()))
+        return [int(t) for t in str(text).split()]
 
     def decode(self, ids: Any, **_: Any) -> str:
         return " ".join(str(int(i)) for i in ids)
@@ -210,9 +212,9 @@ def bench_tunix(shape: Shape, steps: int) -> dict[str, Any]:
         num_heads=s.heads, head_dim=s.head_dim, num_kv_heads=s.kv_heads, rope_theta=10000,
         norm_eps=1e-6, use_tied_embedding=True, dtype=dtype, param_dtype=dtype,
     )  # fmt: skip
-    mesh = jax.make_mesh((1, 1), ("fsdp", "tp"))
-    with mesh:
-        model = qwen2.Qwen2(mcfg, rngs=nnx.Rngs(0))
+    auto = jax.sharding.AxisType.Auto
+    mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(auto, auto))
+    model = qwen2.Qwen2(mcfg, rngs=nnx.Rngs(0))
     # tunix zero-initialises some kernels: give every matrix N(0, 0.02) as on our side.
     params = nnx.state(model, nnx.Param)
     keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(params))))
@@ -229,7 +231,8 @@ def bench_tunix(shape: Shape, steps: int) -> dict[str, Any]:
             rollout_engine="vanilla", offload_to_cpu=False,
             training_config=rlc.RLTrainingConfig(
                 actor_optimizer=optimizer, eval_every_n_steps=10**9, max_steps=steps,
-                mini_batch_size=s.rows, train_micro_batch_size=s.rows, pbar_description=None,
+                mini_batch_size=s.prompts, train_micro_batch_size=s.prompts,  # prompts, not rows
+                pbar_description=None,
             ),
             rollout_config=base_rollout.RolloutConfig(
                 max_tokens_to_generate=s.new_tokens, max_prompt_length=s.prompt_len,
