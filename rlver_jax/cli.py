@@ -15,12 +15,19 @@ def _chat(argv: Sequence[str]) -> int:
 
 def _bench(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="rlver-jax bench")
-    parser.add_argument("what", choices=["sample"], help="which benchmark to run")
+    parser.add_argument(
+        "what", choices=["sample", "train", "rollout", "peer"], help="which benchmark to run"
+    )
     args, rest = parser.parse_known_args(argv)
     if args.what == "sample":
         from rlver_jax.bench.sample_bench import main
-
-        main(list(rest))
+    elif args.what == "train":
+        from rlver_jax.bench.train_bench import main
+    elif args.what == "rollout":
+        from rlver_jax.bench.rollout_bench import main
+    else:  # peer: exits 2 when tunix is not installed (see bench/setup_peer_env.sh)
+        from rlver_jax.bench.peer_bench import main
+    main(list(rest))
     return 0
 
 
@@ -64,7 +71,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "chat": (_chat, "one chat turn with a model (default: SmolLM2-135M-Instruct, offline)"),
     "rollout": (_rollout, "roll out dialogues with a config and print the transcripts"),
     "train": (_train, "PPO / GRPO training from a config (resumes from its checkpoints)"),
-    "bench": (_bench, "benchmarks: `bench sample`"),
+    "bench": (_bench, "benchmarks: `bench sample | train | rollout | peer`"),
     "eval": (_eval, "benchmark a policy on the test profiles (SAGE protocol + capability)"),
     "experiment": (_experiment, "think vs plain: `experiment scaffold` trains, evaluates, reports"),
     "export": (_export, "a training checkpoint -> a HF directory (weights, config, tokenizer)"),

@@ -186,7 +186,7 @@ def gathered_bytes(
     heads = [k for k in ("embed", "lm_head") if k in axes]
     head = tree_bytes([axes[k] for k in heads], [shapes[k] for k in heads], local)
     nbytes = 0 if mesh.shape["fsdp"] == 1 else copies * (layer + head)
-    return Component(f"{group} gathered weights", phase, nbytes,
+    return Component("FSDP-gathered weights", phase, nbytes,
                      f"{copies} x (1 layer + embed/lm_head) / tensor", group)  # fmt: skip
 
 
@@ -240,6 +240,12 @@ def bucket(n: int, buckets: Sequence[int]) -> int:
     return min((b for b in buckets if b >= n), default=max(buckets))
 
 
+def count(n: float) -> str:
+    """7.62B, 135M, 107k."""
+    return next(f"{n / s:.3g}{u}" for u, s in (("B", 1e9), ("M", 1e6), ("k", 1e3), ("", 1))
+                if abs(n) >= s or s == 1)  # fmt: skip
+
+
 def dp_round(n: int, mesh: AbstractMesh) -> int:
     """n rounded up to a multiple of the batch axes (the samplers pad their batch so)."""
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -253,7 +259,7 @@ def _models(
     """Params and optimiser states (resident) and the init-time copy of the loaded weights."""
     p_axes, p_shapes = param_logical_axes(policy), param_shapes(policy)
     pbytes, (actor_opt, critic_opt) = tree_bytes(p_axes, p_shapes, mesh), run.learner.optimizers()
-    size = lambda c: f"{c.num_params() / 1e9:.3g}B x {np.dtype(c.param_dtype).itemsize} B"
+    size = lambda c: f"{count(c.num_params())} x {np.dtype(c.param_dtype).itemsize} B"
     moments = lambda opt, axes, shapes: opt_state_bytes(opt, axes, shapes, mesh)
     out = [
         Component("policy params", "resident", pbytes, f"{size(policy)} / shards"),
@@ -362,15 +368,11 @@ def train_shapes(run: RunConfig, mesh: AbstractMesh) -> dict[str, int]:
 
 
 def _learner(run: RunConfig, c: ModelConfig, mesh: AbstractMesh) -> list[Component]:
+    """compute_old's forward pass, and the train step of the actor then the critic."""
     s = train_shapes(run, mesh)
     T, m, mf = s["T"], s["m"], s["m_fwd"]
-    V = split(c.vocab_size, "act_vocab", mesh)
-    embed_grad = (
-        c.vocab_size
-        * c.hidden_size
-        * 4
-        // shard_count(("vocab", "embed"), (c.vocab_size, c.hidden_size), mesh)
-    )
+    V, VD = split(c.vocab_size, "act_vocab", mesh), (c.vocab_size, c.hidden_size)
+    embed_grad = math.prod(VD) * 4 // shard_count(("vocab", "embed"), VD, mesh)
     batch = s["rows"] * T * BATCH_BYTES_PER_TOKEN
     grads = tree_bytes(param_logical_axes(c), param_shapes(c), mesh, itemsize=4)
     act = train_activation_bytes(c, m, T, mesh, logits=True)

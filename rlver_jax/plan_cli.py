@@ -27,7 +27,7 @@ from rlver_jax.config_io import ConfigError, apply_overrides, from_dict, load_ya
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.loader import ModelSpec
 from rlver_jax.parallel.mesh import MeshConfig
-from rlver_jax.plan import GB, MemoryPlan, plan_memory
+from rlver_jax.plan import GB, MemoryPlan, count, plan_memory
 from rlver_jax.run_config import RunConfig
 
 # Nominal memory of one JAX device (a chip; a TensorCore on v2/v3), decimal GB.
@@ -303,6 +303,8 @@ def format_plan(plan: MemoryPlan, margin: float) -> str:
     """The component table, the phase peaks and the verdict."""
     rows = [f"{'component':<30} {'phase':<9} {'group':<15} {'per device':>10}  formula"]
     for c in plan.components:
+        if not c.nbytes:
+            continue
         rows.append(
             f"{c.name:<30} {c.phase:<9} {c.group:<15} {fmt_bytes(c.nbytes):>10}  {c.formula}"
         )
@@ -322,6 +324,7 @@ def format_plan(plan: MemoryPlan, margin: float) -> str:
 
 
 def plan_json(plan: MemoryPlan, margin: float) -> dict[str, Any]:
+    """The plan as JSON-ready data (bytes per device)."""
     return {
         "mesh": plan.mesh,
         "device_memory": plan.device_memory,
@@ -340,7 +343,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     parser.add_argument("--config", help="run config YAML (default: the defaults)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     parser.add_argument("--accelerator", help="TPU slice, e.g. v5p-32, v6e-16 (devices + memory)")
-    parser.add_argument("--num-devices", type=int, help="default: the accelerator's or jax's")
+    parser.add_argument("--num-devices", type=int, help="default: accelerator's, mesh's, jax's")
     parser.add_argument("--device-kind", help="v5p, v6e, v5e, v4, h100, h200, a100, cpu")
     parser.add_argument("--device-memory-gb", type=float, help="memory per device (GB, 1e9 B)")
     parser.add_argument("--margin", type=float, default=0.05, help="kept free (default 0.05)")
@@ -367,19 +370,22 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
             out(f"memory plan: {args.config or '(defaults)'} on {num} devices, mesh {mesh}; "
                 f"{source} per device")  # fmt: skip
             lc = run.learner
-            out(f"policy: {policy.family}, {policy.num_params() / 1e9:.3g}B params, params "
+            out(f"policy: {policy.family}, {count(policy.num_params())} params, params "
                 f"{policy.param_dtype}, compute {policy.dtype}, remat {policy.remat}; "
                 f"{lc.algorithm}, kl_coef {lc.kl_coef}, user {run.user.kind}")  # fmt: skip
             out(format_plan(plan, args.margin))
         if fits:
             return 0
         fixes = suggest_fixes(data, plan, num, args.margin, **kw)
-    biggest = sorted(plan.components, key=lambda c: -c.nbytes)[:3]
+    at_peak = [
+        c for c in plan.components if c.phase == "resident" or (c.phase, c.group) == plan.peak_phase
+    ]
+    biggest = sorted(at_peak, key=lambda c: -c.nbytes)[:3]
     lines = [
         f"rlver-jax plan: REFUSED: peak {fmt_bytes(plan.peak)} per device > "
         f"{fmt_bytes((1 - args.margin) * plan.device_memory)} usable. Largest: "
         + ", ".join(f"{c.name} {fmt_bytes(c.nbytes)}" for c in biggest)
-        + ". Changes (peak after):"
+        + f" (at the {'/'.join(plan.peak_phase)} peak). Changes (peak after):"
     ]
     hint = next((h for k, h in HINTS.items() if k in biggest[0].name), "")
     lines += [f"  {'fits ' if f.fits else 'still'} {fmt_bytes(f.peak):>9}  {' '.join(f.overrides)}"

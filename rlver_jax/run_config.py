@@ -91,8 +91,9 @@ class TrainerConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.transcripts_per_log is not None and self.transcripts_per_log < 1:
-            raise ValueError(f"transcripts_per_log must be >= 1 or null, got "
-                             f"{self.transcripts_per_log}")
+            raise ValueError(
+                f"transcripts_per_log must be >= 1 or null, got {self.transcripts_per_log}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

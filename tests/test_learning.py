@@ -16,7 +16,7 @@ from rlver_jax.rl.trainer import train
 from rlver_jax.run_config import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 40
+STEPS = 30
 MARGIN = 0.03  # reward is final emotion / 100; the untrained tiny policy scores about 0.1
 ARMS = {
     "ppo": [],

@@ -257,13 +257,19 @@ def test_judge_plan_matches_compiled_memory() -> None:
 
 
 # --------------------------------------------------------------------------- refusal / CLI
-def test_refuses_with_fixes(capsys: pytest.CaptureFixture[str]) -> None:
-    rc = plan_cli.main(
-        ["--config", str(ROOT / "configs/tiny_cpu.yaml"), "--num-devices", "2",
-         "--device-memory-gb", "0.2"], out=lambda _: None,
-    )  # fmt: skip
+def test_refuses_with_fixes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Activations of 4 rows x 2048 tokens per device do not fit 0.2 GB: exit 2, and the
+    remedies (remat, smaller micro-batches, shorter prompts) come with their new peaks."""
+    cfg = tmp_path / "big.yaml"
+    cfg.write_text(
+        "model: {source: random}\nrollout: {profiles_per_batch: 2, max_prompt_tokens: 1024, "
+        "max_reply_tokens: 24}\nlearner: {algorithm: grpo, mini_batch_size: 8, "
+        "micro_batch_size: 8}\nscaffold: {mode: plain}\n"
+    )
+    args = ["--config", str(cfg), "--num-devices", "2", "--device-memory-gb", "0.2"]
+    assert plan_cli.main(args, out=lambda _: None) == 2
     err = capsys.readouterr().err
-    assert rc == 2 and "REFUSED" in err
+    assert "REFUSED" in err and "actor activations" in err
     assert "model.remat=full" in err and "learner.micro_batch_size=2" in err
     assert "fits " in err  # at least one change would fit
 

@@ -13,13 +13,13 @@ run() {
 }
 cd "$dir"
 if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-  if ! command -v python3.11 >/dev/null; then
+  if ! python3.11 -c 'import ensurepip, venv' 2>/dev/null; then  # absent, or no venv
     run sudo add-apt-repository -y ppa:deadsnakes/ppa
     run sudo apt-get update -qq
     run sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11 python3.11-venv
   fi
   run mkdir -p "$HOME/.rlver-py"
-  run ln -sf /usr/bin/python3.11 "$HOME/.rlver-py/python3"
+  run ln -sf "$(command -v python3.11 || echo /usr/bin/python3.11)" "$HOME/.rlver-py/python3"
   export PATH="$HOME/.rlver-py:$PATH"
 fi
 run ./install.sh tpu

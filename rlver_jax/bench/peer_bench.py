@@ -17,8 +17,9 @@ embeddings, q/k/v biases) with random weights.
 
 Rates: ``sample_tok_s = rows * new_tokens / sample_s`` and
 ``train_tok_s = rows * (prompt_len + new_tokens) / train_s``; best of the warm steps (the
-first step of each tool compiles). ``ratio`` rows are rlver_jax / tunix (> 1: rlver_jax is
-faster).
+first step of each tool compiles). The ``speedup`` row is rlver_jax's speed-up over tunix per
+column (tunix seconds / ours, our rate / tunix's: > 1 means rlver_jax is faster); sampling
+rates count the tokens each sampler actually returned.
 
 tunix lives only in the peer environment (``bash bench/setup_peer_env.sh``); without it this
 command says why and exits with status 2.
@@ -42,11 +43,7 @@ COLUMNS = (
     ("sample_s", "{:.3f}"), ("sample_tok_s", "{:.0f}"), ("train_s", "{:.3f}"),
     ("train_tok_s", "{:.0f}"), ("trainstep_tok", "{:.0f}"), ("step_s", "{:.3f}"),
 )  # fmt: skip
-RATIO_COLUMNS = (
-    ("tool", "{}"), ("dtype", "{}"), ("rows", "{}"), ("compile_s", "{:.2f}x"),
-    ("sample_s", "{:.2f}x"), ("sample_tok_s", "{:.2f}x"), ("train_s", "{:.2f}x"),
-    ("train_tok_s", "{:.2f}x"), ("trainstep_tok", "{:.2f}x"), ("step_s", "{:.2f}x"),
-)  # fmt: skip
+SPEEDUP_COLUMNS = tuple((name, "{}" if fmt == "{}" else "{:.2f}x") for name, fmt in COLUMNS)
 SETUP_HINT = "bash bench/setup_peer_env.sh && /tmp/rlver-peer-venv/bin/rlver-jax bench peer"
 EXIT_NO_TUNIX = 2
 
@@ -78,7 +75,7 @@ def tunix_status() -> tuple[bool, str]:
     try:
         import importlib.metadata as md
 
-        import tunix.generate.sampler  # noqa: F401
+        import tunix.generate.sampler
         import tunix.rl.grpo.grpo_learner  # noqa: F401
 
         return True, md.version("google-tunix")
@@ -93,10 +90,13 @@ def prompt_ids(shape: Shape, seed: int = 0) -> list[list[int]]:
     return [p for p in base for _ in range(shape.group)]
 
 
-def _rates(shape: Shape, sample_s: float, train_s: float, step_s: float) -> dict[str, float]:
+def _rates(
+    shape: Shape, sampled: int, sample_s: float, train_s: float, step_s: float
+) -> dict[str, float]:
+    """Seconds and rates of one step; ``sampled``: tokens the sampler actually returned."""
     return {
         "sample_s": sample_s, "train_s": train_s, "step_s": step_s,
-        "sample_tok_s": shape.rows * shape.new_tokens / sample_s,
+        "sample_tok_s": sampled / sample_s,
         "train_tok_s": shape.rows * (shape.prompt_len + shape.new_tokens) / train_s,
     }  # fmt: skip
 
@@ -154,7 +154,8 @@ def bench_rlver(shape: Shape, steps: int) -> dict[str, Any]:
             )  # fmt: skip
             state, _, lt = timed_update(learner, state, traj)
             step_s = time.perf_counter() - t0
-            results.append(_rates(s, sample_s, lt["total_s"], step_s) | {
+            sampled = int(out.lengths.sum())
+            results.append(_rates(s, sampled, sample_s, lt["total_s"], step_s) | {
                 "trainstep_tok": s.rows * T / lt["train_s"]})  # fmt: skip
             if i == 0:
                 compile_s = first.seconds
@@ -176,9 +177,7 @@ class IdTokenizer:
     """Text = space-separated token ids, so tunix's string API sees exactly our prompts.
     ``bos_id`` 0 is falsy: tunix prepends nothing; pad 0, eos 1 (never a prompt id)."""
 
-    def encode(self, text: Any, **_: Any) -> list[int]:
-        if isinstance(text, np.ndarray):  # tunix may hand over a 0-d array of the string
-            text = text.item() if text.ndim == 0 else " ".join(map(str, text.tolist()))
+    def encode(self, text: str, **_: Any) -> list[int]:
         return [int(t) for t in str(text).split()]
 
     def decode(self, ids: Any, **_: Any) -> str:
@@ -237,6 +236,7 @@ def bench_tunix(shape: Shape, steps: int) -> dict[str, Any]:
             rollout_config=base_rollout.RolloutConfig(
                 max_tokens_to_generate=s.new_tokens, max_prompt_length=s.prompt_len,
                 kv_cache_size=T, temperature=1.0, top_p=1.0, top_k=None,
+                eos_tokens=[-1],  # no stop token (fixed lengths), as on our side
             ),
         ),
     )  # fmt: skip
@@ -256,6 +256,7 @@ def bench_tunix(shape: Shape, steps: int) -> dict[str, Any]:
         times.append({"t0": time.perf_counter()})
         out = generate(*args, **kwargs)
         times[-1]["sample_s"] = time.perf_counter() - times[-1]["t0"]
+        times[-1]["sampled"] = sum(len(t) for t in out.tokens)
         return out
 
     def timed_update(*args: Any, **kwargs: Any) -> Any:
@@ -268,17 +269,30 @@ def bench_tunix(shape: Shape, steps: int) -> dict[str, Any]:
 
     cluster.generate, cluster.update_actor = timed_generate, timed_update  # instrumentation
     texts = [" ".join(map(str, p)) for p in prompt_ids(s)[:: s.group]]
-    data = [{"prompts": texts} for _ in range(steps)]
+    data = [{"prompts": np.array(texts)} for _ in range(steps)]  # batched like a grain batch
     with count_compiles() as compiles:
         learner.train(data)
     if len(times) != steps or any("train_s" not in t for t in times):
         raise RuntimeError(f"tunix ran {len(times)} generate calls for {steps} steps: {times}")
-    results = [_rates(s, t["sample_s"], t["train_s"], t["step_s"]) for t in times]
+    results = [
+        _rates(s, int(t["sampled"]), t["sample_s"], t["train_s"], t["step_s"]) for t in times
+    ]
     for r in results:
         r["trainstep_tok"] = r["train_tok_s"]
     # tunix compiles lazily inside its loop: attribute all compile time to the first step.
     return {"tool": "tunix", "dtype": s.dtype, "rows": s.rows,
             "compile_s": compiles.seconds} | _best(results)  # fmt: skip
+
+
+def speedup(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, float]:
+    """rlver_jax's speed-up over tunix per column: ``theirs / ours`` for seconds, ``ours /
+    theirs`` for rates, so every value > 1 means rlver_jax is faster."""
+    out = {}
+    for key, value in ours.items():
+        if isinstance(value, float) and theirs.get(key):
+            rate = key.endswith("tok_s") or key == "trainstep_tok"
+            out[key] = value / theirs[key] if rate else theirs[key] / value
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -306,8 +320,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         f"bench peer: GRPO step, rlver_jax vs google-tunix {version if ok else '(absent)'}"
     ), flush=True)  # fmt: skip
     if not ok:
-        print(f"tunix is not usable in this environment ({version}); it is installed only in "
-              f"the peer env: {SETUP_HINT}", flush=True)
+        print(
+            f"tunix is not usable in this environment ({version}); it is installed only in "
+            f"the peer env: {SETUP_HINT}",
+            flush=True,
+        )
         raise SystemExit(EXIT_NO_TUNIX)
     print(f"shape: {shape}", flush=True)
     print(header(COLUMNS), flush=True)
@@ -315,12 +332,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for bench in (bench_rlver, bench_tunix):
         rows.append(bench(shape, args.steps))
         print(format_row(COLUMNS, rows[-1]), flush=True)
-    ours, theirs = rows
-    ratio = {k: ours[k] / theirs[k] for k in ours if isinstance(ours[k], float) and theirs[k]}
-    rows.append({"tool": "ratio", "dtype": shape.dtype, "rows": shape.rows} | ratio)
-    print(format_row(RATIO_COLUMNS, rows[-1]))
-    print(f"rlver_jax / tunix: sampling {ratio['sample_tok_s']:.2f}x, training (update) "
-          f"{ratio['train_tok_s']:.2f}x, train step alone {ratio['trainstep_tok']:.2f}x tokens/s")
+    rows.append({"tool": "speedup", "dtype": shape.dtype, "rows": shape.rows} | speedup(*rows))
+    print(format_row(SPEEDUP_COLUMNS, rows[-1]))
+    up = rows[-1]
+    print(
+        f"rlver_jax vs tunix tokens/s: sampling {up['sample_tok_s']:.2f}x, training (update) "
+        f"{up['train_tok_s']:.2f}x, train step alone {up['trainstep_tok']:.2f}x "
+        "(> 1: rlver_jax faster)"
+    )
     print("load average now {:.1f} / {:.1f} / {:.1f}".format(*load_average()))
     if args.json_path:
         with open(args.json_path, "w") as f:

@@ -136,7 +136,7 @@ def run_steps(cfg: Any, steps: int, ckpt_dir: str) -> list[dict[str, Any]]:
     from rlver_jax.parallel.compile_count import compile_count
     from rlver_jax.rl.checkpoint import Checkpointer, checkpoint_extra
     from rlver_jax.rl.learner import Learner
-    from rlver_jax.rl.trainer import row_bucket, rollout_seed
+    from rlver_jax.rl.trainer import rollout_seed, row_bucket
 
     compile_count()  # install the listener before the first jit
     mesh = components.build_mesh(cfg)
@@ -177,8 +177,9 @@ def run_steps(cfg: Any, steps: int, ckpt_dir: str) -> list[dict[str, Any]]:
                 "learner": lt["total_s"], "checkpoint": ckpt_s,
             }  # fmt: skip
             phases["other"] = step_s - sum(phases.values())
-            judge_dev = judge_acc[0] if hooked and cfg.user.kind == "reference" else phases[
-                "judging"]
+            judge_dev = (
+                judge_acc[0] if hooked and cfg.user.kind == "reference" else phases["judging"]
+            )
             device = timed_sampler.device_s + judge_dev + lt["device_s"]
             out.append({
                 "step": step, "step_s": step_s, "phases": phases,
@@ -224,9 +225,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="rlver-jax bench rollout", description=__doc__.split("\n")[0]
-    )
+    ap = argparse.ArgumentParser(prog="rlver-jax bench rollout", description=__doc__.split("\n")[0])
     ap.add_argument("--config", help="a RunConfig YAML (default: built-in small config)")
     ap.add_argument("--tiny", action="store_true", help="random tiny policy (tests, smoke)")
     ap.add_argument("--steps", type=int, default=3, help="RL steps; the first one compiles")
@@ -252,11 +251,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     split = ", ".join(f"{p} {v:.1f}%" for p, v in s["phase_pct"].items())
     print(f"\nwarm steps ({s['warm_steps']}): {s['step_s']:.3f} s per step; {split}")
     verdict = "meets" if s["overhead_pct"] < 100 * TARGET_OVERHEAD else "ABOVE"
-    print(f"non-model overhead {s['overhead_pct']:.1f}% of a step ({verdict} the "
-          f"{TARGET_OVERHEAD:.0%} target); learner padding {s['pad_frac']:.1%} of its tokens")
+    print(
+        f"non-model overhead {s['overhead_pct']:.1f}% of a step ({verdict} the "
+        f"{TARGET_OVERHEAD:.0%} target); learner padding {s['pad_frac']:.1%} of its tokens"
+    )
     verdict = "meets" if s["warm_compiles"] == 0 else "MISSES"
-    print(f"compiles: {s['first_compiles']} in the first step, {s['warm_compiles']} after "
-          f"({verdict} the no-recompile target)")
+    print(
+        f"compiles: {s['first_compiles']} in the first step, {s['warm_compiles']} after "
+        f"({verdict} the no-recompile target)"
+    )
     print("load average now {:.1f} / {:.1f} / {:.1f}".format(*load_average()))
     if args.json_path:
         with open(args.json_path, "w") as f:

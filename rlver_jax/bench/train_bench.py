@@ -54,7 +54,7 @@ COLUMNS = (
     ("model", "{}"), ("dtype", "{}"), ("batch", "{}"), ("seq", "{}"), ("compile_s", "{:.1f}"),
     ("step_s", "{:.3f}"), ("old_s", "{:.3f}"), ("train_s", "{:.3f}"), ("tok_s", "{:.0f}"),
     ("gflop_s", "{:.1f}"), ("peak_gflop", "{:.1f}"), ("mfu", "{:.3f}"), ("mfu_train", "{:.3f}"),
-    ("warm_compiles", "{}"), ("rss_peak_mb", "{:.0f}"), ("dev_peak_mb", "{:.0f}"),
+    ("recompiles", "{}"), ("rss_peak_mb", "{:.0f}"), ("dev_peak_mb", "{:.0f}"),
 )  # fmt: skip
 TARGET_MFU = 0.40
 GROUP = 4  # GRPO group size of the synthetic batch
@@ -134,7 +134,8 @@ def bench_dtype(dtype: str, args: argparse.Namespace, peak: float, model: str) -
         forward_micro_batch_size=micro, seq_buckets=(args.seq_len,), actor_lr=1e-6,
         actor_warmup_ratio=0.0,
     )  # fmt: skip
-    learner = Learner(cfg, lcfg)
+    copts = {"xla_backend_optimization_level": 0} if args.fast_compile else None
+    learner = Learner(cfg, lcfg, None, copts)
     state = learner.init_state(params, jax.random.key_data(jax.random.key(0)))
     del params
     traj = synthetic_batch(cfg, args.batch, args.seq_len)
@@ -159,7 +160,7 @@ def bench_dtype(dtype: str, args: argparse.Namespace, peak: float, model: str) -
         "train_s": best["train_s"], "tok_s": tokens / best["total_s"], "gflop_s": gflop_s,
         "peak_gflop": peak / 1e9, "mfu": gflop_s * 1e9 / peak,
         "mfu_train": tokens * fl["train"] / best["train_s"] / peak,
-        "warm_compiles": warm.count, "rss_peak_mb": rss_peak_mb(),
+        "recompiles": warm.count, "rss_peak_mb": rss_peak_mb(),
         "dev_peak_mb": device_peak_mb(), "flops_per_token": fl,
         "matmul_params": matmul_params(cfg), "loss_finite": bool(np.isfinite(
             metrics.get("actor/pg_loss", 0.0))),
@@ -177,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=3, help="steps per dtype; the first compiles")
     ap.add_argument("--weights", default="random", choices=["random", "smollm2"])
     ap.add_argument("--tiny", action="store_true", help="a minuscule model (tests)")
+    ap.add_argument(
+        "--fast-compile", action="store_true",
+        help="XLA backend optimisation level 0 (tests: fast compiles, slow steps; not for MFU)",
+    )  # fmt: skip
     ap.add_argument("--peak-n", type=int, default=2048, help="matmul size of the peak probe")
     ap.add_argument("--json", dest="json_path", help="also write the rows to this JSON file")
     return ap
@@ -208,7 +213,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         verdict = "meets" if r["mfu"] >= TARGET_MFU else "BELOW"
         print(
             f"{r['dtype']}: mfu {r['mfu']:.1%} {verdict} the {TARGET_MFU:.0%} target; "
-            f"{r['warm_compiles']} compiles after the first step"
+            f"{r['recompiles']} compiles after the first step"
         )
     print("load average now {:.1f} / {:.1f} / {:.1f}".format(*load_average()))
     if args.json_path:

@@ -45,7 +45,8 @@ REWARD_KEY = "reward/mean"  # rl.trainer.REWARD_KEY: the mean reward of a step's
 METRICS_FILE = "metrics.jsonl"
 REPORT_DIR = "report"
 _EVAL_KEYS = ("label", "scaffold", "n", "score", "success_rate", "failure_rate", "successes")
-_EVAL_KEYS += ("failures", "turns_mean", "capability_judge", "policy")
+_EVAL_KEYS += ("failures", "turns_mean", "end_reasons", "context_full", "capability_judge")
+_EVAL_KEYS += ("policy",)
 
 
 def arm_config(cfg: RunConfig, mode: str, out_dir: str | Path) -> RunConfig:
@@ -261,6 +262,15 @@ def _summary_md(data: dict[str, Any], tables: dict[str, str], rep: Path, out: Pa
     lines += [report.markdown_table(header, rows), ""]
     lines += ["## Sentient-style benchmark (test profiles, SAGE protocol)", ""]
     lines += [tables["sentient_scores.md"], ""]
+    cut = {m: s["context_full"] for m, s in data["eval"].items() if s.get("context_full")}
+    if cut:
+        counts = ", ".join(f"{m} {n}" for m, n in cut.items())
+        lines += [
+            "**Caution:** dialogues cut by the prompt limit (CONTEXT_FULL, not a SAGE ending; "
+            f"final emotion taken where they stopped): {counts}. Raise "
+            "`rollout.max_prompt_tokens` for the full 10-turn protocol.",
+            "",
+        ]
     for m in data["eval"]:
         lines.append(
             f"![{m} trajectories](../{rel(out / 'eval' / m / 'emotion_trajectories.png')})"

@@ -101,17 +101,19 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def sentient_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
-    """Sentient-style scores per model (from eval summaries): score, success, failure, turns."""
+    """Sentient-style scores per model (from eval summaries): score, success, failure, turns,
+    and how the dialogues ended."""
     rows = [
         [
             label, s.get("scaffold", ""), f"{s['score']:.2f}",
             f"{100 * s['success_rate']:.1f}% ({s['successes']})",
             f"{100 * s['failure_rate']:.1f}% ({s['failures']})",
             f"{s['turns_mean']:.2f}", s["n"],
+            ", ".join(f"{k} {v}" for k, v in sorted(s.get("end_reasons", {}).items())),
         ]
         for label, s in summaries.items()
     ]  # fmt: skip
-    header = ["model", "scaffold", "score", "success", "failure", "turns", "dialogues"]
+    header = ["model", "scaffold", "score", "success", "failure", "turns", "dialogues", "endings"]
     return markdown_table(header, rows)
 
 

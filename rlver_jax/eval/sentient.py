@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from rlver_jax.env.profiles import Profile
     from rlver_jax.eval.capability import CapabilityJudge
     from rlver_jax.models.transformer import Params
+
+log = logging.getLogger(__name__)
 
 TRANSCRIPTS_FILE = "transcripts.jsonl"
 CAPABILITY_FILE = "capability.jsonl"
@@ -94,12 +97,15 @@ def summarize(
 ) -> dict[str, Any]:
     """Benchmark summary of finished eval transcripts: `sentient_scores` of the final emotions,
     end reasons, mean turns, mean trajectory (held-last, `max_turns_eval + 1` points), the score
-    per hidden intention, and the think-format break rate."""
+    per hidden intention, and the think-format break rate. `context_full` counts dialogues cut
+    because the next prompt exceeded `rollout.max_prompt_tokens` (not a SAGE ending: their
+    final emotion is the one reached so far; raise the limit for a faithful benchmark)."""
     finals = [float(t["final_emotion"]) for t in transcripts]
     out: dict[str, Any] = dict(
         sentient_scores(finals, dyn.success_threshold, dyn.failure_threshold)
     )
     out["end_reasons"] = dict(collections.Counter(t["end_reason"] for t in transcripts))
+    out["context_full"] = out["end_reasons"].get("CONTEXT_FULL", 0)
     replies = [m for t in transcripts for m in t["messages"] if m["role"] == "assistant"]
     out["turns_mean"] = len(replies) / len(transcripts)
     out["format_break_rate"] = (
@@ -239,6 +245,12 @@ def write_eval(
         length=dynamics.max_turns(dyn, "eval") + 1,
         title=f"{label}: emotion trajectories (score {summary['score']:.1f})",
     )
+    if summary["context_full"]:
+        log.warning(
+            "%s: %d of %d dialogues ended because the prompt outgrew rollout.max_prompt_tokens "
+            "(CONTEXT_FULL); raise it for the full 10-turn protocol",
+            label, summary["context_full"], summary["n"],
+        )  # fmt: skip
     summary["files"] = files
     if extra:
         summary |= extra

@@ -55,9 +55,9 @@ from rlver_jax.env.profile_dataset import (
 )
 from rlver_jax.env.rollout import RolloutEngine, RolloutResult, write_transcripts
 from rlver_jax.metrics import MetricsWriter, PhaseTimer, ProgressBar
+from rlver_jax.models.config import ModelConfig
 from rlver_jax.parallel.compile_count import compile_count
 from rlver_jax.rl.checkpoint import Checkpointer, checkpoint_extra, restore_iterator
-from rlver_jax.models.config import ModelConfig
 from rlver_jax.rl.learner import Learner, LearnerConfig, TrainState
 from rlver_jax.rl.signals import PreemptionGuard, save_and_stop_if_requested, save_on_crash
 from rlver_jax.run_config import RunConfig, run_config_dict

@@ -1,0 +1,107 @@
+"""`bench train`, `bench rollout` and `bench peer` on minuscule settings: the printed tables
+have the expected columns and sane values, and the peer bench exits cleanly without tunix.
+
+The figures themselves mean nothing here (fast XLA compiles, a busy CI machine); the lead runs
+the real benchmarks with one command each (see each module's docstring).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from rlver_jax import cli
+from rlver_jax.bench import peer_bench, rollout_bench, train_bench
+from rlver_jax.bench.common import parse_table
+
+TINY_ROLLOUT = [
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_layers=1",
+    "model.head_dim=8",
+    "scaffold.mode=plain",
+    "dynamics.max_turns_train=1",
+    "rollout.profiles_per_batch=2",
+    "rollout.max_reply_tokens=8",
+    "rollout.seq_len_buckets=[128,256,512]",
+    "user.reference.max_reply_tokens=8",
+    "learner.algorithm=grpo",
+    "rollout.samples_per_profile=2",
+    "learner.mini_batch_size=4",
+    "learner.micro_batch_size=4",
+    "learner.seq_buckets=[128,256,512]",
+    "trainer.fast_compile=true",
+    "trainer.async_checkpoint=false",
+]
+
+
+def test_flops_formula_counts_every_matmul_weight() -> None:
+    cfg = train_bench.SMOLLM2_135M
+    norms = (2 * cfg.num_layers + 1) * cfg.hidden_size  # the only non-matmul weights (tied)
+    assert train_bench.matmul_params(cfg) == cfg.num_params() - norms
+    fl = train_bench.flops_per_token(cfg, 512)
+    attn = 4 * cfg.num_layers * 512 * cfg.num_heads * cfg.head_dim
+    assert fl["fwd"] == 2 * train_bench.matmul_params(cfg) + attn
+    assert fl["train"] == 3 * fl["fwd"] and fl["step"] == 4 * fl["fwd"]
+
+
+def test_train_bench_table(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--tiny", "--batch", "2", "--seq-len", "32", "--steps", "2", "--dtypes", "float32"]
+    rows = train_bench.main([*argv, "--fast-compile", "--peak-n", "256"])
+    out = capsys.readouterr().out
+    assert "jax " in out and "CPUs" in out and "load average" in out
+    assert "measured matmul peak" in out
+    (printed,) = parse_table(out)
+    assert list(printed) == [name for name, _ in train_bench.COLUMNS]
+    assert printed["dtype"] == "float32" and printed["recompiles"] == "0"
+    assert float(printed["tok_s"]) > 0 and float(printed["peak_gflop"]) > 0
+    assert 0 < float(printed["mfu"]) < 1.5
+    (row,) = rows
+    assert row["recompiles"] == 0 and row["loss_finite"]
+    assert row["step_s"] >= row["old_s"] + row["train_s"]
+
+
+def test_rollout_bench_phase_split(capsys: pytest.CaptureFixture[str]) -> None:
+    result = rollout_bench.main(["--tiny", "--steps", "2", *TINY_ROLLOUT])
+    out = capsys.readouterr().out
+    assert "jax " in out and "load average" in out
+    table = parse_table(out)
+    phase_rows = [r for r in table if "unit" in r]
+    assert list(phase_rows[0]) == [name for name, _ in rollout_bench.PHASE_COLUMNS]
+    for r in (r for r in phase_rows if r["unit"] == "%"):
+        assert sum(float(r[p]) for p in rollout_bench.PHASES) == pytest.approx(100.0, abs=0.5)
+    seconds = [r for r in phase_rows if r["unit"] == "s"]
+    assert [r["step"] for r in seconds] == ["1", "2"]
+    overhead = [r for r in table if "overhead_pct" in r]
+    assert list(overhead[0]) == [name for name, _ in rollout_bench.OVERHEAD_COLUMNS]
+    for r in overhead:
+        assert 0.0 <= float(r["overhead_pct"]) <= 100.0
+        assert 0.0 <= float(r["pad_frac"]) < 1.0
+    assert overhead[1]["compiles"] == "0"  # no recompiles after the first step
+    summary = result["summary"]
+    assert summary["warm_compiles"] == 0 and summary["first_compiles"] > 0
+    assert sum(summary["phase_pct"].values()) == pytest.approx(100.0, abs=1e-6)
+    assert "non-model overhead" in out and "compiles:" in out
+
+
+def test_peer_bench_without_tunix(capsys: pytest.CaptureFixture[str]) -> None:
+    ok, why = peer_bench.tunix_status()
+    if ok:
+        pytest.skip(f"google-tunix {why} is installed here; this checks the message without it")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "peer", "--tiny"])
+    assert exit_info.value.code == peer_bench.EXIT_NO_TUNIX
+    out = capsys.readouterr().out
+    assert "tunix is not usable" in out and why in out
+    assert "setup_peer_env.sh" in out
+
+
+def test_peer_speedup_is_above_one_when_ours_is_faster() -> None:
+    ours = {"tool": "rlver_jax", "sample_s": 1.0, "sample_tok_s": 200.0, "trainstep_tok": 4.0}
+    theirs = {"tool": "tunix", "sample_s": 2.0, "sample_tok_s": 100.0, "trainstep_tok": 2.0}
+    assert peer_bench.speedup(ours, theirs) == {
+        "sample_s": 2.0, "sample_tok_s": 2.0, "trainstep_tok": 2.0
+    }  # fmt: skip
+    best = peer_bench._best([{"sample_s": 9.0, "sample_tok_s": 1.0}] + [
+        {"sample_s": 2.0, "sample_tok_s": 5.0}, {"sample_s": 3.0, "sample_tok_s": 4.0}
+    ])  # fmt: skip
+    assert best == {"sample_s": 2.0, "sample_tok_s": 5.0}  # the first (compiling) step ignored
