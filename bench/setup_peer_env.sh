@@ -8,7 +8,8 @@
 # safetensors<0.8). The repo is installed first (jax==0.10.2, flax, optax, ... from
 # pyproject.toml), then tunix with bench/requirements-peer.txt: pip keeps the installed jax
 # when tunix accepts it, so both tools run on the same jax. The last step prints the versions
-# the benchmark will use and `pip check`'s verdict (the known safetensors conflict is expected).
+# the benchmark will use and `pip check`'s verdict: the known safetensors / transformers /
+# tokenizers conflicts are expected (see bench/requirements-peer.txt). Takes a few minutes.
 set -euo pipefail
 VENV="${1:-/tmp/rlver-peer-venv}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,7 +19,7 @@ PYTHON="${PYTHON:-python3}"
 "$VENV/bin/python" -m pip install --upgrade pip
 "$VENV/bin/python" -m pip install -e "$REPO"
 "$VENV/bin/python" -m pip install -r "$REPO/bench/requirements-peer.txt"
-"$VENV/bin/python" -m pip check || echo "(pip check: conflicts above; safetensors is expected)"
+"$VENV/bin/python" -m pip check || echo "(pip check: expected conflicts, see requirements-peer.txt)"
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
 

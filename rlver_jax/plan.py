@@ -38,8 +38,8 @@ Phases (their transients never overlap; the peak is resident + the largest phase
              remat full: L x m x T x D x b + max(logits, 1.5 x layer)
              remat dots: L x m x T x (2 D + H' Dh + 2 K' Dh + 2 F') x b + max(logits, 1.5 x layer)
            + the learner batch (N x T x 32 bytes / rows split).
-  FSDP     with fsdp > 1 every group also holds one layer + embed/lm_head all-gathered (split
-           over `tensor` only), twice in training (their gradients before the reduce-scatter).
+  FSDP     with fsdp > 1 every group also holds one layer (twice in training: its gradient
+           before the reduce-scatter) and the lm_head all-gathered (split over `tensor` only).
 
 The activation coefficients (8, 3, 3, 6, 5) were fitted to XLA's buffer assignment on CPU
 (`compiled.memory_analysis()`, tests/test_plan.py checks the whole plan against it within 20%);
@@ -177,17 +177,17 @@ def opt_state_bytes(opt: AdamWConfig, axes: Any, shapes: Any, mesh: AbstractMesh
 def gathered_bytes(
     c: ModelConfig, mesh: AbstractMesh, copies: int, phase: Phase, group: str
 ) -> Component:
-    """FSDP all-gathers each weight inside its matmul: one layer plus the embedding / lm_head,
-    split over `tensor` only, live at a time; `copies` = 2 in training (their gradients before
-    the reduce-scatter). Nothing when fsdp = 1."""
+    """FSDP all-gathers each weight inside its matmul, split over `tensor` only: `copies` x one
+    layer (2 in training: its gradient before the reduce-scatter) + the vocabulary projection
+    (lm_head, or the tied embedding). Nothing when fsdp = 1."""
     axes, shapes = param_logical_axes(c), param_shapes(c)
     local = abstract_mesh({**mesh.shape, "fsdp": 1})
     layer = tree_bytes(axes["layers"], shapes["layers"], local) // c.num_layers
-    heads = [k for k in ("embed", "lm_head") if k in axes]
-    head = tree_bytes([axes[k] for k in heads], [shapes[k] for k in heads], local)
-    nbytes = 0 if mesh.shape["fsdp"] == 1 else copies * (layer + head)
+    k = "lm_head" if "lm_head" in axes else "embed"
+    head = tree_bytes([axes[k]], [shapes[k]], local)
+    nbytes = 0 if mesh.shape["fsdp"] == 1 else copies * layer + head
     return Component("FSDP-gathered weights", phase, nbytes,
-                     f"{copies} x (1 layer + embed/lm_head) / tensor", group)  # fmt: skip
+                     f"{copies} x 1 layer + {k}, / tensor only", group)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- formulas

@@ -28,6 +28,7 @@ from rlver_jax.run_config import RunConfig, load_run_config, run_config_dict
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "rlver_jax.cli", "train"]
+TINY = REPO / "configs" / "tiny_cpu.yaml"
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 SMALL = [
     "model.hidden_size=32",
@@ -50,9 +51,7 @@ SMALL = [
 
 
 def small_config(out: Path, *extra: str) -> RunConfig:
-    return load_run_config(
-        REPO / "configs" / "tiny_cpu.yaml", [*SMALL, f"output_dir={out}", *extra]
-    )
+    return load_run_config(TINY, [*SMALL, f"output_dir={out}", *extra])
 
 
 def final_params(out: Path) -> dict[str, np.ndarray]:
@@ -117,7 +116,7 @@ def test_resume_is_bitwise_exact(two_steps: tuple[Path, object], tmp_path: Path)
 def test_sigterm_saves_checkpoint_before_exit(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     cmd = [*CLI, "--config"]
-    cmd += [str(REPO / "configs" / "tiny_cpu.yaml"), *SMALL, f"output_dir={tmp_path}"]
+    cmd += [str(TINY), *SMALL, f"output_dir={tmp_path}"]
     cmd += ["trainer.steps=1000", "trainer.checkpoint_every=500"]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env
@@ -145,7 +144,7 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"trainer\.'stepz'"):
         small_config(tmp_path, "trainer.stepz=3")
     proc = subprocess.run(
-        [*CLI, "--config", str(CONFIGS[0]), "learner.actor_lrr=1"],
+        [*CLI, "--config", str(TINY), "learner.actor_lrr=1"],
         capture_output=True,
         text=True,
         cwd=REPO,
