@@ -132,7 +132,7 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
                 raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
             return tuple(
                 _convert(v, a, f"{key}[{i}]")
-                for i, (v, a) in enumerate(zip(args, value, strict=True))
+                for i, (a, v) in enumerate(zip(args, value, strict=True))
             )
         inner = args[0] if args else Any
         return tuple(_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value))

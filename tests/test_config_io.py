@@ -67,3 +67,16 @@ def test_bad_override_and_yaml(tmp_path) -> None:
     unsafe.write_text("a: !!python/object/apply:os.system ['true']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_yaml(unsafe)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+def test_fixed_length_tuple_round_trip() -> None:
+    cfg = from_dict(Pair, {"betas": [0.8, 0.99]})
+    assert cfg.betas == (0.8, 0.99)
+    assert from_dict(Pair, to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match="expected 2 items"):
+        from_dict(Pair, {"betas": [0.8]})

@@ -219,13 +219,14 @@ def _layer(
     cos: jax.Array,
     sin: jax.Array,
     mask: jax.Array,
-    kv: tuple[jax.Array, jax.Array, jax.Array] | None,
+    kv: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None,
     config: ModelConfig,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """One pre-norm block. `kv` = (k_cache_l, v_cache_l, write slot) or None.
+    """One pre-norm block. `kv` = (k cache, v cache of ALL layers, layer index, write slot).
 
-    Returns the new hidden states and this layer's (k, v) as attended to: the updated cache
-    layer when a cache is used, else the block's own keys and values.
+    Returns the new hidden states and, with a cache, the whole updated (k, v) caches: only the
+    block's new slots are written, so XLA updates the cache in place instead of copying a
+    layer's cache out and back at every decode step. Without a cache, the block's own (k, v).
     """
     dtype = h.dtype
     x = rms_norm(h, p["attn_norm"], config.rms_norm_eps)
@@ -241,9 +242,12 @@ def _layer(
     k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", "head_dim"))
     v = constrain(v, ("batch", "seq", "act_kv_heads", "head_dim"))
     if kv is not None:
-        k_cache, v_cache, start = kv
-        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, start, 0, 0))
-        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, start, 0, 0))
+        k_all, v_all, layer, start = kv
+        at = (layer, 0, start, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+        k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
+        v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
     attn = _attention(q, k.astype(dtype), v.astype(dtype), mask, config)
     h = h + jnp.einsum("bthk,hkd->btd", attn, p["wo"].astype(dtype))
     h = constrain(h, ("batch", "seq", "act_embed"))
@@ -253,7 +257,8 @@ def _layer(
     up = jnp.einsum("btd,df->btf", x, p["w_up"].astype(dtype))
     act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
     h = h + jnp.einsum("btf,fd->btd", act, p["w_down"].astype(dtype))
-    return constrain(h, ("batch", "seq", "act_embed")), (k, v)
+    new_kv = (k_all, v_all) if kv is not None else (k, v)
+    return constrain(h, ("batch", "seq", "act_embed")), new_kv
 
 
 def _remat(fn: Any, policy: str) -> Any:
@@ -326,25 +331,22 @@ def forward(
             ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
                 h_c, k_all, v_all = carry
                 p, i = xs
-                out, (k_l, v_l) = layer_fn(
-                    h_c, p, cos, sin, mask, (k_all[i], v_all[i], start), config
+                out, (k_all, v_all) = layer_fn(
+                    h_c, p, cos, sin, mask, (k_all, v_all, i, start), config
                 )
-                k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_l, i, 0)
-                v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_l, i, 0)
                 return (out, k_all, v_all), None
 
             idx = jnp.arange(config.num_layers)
             (h, new_k, new_v), _ = jax.lax.scan(body_cached, (h, cache.k, cache.v), (layers, idx))
     else:
-        new_k_list, new_v_list = [], []
+        new_k = None if cache is None else cache.k
+        new_v = None if cache is None else cache.v
         for i in range(config.num_layers):
             p = jax.tree.map(lambda x, i=i: x[i], layers)
-            kv = None if cache is None else (cache.k[i], cache.v[i], start)
+            kv = None if cache is None else (new_k, new_v, jnp.int32(i), start)
             h, (k_l, v_l) = layer_fn(h, p, cos, sin, mask, kv, config)
-            new_k_list.append(k_l)
-            new_v_list.append(v_l)
-        new_k = jnp.stack(new_k_list) if cache is not None else None
-        new_v = jnp.stack(new_v_list) if cache is not None else None
+            if cache is not None:
+                new_k, new_v = k_l, v_l
 
     h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
     new_cache = None
