@@ -101,7 +101,10 @@ def test_peer_speedup_is_above_one_when_ours_is_faster() -> None:
     assert peer_bench.speedup(ours, theirs) == {
         "sample_s": 2.0, "sample_tok_s": 2.0, "trainstep_tok": 2.0
     }  # fmt: skip
-    best = peer_bench._best([{"sample_s": 9.0, "sample_tok_s": 1.0}] + [
-        {"sample_s": 2.0, "sample_tok_s": 5.0}, {"sample_s": 3.0, "sample_tok_s": 4.0}
-    ])  # fmt: skip
+    steps = [
+        {"sample_s": 9.0, "sample_tok_s": 1.0},  # the first step compiles
+        {"sample_s": 2.0, "sample_tok_s": 5.0},
+        {"sample_s": 3.0, "sample_tok_s": 4.0},
+    ]
+    best = peer_bench._best(steps)
     assert best == {"sample_s": 2.0, "sample_tok_s": 5.0}  # the first (compiling) step ignored

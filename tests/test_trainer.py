@@ -17,11 +17,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import yaml
 
 from rlver_jax.config_io import ConfigError
 from rlver_jax.metrics import read_metrics
+from rlver_jax.rl import trainer as trainer_lib
 from rlver_jax.rl.checkpoint import Checkpointer
 from rlver_jax.rl.trainer import PPO_KEYS, STEP_KEYS, config_diff, rollout_seed, row_bucket, train
 from rlver_jax.run_config import RunConfig, load_run_config, run_config_dict
@@ -48,7 +50,6 @@ SMALL = [
     "trainer.transcripts_per_log=2",
     "trainer.fast_compile=true",
     "trainer.progress_bar=false",
-    "trainer.async_checkpoint=false",
 ]
 
 
@@ -56,13 +57,11 @@ def small_config(out: Path, *extra: str) -> RunConfig:
     return load_run_config(TINY, [*SMALL, f"output_dir={out}", *extra])
 
 
-def final_params(out: Path) -> dict[str, np.ndarray]:
-    """The policy params (and Adam moments) of the latest checkpoint, as host arrays."""
+def checkpoint_arrays(out: Path) -> dict[str, np.ndarray]:
+    """Every array of the latest checkpoint's state (params, optimiser moments, step, RNG)."""
     ckpt = Checkpointer(out / "checkpoints", save_every=1, keep=1)
     step = ckpt.latest_step()
     path = ckpt.step_dir(step) / "state"
-    import orbax.checkpoint as ocp
-
     with ocp.StandardCheckpointer() as reader:
         state = reader.restore(path)
     ckpt.close()
@@ -107,12 +106,30 @@ def test_resume_is_bitwise_exact(two_steps: tuple[Path, object], tmp_path: Path)
     assert resumed.start_step == 2 and resumed.final_step == 4
     straight = train(small_config(tmp_path, "trainer.steps=4"))
     assert straight.rewards[2:] == resumed.rewards
-    a, b = final_params(out), final_params(tmp_path)
+    a, b = checkpoint_arrays(out), checkpoint_arrays(tmp_path)
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     # the replayed logs hold each step once
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+
+
+def test_exception_saves_last_good_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = trainer_lib._rollout
+    calls = []
+
+    def failing(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("user simulator crashed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_lib, "_rollout", failing)
+    with pytest.raises(RuntimeError, match="simulator crashed"):
+        train(small_config(tmp_path, "trainer.steps=3", "trainer.checkpoint_every=3"))
+    ckpt = Checkpointer(tmp_path / "checkpoints", save_every=1, keep=1)
+    assert ckpt.all_steps() == [1]  # not a periodic step: saved by the crash handler
+    ckpt.close()
 
 
 def test_sigterm_saves_checkpoint_before_exit(tmp_path: Path) -> None:
