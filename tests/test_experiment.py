@@ -123,7 +123,7 @@ def test_scaffold_experiment_report(tmp_path: Path) -> None:
     config = write_tiny_config(tmp_path / "tiny.yaml", tmp_path)
     cfg = load_run_config(config)
     data = run_scaffold_experiment(
-        cfg, tmp_path, train_fn=fake_train, eval_limit=3, eval_batch_size=2,
+        cfg, tmp_path, train_fn=fake_train, eval_limit=2, eval_batch_size=2,
         bootstrap_samples=200, examples=1, command="rlver-jax experiment scaffold (test)",
     )  # fmt: skip
     assert data == check_report(tmp_path)
