@@ -136,7 +136,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--judge", default="auto", choices=JUDGES, help="capability judge")
     parser.add_argument("--label", default=None, help="name of the model in the summary")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(list(argv))
+    args = parser.parse_intermixed_args(list(argv))
 
     from rlver_jax.run_config import load_run_config
 
