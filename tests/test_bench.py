@@ -44,6 +44,7 @@ def test_flops_formula_counts_every_matmul_weight() -> None:
     assert fl["train"] == 3 * fl["fwd"] and fl["step"] == 4 * fl["fwd"]
 
 
+@pytest.mark.slow  # long on 2 cores; run with -m slow
 def test_train_bench_table(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--tiny", "--batch", "2", "--seq-len", "32", "--steps", "2", "--dtypes", "float32"]
     rows = train_bench.main([*argv, "--fast-compile", "--peak-n", "256"])
@@ -60,6 +61,7 @@ def test_train_bench_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert row["step_s"] >= row["old_s"] + row["train_s"]
 
 
+@pytest.mark.slow  # long on 2 cores; run with -m slow
 def test_rollout_bench_phase_split(capsys: pytest.CaptureFixture[str]) -> None:
     result = rollout_bench.main(["--tiny", "--steps", "2", *TINY_ROLLOUT])
     out = capsys.readouterr().out
