@@ -48,7 +48,11 @@ INTENTION_FROM_ZH: dict[str, str] = {
 
 PERSONALITIES: tuple[str, ...] = ("negative", "passive", "avoidant")
 
-PERSONALITY_FROM_ZH: dict[str, str] = {"负面型": "negative", "被动型": "passive", "回避型": "avoidant"}
+PERSONALITY_FROM_ZH: dict[str, str] = {
+    "负面型": "negative",
+    "被动型": "passive",
+    "回避型": "avoidant",
+}
 
 
 def intention_key(task: str) -> str:
