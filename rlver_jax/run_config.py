@@ -67,7 +67,8 @@ class TrainerConfig:
     steps: where the run stops (the LR schedule's horizon is `learner.total_steps`).
     checkpoint_every: save every N steps (and always at the last step and on SIGTERM / SIGINT).
     keep_checkpoints: keep the last K checkpoints. async_checkpoint: write in the background.
-    resume: continue from the latest checkpoint under `output_dir/checkpoints` when present.
+    resume: continue from the latest checkpoint under `output_dir/checkpoints` when present
+      (false: refuse to start in an output_dir that holds checkpoints).
     log_transcripts_every: append sample dialogues to `output_dir/transcripts.jsonl` every N
       steps; transcripts_per_log: how many (None: every dialogue of the step).
     tensorboard: also write TensorBoard scalars; progress_bar: a tqdm bar on process 0.

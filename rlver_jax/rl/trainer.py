@@ -245,8 +245,6 @@ def train(cfg: RunConfig) -> TrainSummary:
     tc, primary = cfg.trainer, jax.process_index() == 0
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if primary:
-        write_config(cfg, out_dir)
     compile_count()  # install the compile listener before the first jit
     if cfg.learner.temperature != cfg.rollout.temperature:
         log.warning(
@@ -256,7 +254,21 @@ def train(cfg: RunConfig) -> TrainSummary:
             cfg.rollout.temperature,
         )
 
-    mesh = components.build_mesh(cfg)
+    mesh = components.build_mesh(cfg)  # first: starts jax.distributed, which orbax needs
+    ckpt = Checkpointer(
+        out_dir / CHECKPOINT_DIR,
+        save_every=tc.checkpoint_every,
+        keep=tc.keep_checkpoints,
+        async_save=tc.async_checkpoint,
+    )
+    if not tc.resume and ckpt.latest_step() is not None:
+        ckpt.close()
+        raise FileExistsError(
+            f"{ckpt.directory} holds checkpoints {ckpt.all_steps()} and trainer.resume is false: "
+            "pick a new output_dir (or delete them) to start over, or resume"
+        )
+    if primary:
+        write_config(cfg, out_dir)
     params, mcfg, tok, sampler = components.build_policy(cfg.model, mesh, cfg)
     user = components.build_user(cfg, mesh, tok)
     engine = components.build_engine(cfg, sampler, tok, user)
@@ -271,14 +283,8 @@ def train(cfg: RunConfig) -> TrainSummary:
         shard_count=1,
         batch_size=batch,
     )
-    ckpt = Checkpointer(
-        out_dir / CHECKPOINT_DIR,
-        save_every=tc.checkpoint_every,
-        keep=tc.keep_checkpoints,
-        async_save=tc.async_checkpoint,
-    )
     start = 0
-    if tc.resume and ckpt.latest_step() is not None:
+    if ckpt.latest_step() is not None:
         abstract = _abstract_state(learner, params, key)
         del params  # free the loaded weights before the restored copy arrives
         state, extra = ckpt.restore(abstract_state=abstract)
