@@ -54,7 +54,7 @@ from rlver_jax.env.llm_judge import (
 )
 from rlver_jax.env.profiles import LANGUAGES, Language, Profile
 from rlver_jax.env.reference_user import profile_name
-from rlver_jax.env.user import Turn, check_batch, turn_indices
+from rlver_jax.env.user import Turn, check_batch, reply_scores, turn_indices
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.tokenizer import Tokenizer, check_compatible
 from rlver_jax.models.transformer import Params
@@ -415,9 +415,7 @@ class LLMUser:
     ) -> list[str]:
         """The user's next message per dialogue (sampled; see the module docstring)."""
         b = len(profiles)
-        check_batch("histories", histories, b)
-        scores = np.atleast_1d(np.asarray(emotions))
-        check_batch("emotions", scores, b)
+        scores = reply_scores(histories, emotions, b)
         turns = turn_indices(turn_index, b)
         key = turns[0] if len(set(turns)) == 1 else tuple(turns)
         prompts = [

@@ -62,7 +62,7 @@ from rlver_jax.env.lexicon_model import (
     reply_features,
 )
 from rlver_jax.env.profiles import LANGUAGES, Language, Profile
-from rlver_jax.env.user import Turn, check_batch, last_text, turn_indices
+from rlver_jax.env.user import Turn, check_batch, last_text, reply_scores, turn_indices
 
 # Replies are analysed up to max(2 * max_reply_tokens, this) tokens (rounded up to a power of 2);
 # the length penalties always see the full length.
@@ -385,9 +385,7 @@ class ReferenceUser:
     ) -> list[str]:
         """A template of the score's band (hash of profile id and turn); a goodbye at S or F."""
         b = len(profiles)
-        check_batch("histories", histories, b)
-        scores = np.atleast_1d(np.asarray(emotions))
-        check_batch("emotions", scores, b)
+        scores = reply_scores(histories, emotions, b)
         out = []
         for p, score, turn in zip(profiles, scores, turn_indices(turn_index, b), strict=True):
             letter = band(int(score))

@@ -111,3 +111,13 @@ def check_batch(name: str, values: Sequence[object] | np.ndarray, batch: int) ->
     """Raise ValueError naming `name` when a batched argument does not have `batch` rows."""
     if len(values) != batch:
         raise ValueError(f"{name}: expected {batch} rows (one per profile), got {len(values)}")
+
+
+def reply_scores(
+    histories: Sequence[Sequence[Turn]], emotions: np.ndarray | Sequence[int], batch: int
+) -> np.ndarray:
+    """`reply`'s emotions as a [batch] array, after checking both arguments have `batch` rows."""
+    check_batch("histories", histories, batch)
+    scores = np.atleast_1d(np.asarray(emotions))
+    check_batch("emotions", scores, batch)
+    return scores
