@@ -224,8 +224,8 @@ def train_activation_bytes(
 
 
 def kv_cache_bytes(c: ModelConfig, batch: int, length: int, mesh: AbstractMesh) -> int:
-    """2 x L x B' x S x K' x Dh x b, sharded by `CACHE_LOGICAL_AXES`."""
-    shape = (c.num_layers, batch, length, c.num_kv_heads, c.head_dim)
+    """2 x L x B' x K' x S x Dh x b, sharded by `CACHE_LOGICAL_AXES`."""
+    shape = (c.num_layers, batch, c.num_kv_heads, length, c.head_dim)
     names: LogicalAxes = CACHE_LOGICAL_AXES.k  # type: ignore[assignment]
     return 2 * math.prod(shape) * np.dtype(c.dtype).itemsize // shard_count(names, shape, mesh)
 
@@ -295,31 +295,42 @@ def prefill_bytes(c: ModelConfig, rows: int, P: int, S: int, mesh: AbstractMesh)
 
 
 def _sampler(
-    label: str, c: ModelConfig, batch: int, P: int, N: int, mesh: AbstractMesh
+    label: str, c: ModelConfig, batch: int, P: int, N: int, mesh: AbstractMesh, unroll: bool
 ) -> list[Component]:
-    """KV cache, prefill activations and decode-step buffers of one `Sampler` call."""
+    """One `Sampler` call as two programs that never coexist: prefill (group `label`: KV cache
+    + prefill activations) and decode (group `label decode`: KV cache + decode-step buffers;
+    with `unroll`, `SamplerConfig.unroll_decode`, also its per-layer copies of the layer
+    weights and of the cache)."""
     rows = rows_per_device(batch, mesh)
     V = split(c.vocab_size, "act_vocab", mesh)
+    cache = kv_cache_bytes(c, batch, P + N, mesh)
+    axes, shapes = param_logical_axes(c), param_shapes(c)
+    weights = tree_bytes(axes["layers"], shapes["layers"], mesh) if unroll else 0
+    dec = f"{label} decode"
+    cache_formula = f"2 x L x B={batch} x (P={P} + N={N}) x K x Dh x b"
     return [
-        Component(
-            f"{label} KV cache", "rollout", kv_cache_bytes(c, batch, P + N, mesh),
-            f"2 x L x B={batch} x (P={P} + N={N}) x K x Dh x b", label,
-        ),
+        Component(f"{label} KV cache", "rollout", cache, cache_formula, label),
         Component(
             f"{label} prefill", "rollout", prefill_bytes(c, rows, P, P + N, mesh),
             f"prefill(m={rows}, P={P}, S={P + N})", label,
         ),
-        Component(
-            f"{label} decode buffers", "rollout", C_DECODE * rows * V * 4,
-            f"{C_DECODE} x m x V' x 4 (logits, top-k/top-p)", label,
-        ),
         gathered_bytes(c, mesh, 1, "rollout", label),
+        Component(f"{dec} KV cache", "rollout", cache * (2 if unroll else 1),
+                  ("2 x " if unroll else "") + cache_formula, dec),
+        Component(
+            f"{dec} buffers", "rollout", C_DECODE * rows * V * 4,
+            f"{C_DECODE} x m x V' x 4 (logits, top-k/top-p)", dec,
+        ),
+        Component(f"{dec} per-layer weights", "rollout", weights,
+                  "sampler.unroll_decode: 1 x layer params, sliced once per call", dec),
+        gathered_bytes(c, mesh, 1, "rollout", dec),
     ]  # fmt: skip
 
 
 def _user(
-    run: RunConfig, u: ModelConfig, dialogues: int, mesh: AbstractMesh, prompt_tokens: int, C: int
-) -> list[Component]:
+    run: RunConfig, u: ModelConfig, dialogues: int, mesh: AbstractMesh, prompt_tokens: int, C: int,
+    unroll: bool,
+) -> list[Component]:  # fmt: skip
     """The LLM user's reply sampler and its judge (see `env/llm_judge.py`)."""
     llm = run.user.llm
     bound = min(max(llm.prompt_buckets), u.max_position_embeddings - C)
@@ -327,7 +338,7 @@ def _user(
     sc = SamplerConfig()  # LLMUser's own sampler: default buckets but its prompt buckets
     B = dp_round(bucket(dialogues, sc.batch_buckets), mesh)
     N = bucket(llm.max_reply_tokens, sc.new_token_buckets)
-    out = _sampler("user sampler", u, B, P, N, mesh)
+    out = _sampler("user sampler", u, B, P, N, mesh, unroll)
     chunk = dp_round(max(llm.judge_batch_buckets), mesh)
     Bj = dp_round(bucket(min(dialogues, chunk), llm.judge_batch_buckets), mesh)
     rows, V = rows_per_device(Bj, mesh), split(u.vocab_size, "act_vocab", mesh)
@@ -412,13 +423,15 @@ def plan_memory(
     *,
     user_prompt_tokens: int | None = None,
     candidate_width: int = 3,
+    platform: str = "tpu",
 ) -> MemoryPlan:
     """The per-device plan of `run` on `num_devices` devices of `device_memory` bytes.
 
     `policy` / `user` are the resolved ModelConfigs (user None unless user.kind == "llm").
     `user_prompt_tokens` (default: rollout.max_prompt_tokens + 512 for persona and
     instructions) sizes the LLM user's prompt bucket; `candidate_width` is C, the judge's
-    longest candidate in tokens.
+    longest candidate in tokens. `platform` ("cpu" or an accelerator) resolves
+    `sampler.unroll_decode=null` as the samplers do (unrolled on CPU).
     """
     sizes = dict(zip(MESH_AXES, run.mesh.shape(num_devices), strict=True))
     mesh = abstract_mesh(sizes)
@@ -428,10 +441,11 @@ def plan_memory(
     P = bucket(ro.max_prompt_tokens, sc.prompt_buckets)
     N = bucket(ro.max_reply_tokens, sc.new_token_buckets)
     comps = _models(run, policy, user, mesh)
-    comps += _sampler("policy sampler", policy, B, P, N, mesh)
+    unroll = platform == "cpu" if sc.unroll_decode is None else sc.unroll_decode
+    comps += _sampler("policy sampler", policy, B, P, N, mesh, unroll)
     if user is not None:
         tokens = user_prompt_tokens or ro.max_prompt_tokens + 512
-        comps += _user(run, user, dialogues, mesh, tokens, candidate_width)
+        comps += _user(run, user, dialogues, mesh, tokens, candidate_width, platform == "cpu")
     comps += _learner(run, policy, mesh)
     notes = []
     dp = sizes["data"] * sizes["fsdp"]

@@ -351,12 +351,14 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     parser.add_argument("--hf-config", help="config.json (or a known name) for absent hf paths")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_intermixed_args(argv)
-    kw = {"user_prompt_tokens": args.user_prompt_tokens}
+    kw: dict[str, Any] = {"user_prompt_tokens": args.user_prompt_tokens}
     with tempfile.TemporaryDirectory(prefix="rlver_plan_") as tmp:
         try:
             data = load_plan_data(args.config, args.overrides, Path(tmp), args.hf_config)
             run = with_overrides(data)
             num, memory, source = detect_devices(args, run.mesh)
+            on_cpu = source.startswith("cpu") or device_kind_key(args.device_kind or "") == "cpu"
+            kw["platform"] = "cpu" if on_cpu else "accelerator"
             policy, user = resolve_models(run)
             plan = plan_memory(run, policy, user, num, memory, **kw)
         except (PlanError, ConfigError, ValueError) as err:

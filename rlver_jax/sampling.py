@@ -82,12 +82,17 @@ class SamplerConfig:
     top_k_pool: candidates taken with `lax.top_k` for top-k / top-p (top_k above it is clamped).
     Top-p is exact regardless: rows whose nucleus exceeds the pool use a bisection over the full
     vocabulary. (A full sort of 49k logits costs ~0.5 s per step on CPU at batch 32.)
+    unroll_decode: run the decode step's layers as an unrolled loop over per-layer weights and
+    cache buffers (`tfm.unstack_layers`) instead of `lax.scan` over stacked ones. None picks it
+    on CPU, where XLA copies every weight slice that a scanned matmul reads (1.6x slower decode
+    for SmolLM2 at batch 1); the price is a longer compile and one weight copy per call.
     """
 
     prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096)
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
     new_token_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
     top_k_pool: int = 256
+    unroll_decode: bool | None = None
 
 
 def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
@@ -217,7 +222,7 @@ def sample_tokens(
 class DecodeState:
     """Everything the decode loop carries (donated from prefill to decode)."""
 
-    cache: KVCache
+    cache: KVCache | None  # None after an unrolled decode
     logits: jax.Array  # [B, V] float32, next-token logits
     tokens: jax.Array  # [B, N] int32 outputs
     logprobs: jax.Array  # [B, N] float32
@@ -263,11 +268,20 @@ def prefill(
 
 
 def decode(
-    params: Params, state: DecodeState, *, config: ModelConfig, pool: int, pad_id: int
-) -> DecodeState:
+    params: Params, state: DecodeState, *, config: ModelConfig, pool: int, pad_id: int,
+    unroll: bool,
+) -> DecodeState:  # fmt: skip
     """Sample, write, feed back: one `lax.while_loop` iteration per token until all rows stop.
     The last token is still fed through the model (unused logits): skipping that one forward
-    would need a `lax.cond` around the cache update inside the loop."""
+    would need a `lax.cond` around the cache update inside the loop.
+
+    With `unroll` (`SamplerConfig.unroll_decode`) the layer weights and the KV cache are split
+    into per-layer buffers once here, outside the loop, and the returned state has no cache
+    (nothing reads it after decoding); otherwise the donated cache is updated in place.
+    """
+    if unroll:
+        params = tfm.unstack_layers(params)
+        state = state.replace(cache=tfm.unstack_cache(state.cache))
     B = state.logits.shape[0]
     ones = jnp.ones((B, 1), bool)
 
@@ -297,13 +311,14 @@ def decode(
             step=s.step + 1,
         )
 
-    return jax.lax.while_loop(cond, body, state)
+    final = jax.lax.while_loop(cond, body, state)
+    return final.replace(cache=None) if unroll else final
 
 
 @functools.lru_cache(maxsize=256)
 def _jitted(
-    config: ModelConfig, mesh: Mesh | None, rules: Any, pool: int, pad_id: int, B: int, P: int,
-    N: int,
+    config: ModelConfig, mesh: Mesh | None, rules: Any, pool: int, pad_id: int, unroll: bool,
+    B: int, P: int, N: int,
 ) -> tuple[Any, Any, Any]:  # fmt: skip
     """(prefill jit, decode jit, prefill input shardings) for the bucket (B, P, N).
 
@@ -311,7 +326,7 @@ def _jitted(
     prefix length F only changes prefill's input shapes (jit retraces it; decode is shared).
     """
     pre = functools.partial(prefill, config=config, cache_len=P + N, out_len=N, pad_id=pad_id)
-    dec = functools.partial(decode, config=config, pool=pool, pad_id=pad_id)
+    dec = functools.partial(decode, config=config, pool=pool, pad_id=pad_id, unroll=unroll)
     if mesh is None:
         return jax.jit(pre), jax.jit(dec, donate_argnums=(1,)), None
     rep, row = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh, (B,), rules)
@@ -328,7 +343,12 @@ def _jitted(
     )  # fmt: skip
     return (
         jax.jit(pre, in_shardings=(params, *ins), out_shardings=state),
-        jax.jit(dec, in_shardings=(params, state), out_shardings=state, donate_argnums=(1,)),
+        jax.jit(
+            dec,
+            in_shardings=(params, state),
+            donate_argnums=(1,),
+            out_shardings=state.replace(cache=None) if unroll else state,
+        ),
         ins,
     )
 
@@ -357,6 +377,11 @@ class Sampler:
         self.rules = tuple(rules)
         self.seed = int(seed)
         self.time_phases = time_phases
+        unroll = self.sampler_config.unroll_decode
+        if unroll is None:
+            platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+            unroll = platform == "cpu"
+        self.unroll_decode = bool(unroll)
         self.last_timings: dict[str, float] = {}
         self._calls = 0
 
@@ -412,7 +437,10 @@ class Sampler:
         prefix = np.asarray(forced_prefix, np.int32).reshape(F)
         args = (prompt, mask, prefix, np.arange(B) < n, settings, np.int32(seed % 2**31))
         pool, rules = self.sampler_config.top_k_pool, self.rules
-        pre, dec, ins = _jitted(self.config, self.mesh, rules, pool, self.pad_id, B, P, N)
+        jits = _jitted(
+            self.config, self.mesh, rules, pool, self.pad_id, self.unroll_decode, B, P, N
+        )
+        pre, dec, ins = jits
         ctx = contextlib.nullcontext() if self.mesh is None else axis_rules(self.mesh, rules)
         with ctx:
             if ins is not None:

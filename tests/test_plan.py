@@ -101,6 +101,12 @@ def train_peak(p: plan.MemoryPlan) -> int:
     return p.resident + p.group_totals()[("train", "actor")]
 
 
+def sampler_peak(p: plan.MemoryPlan, label: str) -> int:
+    """A sampler's larger program: prefill (group `label`) or decode (`label decode`)."""
+    totals = p.group_totals()
+    return max(totals[("rollout", label)], totals[("rollout", f"{label} decode")])
+
+
 def within(planned: int, actual: int, tol: float = 0.2) -> None:
     print(f"plan {planned / 1e6:.1f} MB, measured {actual / 1e6:.1f} MB")
     assert abs(planned - actual) <= tol * actual, (
@@ -146,10 +152,12 @@ def test_train_step_plan_matches_compiled_memory() -> None:
     within(train_peak(p), measure_train_step(run, MCFG))
 
 
-def test_sampler_plan_matches_compiled_memory() -> None:
-    """Prefill + decode of the policy sampler: params + KV cache + prefill activations."""
+@pytest.mark.parametrize("unroll", [False, True])
+def test_sampler_plan_matches_compiled_memory(unroll: bool) -> None:
+    """Prefill + decode of the policy sampler: params + KV cache + prefill activations (+ the
+    per-layer weight copy of an unrolled decode, the CPU default)."""
     run = run_config()
-    p = plan.plan_memory(run, MCFG, None, 1, 1e12)
+    p = plan.plan_memory(run, MCFG, None, 1, 1e12, platform="cpu" if unroll else "tpu")
     B, P, N = 8, 256, 32  # the plan's buckets for 8 dialogues, 200 prompt / 32 new tokens
     assert "B=8 x (P=256 + N=32)" in next(c.formula for c in p.components if "KV" in c.name)
     S = jax.ShapeDtypeStruct
@@ -162,13 +170,13 @@ def test_sampler_plan_matches_compiled_memory() -> None:
     args = (param_shapes(MCFG), S((B, P), jnp.int32), S((B, P), jnp.bool_), S((1,), jnp.int32),
             S((B,), jnp.bool_), settings, S((), jnp.int32))  # fmt: skip
     state = jax.eval_shape(pre, *args)
-    dec = jax.jit(functools.partial(sampling.decode, config=MCFG, pool=256, pad_id=0),
-                  donate_argnums=(1,))  # fmt: skip
+    dec = jax.jit(functools.partial(sampling.decode, config=MCFG, pool=256, pad_id=0,
+                                    unroll=unroll), donate_argnums=(1,))  # fmt: skip
     actual = max(
         measured(pre.lower(*args).compile()), measured(dec.lower(args[0], state).compile())
     )
     params = next(c.nbytes for c in p.components if c.name == "policy params")
-    within(params + p.group_totals()[("rollout", "policy sampler")], actual)
+    within(params + sampler_peak(p, "policy sampler"), actual)
 
 
 @pytest.mark.slow
@@ -226,7 +234,9 @@ def test_sharded_bf16_sampler_plan(mesh_shape: tuple[int, int, int]) -> None:
     p = plan.plan_memory(run, mcfg, None, 8, 1e12)
     mesh = make_mesh(MeshConfig(*mesh_shape))
     B, P, N = 16, 256, 32
-    pre, dec, _ = sampling._jitted(mcfg, mesh, tuple(sampling.DEFAULT_RULES), 256, 0, B, P, N)
+    pre, dec, _ = sampling._jitted(
+        mcfg, mesh, tuple(sampling.DEFAULT_RULES), 256, 0, False, B, P, N
+    )
     S = jax.ShapeDtypeStruct
     settings = sampling.Settings(
         S((B,), jnp.float32), S((B,), jnp.float32), S((B,), jnp.int32),
@@ -239,7 +249,7 @@ def test_sharded_bf16_sampler_plan(mesh_shape: tuple[int, int, int]) -> None:
         actual = max(measured(pre.lower(*args).compile()),
                      measured(dec.lower(args[0], state).compile()))  # fmt: skip
     params = next(c.nbytes for c in p.components if c.name == "policy params")
-    within(params + p.group_totals()[("rollout", "policy sampler")], actual)
+    within(params + sampler_peak(p, "policy sampler"), actual)
 
 
 @pytest.mark.slow

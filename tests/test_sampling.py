@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,6 +85,21 @@ def test_tokens_and_logprobs_match_the_uncached_forward(
             np.testing.assert_array_equal(step_logits.argmax(-1), out.tokens[i])
         lp = _log_softmax(step_logits / t)[np.arange(12), out.tokens[i]]
         np.testing.assert_allclose(out.logprobs[i], lp, atol=2e-4)
+
+
+def test_unrolled_and_scanned_decode_agree(sampler: Sampler, params: dict) -> None:
+    """The CPU default (unrolled layers, per-layer cache buffers) and the accelerator default
+    (scan over stacked layers and cache) sample the same tokens with the same logprobs."""
+    assert sampler.unroll_decode  # CPU backend default
+    scanned = Sampler(
+        CONFIG, pad_id=PAD, sampler_config=dataclasses.replace(BUCKETS, unroll_decode=False)
+    )
+    assert not scanned.unroll_decode
+    for temperature in (0.0, 0.8):
+        a = sampler(params, PROMPTS, max_new_tokens=12, temperature=temperature, seed=3)
+        b = scanned(params, PROMPTS, max_new_tokens=12, temperature=temperature, seed=3)
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,8 @@ from rlver_jax.models.transformer import (
     param_logical_axes,
     param_shapes,
     positions_from_mask,
+    unstack_cache,
+    unstack_layers,
 )
 from tests.hf_reference import params_from_torch, tiny_torch_model, torch_logits
 
@@ -89,10 +91,12 @@ def test_llama3_rope_scaling_matches_transformers() -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("scan", [True, False])
-def test_incremental_decoding_equals_full_forward(family: str, scan: bool) -> None:
+@pytest.mark.parametrize("layout", ["scan", "unrolled", "per_layer"])
+def test_incremental_decoding_equals_full_forward(family: str, layout: str) -> None:
+    """Stacked cache under scan / an unrolled loop, and per-layer weights + cache buffers
+    (`unstack_layers`, `unstack_cache`: the sampler's CPU decode) all equal the full forward."""
     model = tiny_torch_model(family, seed=5)
-    config = _config_of(model, scan_layers=scan)
+    config = _config_of(model, scan_layers=layout == "scan")
     params = params_from_torch(model, config)
     rng = np.random.default_rng(4)
     B, P, N = 2, 6, 5
@@ -106,6 +110,9 @@ def test_incremental_decoding_equals_full_forward(family: str, scan: bool) -> No
     step_logits, cache = forward(
         params, jnp.asarray(tokens[:, :P]), pos[:, :P], jnp.asarray(mask[:, :P]), config, cache
     )
+    if layout == "per_layer":
+        params, cache = unstack_layers(params), unstack_cache(cache)
+        assert isinstance(params["layers"], tuple) and cache.per_layer
     outs = [np.asarray(step_logits)]
     for t in range(P, P + N):
         logit, cache = forward(

@@ -26,8 +26,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.transformer import (
-    CACHE_LOGICAL_AXES,
     KVCache,
+    cache_logical_axes,
     is_logical_axes,
     param_logical_axes,
     param_shapes,
@@ -130,10 +130,10 @@ def shard_params(params: Any, shardings: Any) -> Any:
 
 
 def cache_shardings(cache: KVCache, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> KVCache:
-    """Shardings of a `KVCache` (or one of `jax.ShapeDtypeStruct`s) from `CACHE_LOGICAL_AXES`."""
+    """Shardings of a `KVCache` (or one of `jax.ShapeDtypeStruct`s), stacked or per layer."""
     return jax.tree.map(
         lambda names, leaf: named_sharding(names, leaf.shape, mesh, rules),
-        CACHE_LOGICAL_AXES,
+        cache_logical_axes(cache),
         cache,
         is_leaf=is_logical_axes,
     )
