@@ -299,8 +299,8 @@ def _sampler(
 ) -> list[Component]:
     """One `Sampler` call as two programs that never coexist: prefill (group `label`: KV cache
     + prefill activations) and decode (group `label decode`: KV cache + decode-step buffers;
-    with `unroll`, `SamplerConfig.unroll_decode`, also its per-layer copies of the layer
-    weights and of the cache)."""
+    with `unroll`, `SamplerConfig.unroll_decode`, also its per-layer copy of the cache, and a
+    per-layer copy of the layer weights that the sampler keeps between calls: resident)."""
     rows = rows_per_device(batch, mesh)
     V = split(c.vocab_size, "act_vocab", mesh)
     cache = kv_cache_bytes(c, batch, P + N, mesh)
@@ -321,8 +321,8 @@ def _sampler(
             f"{dec} buffers", "rollout", C_DECODE * rows * V * 4,
             f"{C_DECODE} x m x V' x 4 (logits, top-k/top-p)", dec,
         ),
-        Component(f"{dec} per-layer weights", "rollout", weights,
-                  "sampler.unroll_decode: 1 x layer params, sliced once per call", dec),
+        Component(f"{label} per-layer weights", "resident", weights,
+                  "sampler.unroll_decode: 1 x layer params, kept by the sampler"),
         gathered_bytes(c, mesh, 1, "rollout", dec),
     ]  # fmt: skip
 

@@ -31,7 +31,7 @@ from rlver_jax import plan, plan_cli, sampling
 from rlver_jax.config_io import from_dict
 from rlver_jax.env import llm_judge
 from rlver_jax.models.config import ModelConfig
-from rlver_jax.models.transformer import param_logical_axes, param_shapes
+from rlver_jax.models.transformer import param_logical_axes, param_shapes, unstack_layers
 from rlver_jax.parallel.mesh import MeshConfig, make_mesh, param_shardings
 from rlver_jax.parallel.rules import axis_rules
 from rlver_jax.rl.learner import Learner, LearnerBatch
@@ -154,8 +154,9 @@ def test_train_step_plan_matches_compiled_memory() -> None:
 
 @pytest.mark.parametrize("unroll", [False, True])
 def test_sampler_plan_matches_compiled_memory(unroll: bool) -> None:
-    """Prefill + decode of the policy sampler: params + KV cache + prefill activations (+ the
-    per-layer weight copy of an unrolled decode, the CPU default)."""
+    """Prefill + decode of the policy sampler: params + KV cache + prefill activations; the
+    unrolled decode (the CPU default) also copies the cache per layer, and its per-layer
+    weights (made once per params by the Sampler, so not in these programs) are resident."""
     run = run_config()
     p = plan.plan_memory(run, MCFG, None, 1, 1e12, platform="cpu" if unroll else "tpu")
     B, P, N = 8, 256, 32  # the plan's buckets for 8 dialogues, 200 prompt / 32 new tokens
@@ -170,12 +171,16 @@ def test_sampler_plan_matches_compiled_memory(unroll: bool) -> None:
     args = (param_shapes(MCFG), S((B, P), jnp.int32), S((B, P), jnp.bool_), S((1,), jnp.int32),
             S((B,), jnp.bool_), settings, S((), jnp.int32))  # fmt: skip
     state = jax.eval_shape(pre, *args)
-    dec = jax.jit(functools.partial(sampling.decode, config=MCFG, pool=256, pad_id=0,
-                                    unroll=unroll), donate_argnums=(1,))  # fmt: skip
+    decode = functools.partial(sampling.decode, config=MCFG, pool=256, pad_id=0, unroll=unroll)
+    dec = jax.jit(decode, donate_argnums=() if unroll else (1,))
+    dec_params = jax.eval_shape(unstack_layers, args[0]) if unroll else args[0]
     actual = max(
-        measured(pre.lower(*args).compile()), measured(dec.lower(args[0], state).compile())
+        measured(pre.lower(*args).compile()), measured(dec.lower(dec_params, state).compile())
     )
     params = next(c.nbytes for c in p.components if c.name == "policy params")
+    copy = next(c.nbytes for c in p.components if c.name == "policy sampler per-layer weights")
+    layers = (param_logical_axes(MCFG)["layers"], param_shapes(MCFG)["layers"])
+    assert copy == (plan.tree_bytes(*layers, plan.abstract_mesh(p.mesh)) if unroll else 0)
     within(params + sampler_peak(p, "policy sampler"), actual)
 
 

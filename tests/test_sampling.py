@@ -87,6 +87,23 @@ def test_tokens_and_logprobs_match_the_uncached_forward(
         np.testing.assert_allclose(out.logprobs[i], lp, atol=2e-4)
 
 
+def test_per_layer_weights_follow_the_params(sampler: Sampler, params: dict) -> None:
+    """The unrolled decode's per-layer weights are made once per params object and remade
+    when other params arrive (an RL step's new weights must be the ones sampled from)."""
+    other = _params(seed=7)
+    a = sampler(params, PROMPTS, max_new_tokens=8, temperature=0.0)
+    kept = sampler._per_layer
+    assert kept is not None
+    sampler(params, PROMPTS, max_new_tokens=8, temperature=0.0)
+    assert sampler._per_layer is kept  # same params: no new copy
+    b = sampler(other, PROMPTS, max_new_tokens=8, temperature=0.0)
+    fresh = Sampler(CONFIG, pad_id=PAD, sampler_config=BUCKETS)
+    np.testing.assert_array_equal(
+        b.tokens, fresh(other, PROMPTS, max_new_tokens=8, temperature=0.0).tokens
+    )
+    assert not np.array_equal(a.tokens, b.tokens)
+
+
 def test_unrolled_and_scanned_decode_agree(sampler: Sampler, params: dict) -> None:
     """The CPU default (unrolled layers, per-layer cache buffers) and the accelerator default
     (scan over stacked layers and cache) sample the same tokens with the same logprobs."""
