@@ -38,10 +38,11 @@ def test_flops_formula_counts_every_matmul_weight() -> None:
     cfg = train_bench.SMOLLM2_135M
     norms = (2 * cfg.num_layers + 1) * cfg.hidden_size  # the only non-matmul weights (tied)
     assert train_bench.matmul_params(cfg) == cfg.num_params() - norms
-    fl = train_bench.flops_per_token(cfg, 512)
+    fl = train_bench.flops_per_token(cfg, 512, on_policy=False)
     attn = 4 * cfg.num_layers * 512 * cfg.num_heads * cfg.head_dim
     assert fl["fwd"] == 2 * train_bench.matmul_params(cfg) + attn
     assert fl["train"] == 3 * fl["fwd"] and fl["step"] == 4 * fl["fwd"]
+    assert train_bench.flops_per_token(cfg, 512, on_policy=True)["step"] == fl["train"]
 
 
 @pytest.mark.slow  # long on 2 cores; run with -m slow

@@ -8,6 +8,7 @@ are the same on both sides of every comparison).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -363,3 +364,37 @@ def test_second_step_does_not_recompile(ppo: Learner, params: Any) -> None:
     # One executable per jitted function, whether the state came from init or a train step.
     for name in ("old", "adv", "train"):
         assert ppo._fns[(name, N, T)]._cache_size() == 1, name
+
+
+# --------------------------------------------------------------------------- on-policy fast path
+def test_on_policy_update_equals_the_compute_old_path(params: Any) -> None:
+    """One epoch of one mini-batch, no critic / reference: `update` skips compute_old and the
+    train step takes stop_gradient(logp) as the old logprobs. Same params and losses as the
+    explicit pipeline (compute_old -> advantages -> train_step), and the sampler gap metric
+    comes from the train step's own forward."""
+    cfg = dataclasses.replace(GRPO, kl_coef=0.0)
+    learner = Learner(MCFG, cfg, compiler_options=FAST)
+    assert learner.on_policy(N) and not learner.on_policy(2 * N)
+    assert not Learner(MCFG, GRPO).on_policy(N)  # a reference model needs compute_old
+    assert not Learner(MCFG, dataclasses.replace(cfg, ppo_epochs=2)).on_policy(N)
+    traj = make_traj(11)
+    timings: dict[str, float] = {}
+    fast, m_fast = learner.update(learner.init_state(params, jax.random.PRNGKey(1)), traj,
+                                  timings=timings)  # fmt: skip
+    assert set(timings) == {"pad_s", "old_s", "adv_s", "train_s", "fetch_s"}
+
+    state = learner.init_state(params, jax.random.PRNGKey(1))
+    padded = learner.pad(traj)
+    old, m_old = learner.compute_old(state, padded)
+    batch, _ = learner.compute_advantages(padded, old)
+    slow, m_slow = learner.train_step(state, batch)
+    assert max_delta(host(fast.policy), host(slow.policy)) < 1e-6
+    assert max_delta(host(fast.policy), host(params)) > 1e-4  # it did train
+    for key in ("actor/pg_loss", "actor/grad_norm", "actor/entropy"):
+        assert m_fast[key] == pytest.approx(float(m_slow[key]), abs=1e-6), key
+    # The gap to the sampler's (all-zero) logprobs: the same number both ways.
+    assert m_fast["rollout/logprob_gap_mean"] == pytest.approx(
+        float(m_old["rollout/logprob_gap_mean"]), rel=1e-5
+    )
+    with pytest.raises(ValueError, match="on_policy needs"):
+        Learner(MCFG, GRPO).train_step(state, batch, on_policy=True)

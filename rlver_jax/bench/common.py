@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -96,34 +96,23 @@ def matmul_peak(dtype: str, n: int = 2048, repeats: int = 5) -> float:
     return 2.0 * n**3 / best
 
 
-def _blocked(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
-    t = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    return out, time.perf_counter() - t
-
-
 def timed_update(
     learner: Any, state: Any, traj: Any, num_samples: int | None = None
 ) -> tuple[Any, dict[str, float], dict[str, float]]:
-    """:meth:`Learner.update` (pad -> compute_old -> compute_advantages -> train_step) with
-    each phase timed. Returns ``(state, metrics, timings)``; ``timings`` holds ``pad_s`` (host),
-    ``old_s``, ``adv_s``, ``train_s`` (jitted calls, run to completion), ``fetch_s`` (metrics
-    to the host), ``device_s = old_s + adv_s + train_s``, ``total_s``, and the padded batch's
-    ``rows``, ``seq``, ``real_tokens`` and ``pad_frac = 1 - real_tokens / (rows * seq)``."""
+    """:meth:`Learner.update` with each phase timed (its ``timings`` hook). Returns ``(state,
+    metrics, timings)``; ``timings`` holds ``pad_s``, ``old_s`` (0 when the step is on-policy),
+    ``adv_s``, ``train_s``, ``fetch_s``, ``device_s = old_s + adv_s + train_s``, ``total_s``,
+    and the padded batch's ``rows``, ``seq``, ``real_tokens`` and
+    ``pad_frac = 1 - real_tokens / (rows * seq)``."""
+    timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    traj = learner.pad(traj, num_samples)
-    pad_s = time.perf_counter() - t0
-    (old, m_old), old_s = _blocked(learner.compute_old, state, traj)
-    (batch, m_adv), adv_s = _blocked(learner.compute_advantages, traj, old)
-    (state, m_step), train_s = _blocked(learner.train_step, state, batch)
-    t = time.perf_counter()
-    metrics = {k: float(v) for k, v in jax.device_get(m_old | m_adv | m_step).items()}
-    fetch_s = time.perf_counter() - t
-    rows, seq = (int(x) for x in traj.tokens.shape)
-    real = int(np.asarray(traj.token_mask).sum())
-    timings = {
-        "pad_s": pad_s, "old_s": old_s, "adv_s": adv_s, "train_s": train_s, "fetch_s": fetch_s,
-        "device_s": old_s + adv_s + train_s, "total_s": time.perf_counter() - t0,
+    state, metrics = learner.update(state, traj, num_samples, timings=timings)
+    total = time.perf_counter() - t0
+    padded = learner.pad(traj, num_samples)
+    rows, seq = (int(x) for x in padded.tokens.shape)
+    real = int(np.asarray(padded.token_mask).sum())
+    timings |= {
+        "device_s": timings["old_s"] + timings["adv_s"] + timings["train_s"], "total_s": total,
         "rows": float(rows), "seq": float(seq), "real_tokens": float(real),
         "pad_frac": 1.0 - real / (rows * seq),
     }  # fmt: skip

@@ -7,9 +7,9 @@ token-mean loss, no KL term, AdamW lr 1e-6 with global-norm clipping 1.0) on the
 ``prompt_len + new_tokens``-token rows. The model is the same tiny Qwen2 shape in both (tied
 embeddings, q/k/v biases) with random weights.
 
-- rlver_jax: :class:`~rlver_jax.sampling.Sampler` + :meth:`Learner.update` (GRPO). The update
-  includes compute_old (one extra forward recomputing the old logprobs); ``train_step_tok_s``
-  is the train step alone.
+- rlver_jax: :class:`~rlver_jax.sampling.Sampler` + :meth:`Learner.update` (GRPO, one
+  mini-batch: on-policy, so no compute_old forward, as in tunix); ``trainstep_tok`` is the
+  train step alone.
 - tunix: ``tunix.models.qwen2.model.Qwen2`` + ``RLCluster`` (vanilla rollout: tunix's
   ``Sampler``) + ``GRPOLearner.train``; sampling = ``RLCluster.generate``, training =
   ``RLCluster.update_actor`` (run to completion: the params are blocked on). With

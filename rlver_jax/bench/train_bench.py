@@ -1,7 +1,8 @@
 """`rlver-jax bench train`: learner tokens/s and MFU against this machine's measured matmul peak.
 
 One GRPO learner step (:meth:`rlver_jax.rl.learner.Learner.update`: pad, compute_old,
-compute_advantages, train_step) on a synthetic batch of ``batch x seq_len`` tokens, all real
+compute_advantages, train_step; one mini-batch, so on-policy: compute_old is skipped, see the
+learner's docs) on a synthetic batch of ``batch x seq_len`` tokens, all real
 (no padding), the second half of each row being policy tokens (the loss mask). The model is
 SmolLM2-135M's shape with random weights (``--weights smollm2`` loads the real ones; the
 speed is the same) or a minuscule model (``--tiny``, for tests). Per compute dtype it prints:
@@ -22,8 +23,8 @@ vocabulary::
     N_mm    = L (2 D H Dh + 2 D K Dh + 3 D F) + D V     # matmul weights: q, o, k, v, MLP, lm head
     fwd     = 2 N_mm + 4 L T H Dh                       # + QK^T and PV over all T keys
     train   = 3 fwd = 6 N_mm + 12 L T H Dh              # forward + backward (2x forward)
-    step    = train + fwd                               # + compute_old's forward (GRPO, no KL:
-                                                        #   one policy forward, no ref/critic)
+    step    = train (+ fwd where compute_old runs: not on-policy; GRPO without KL has one
+              policy forward there, no ref/critic)
 
 The embedding gather, norms, RoPE, softmax and the optimiser are not counted (a few % at most).
 Our attention computes the full T x T score matrix (masked), hence T and not T / 2.
@@ -78,12 +79,13 @@ def matmul_params(cfg: ModelConfig) -> int:
     return cfg.num_layers * layer + d * cfg.vocab_size
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+def flops_per_token(cfg: ModelConfig, seq_len: int, on_policy: bool) -> dict[str, float]:
     """Model FLOPs per token (see the module docstring): ``fwd = 2 N_mm + 4 L T H Dh``,
-    ``train = 3 fwd`` (forward + backward), ``step = train + fwd`` (with compute_old)."""
+    ``train = 3 fwd`` (forward + backward), ``step = train`` on-policy, else ``train + fwd``
+    (compute_old)."""
     attn = 4.0 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
     fwd = 2.0 * matmul_params(cfg) + attn
-    return {"fwd": fwd, "train": 3.0 * fwd, "step": 4.0 * fwd}
+    return {"fwd": fwd, "train": 3.0 * fwd, "step": (3.0 if on_policy else 4.0) * fwd}
 
 
 def synthetic_batch(cfg: ModelConfig, batch: int, seq_len: int, seed: int = 0) -> Trajectories:
@@ -150,7 +152,7 @@ def bench_dtype(dtype: str, args: argparse.Namespace, peak: float, model: str) -
     if warm.count:
         print(f"  recompiled after warm-up: {warm.names}", flush=True)
     best = min(timings, key=lambda t: t["total_s"])
-    fl = flops_per_token(cfg, args.seq_len)
+    fl = flops_per_token(cfg, args.seq_len, learner.on_policy(args.batch))
     tokens = args.batch * args.seq_len
     gflop_s = tokens * fl["step"] / best["total_s"] / 1e9
     del state
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         rows.append(bench_dtype(dtype, args, peaks[dtype], model))
         print(format_row(COLUMNS, rows[-1]), flush=True)
     print(
-        "flops/token (fwd, train = 3 fwd, step = train + compute_old fwd): "
+        "flops/token (fwd, train = 3 fwd, step = train [+ compute_old fwd off-policy]): "
         + ", ".join(f"{r['dtype']} {r['flops_per_token']['step'] / 1e6:.1f} MFLOP" for r in rows)
     )
     for r in rows:

@@ -7,6 +7,12 @@ Pipeline of one training step (:meth:`Learner.update`)::
     batch, m_adv = learner.compute_advantages(traj, old)  # GAE (PPO) / group-normalised (GRPO)
     state, m     = learner.train_step(state, batch)       # epochs x mini-batches x micro-batches
 
+On-policy steps (:meth:`Learner.on_policy`: one epoch, one mini-batch, no critic, no reference:
+GRPO's usual setting) skip ``compute_old``: the only optimiser step runs at the params that
+would have produced the old logprobs, so the train step uses ``stop_gradient(logp)`` of its own
+forward as the old logprobs (ratio exactly 1, the same gradient) and reports the sampler gap
+from that forward. That saves one forward pass over the batch (a quarter of the update).
+
 Alignment (token-aligned everywhere): ``loss_mask[t] = 1`` means token ``t`` was generated; its
 logprob comes from the logits at position ``t - 1`` and its value is the critic's output at
 position ``t - 1`` (the state before token ``t``; verl's ``values[:, -L-1:-1]``). So
@@ -27,8 +33,11 @@ LR schedule stays aligned with the data; ``state.rng`` is left untouched by the 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -315,19 +324,25 @@ class Learner:
 
     # ------------------------------------------------------------------ train step
     def _actor_objective(
-        self, params: Params, mb: LearnerBatch, count: Array
+        self, params: Params, mb: LearnerBatch, count: Array, on_policy: bool = False
     ) -> tuple[Array, dict[str, LossTerm]]:
-        """``(sum_pg - c_H sum_H + c_KL sum_KL) / count`` on one micro-batch, plus metrics."""
+        """``(sum_pg - c_H sum_H + c_KL sum_KL) / count`` on one micro-batch, plus metrics.
+
+        ``on_policy``: ``mb.old_logprobs`` hold the SAMPLER's logprobs; the old logprobs are
+        ``stop_gradient(logp)`` and ``rollout/logprob_gap_mean = sum |logp - lp_sampler| m /
+        sum m`` is reported (see the module docs)."""
         cfg = self.cfg
         logp, ent = policy_outputs(params, mb.tokens, mb.token_mask, self.mcfg, cfg.temperature)
         mask, clip = mb.loss_mask, (cfg.clip_low, cfg.clip_high, cfg.loss_agg, cfg.clip_ratio_c)
-        pg, pg_metrics = get_policy_loss(cfg.policy_loss)(
-            logp, mb.old_logprobs, mb.advantages, mask, *clip
-        )
+        old = jax.lax.stop_gradient(logp) if on_policy else mb.old_logprobs
+        pg, pg_metrics = get_policy_loss(cfg.policy_loss)(logp, old, mb.advantages, mask, *clip)
         entropy = aggregate(ent, mask, cfg.loss_agg)
         total = pg.total - cfg.entropy_coef * entropy.total
         terms = {"actor/pg_loss": pg, "actor/entropy": entropy}
         terms |= {f"actor/{k}": v for k, v in pg_metrics.items()}
+        if on_policy:
+            gap = jnp.abs(old - mb.old_logprobs.astype(jnp.float32))
+            terms["rollout/logprob_gap_mean"] = aggregate(gap, mask, "token-mean")
         if mb.ref_logprobs is not None:
             kl = aggregate(kl_penalty(logp, mb.ref_logprobs, cfg.kl_kind), mask, cfg.loss_agg)
             total, terms["actor/kl_loss"] = total + cfg.kl_coef * kl.total, kl
@@ -346,11 +361,13 @@ class Learner:
         return loss.total / jnp.maximum(count, 1.0), jax.lax.stop_gradient(terms)
 
     def _update(
-        self, name: str, params: Params, opt_state: Any, mb: LearnerBatch, lr: Array
-    ) -> tuple[Params, Any, dict[str, LossTerm], dict[str, Array]]:
+        self, name: str, params: Params, opt_state: Any, mb: LearnerBatch, lr: Array,
+        on_policy: bool = False,
+    ) -> tuple[Params, Any, dict[str, LossTerm], dict[str, Array]]:  # fmt: skip
         """Guarded step of ``name`` ("actor" / "critic") on a mini-batch ``[n_micro, m, T]``."""
+        actor = functools.partial(self._actor_objective, on_policy=on_policy)
         opt, objective, mask = (
-            (self.actor_opt, self._actor_objective, mb.loss_mask)
+            (self.actor_opt, actor, mb.loss_mask)
             if name == "actor"
             else (self.critic_opt, self._critic_objective, mb.value_mask)
         )
@@ -362,7 +379,9 @@ class Learner:
         terms[f"{name}/grad_norm"] = LossTerm(norm, finite.astype(jnp.float32))
         return params, opt_state, terms, {f"{name}/skipped": st.skipped}
 
-    def _train_step(self, state: TrainState, batch: LearnerBatch) -> tuple[TrainState, Metrics]:
+    def _train_step(
+        self, state: TrainState, batch: LearnerBatch, on_policy: bool = False
+    ) -> tuple[TrainState, Metrics]:
         cfg = self.cfg
         n_mini = batch.tokens.shape[0] // cfg.mini_batch_size
         n_micro = cfg.mini_batch_size // cfg.micro_batch_size
@@ -371,7 +390,7 @@ class Learner:
 
         def minibatch(carry: tuple[Any, ...], mb: LearnerBatch) -> tuple[tuple[Any, ...], Any]:
             policy, popt, critic, copt = carry
-            policy, popt, terms, sums = self._update("actor", policy, popt, mb, lr_actor)
+            policy, popt, terms, sums = self._update("actor", policy, popt, mb, lr_actor, on_policy)
             sums["skipped"] = sums["actor/skipped"]
             if cfg.uses_critic:
                 critic, copt, c_terms, c_sums = self._update("critic", critic, copt, mb, lr_critic)
@@ -414,27 +433,80 @@ class Learner:
             }
         return out
 
-    def train_step(self, state: TrainState, batch: LearnerBatch) -> tuple[TrainState, Metrics]:
+    def on_policy(self, num_samples: int) -> bool:
+        """Whether a padded batch of ``num_samples`` rows trains on-policy (module docs): one
+        epoch of one mini-batch, and no critic or reference model needing ``compute_old``."""
+        cfg = self.cfg
+        single = cfg.ppo_epochs == 1 and num_samples == cfg.mini_batch_size
+        return single and not cfg.uses_critic and not cfg.uses_reference
+
+    def train_step(
+        self, state: TrainState, batch: LearnerBatch, *, on_policy: bool = False
+    ) -> tuple[TrainState, Metrics]:
         """One training step (``ppo_epochs`` x mini-batches x micro-batches) as ONE jitted call
         with explicit shardings; ``state`` is DONATED (do not reuse it). Metrics are fp32
         scalars: LossTerm metrics are ``sum total / sum count`` over the whole step, grad norms
-        the mean over finite updates, ``*/skipped`` counts of skipped updates."""
+        the mean over finite updates, ``*/skipped`` counts of skipped updates.
+
+        ``on_policy=True`` (only where :meth:`on_policy` holds): ``batch.old_logprobs`` are the
+        sampler's and the step's own forward gives the old logprobs (module docs)."""
         n, t = batch.tokens.shape
         if n % self.cfg.mini_batch_size:
             raise ValueError(f"{n} samples: not a multiple of mini_batch_size; use Learner.pad")
+        if on_policy and not self.on_policy(n):
+            raise ValueError(
+                f"on_policy needs ppo_epochs=1, one mini-batch ({n} samples, mini_batch_size="
+                f"{self.cfg.mini_batch_size}) and no critic or reference model"
+            )
         state_sh, tok = self.state_shardings(), self._tok(n, t)
         in_sh, out_sh = (state_sh, tok), (state_sh, self._replicated())
-        return self._call("train", self._train_step, (state, batch), (in_sh, out_sh), True)
+        fn = functools.partial(self._train_step, on_policy=on_policy)
+        name = "train_on_policy" if on_policy else "train"
+        return self._call(name, fn, (state, batch), (in_sh, out_sh), True)
 
     def update(
-        self, state: TrainState, traj: Trajectories, num_samples: int | None = None
-    ) -> tuple[TrainState, dict[str, float]]:
-        """pad -> compute_old -> compute_advantages -> train_step; metrics as Python floats."""
-        traj = self.pad(traj, num_samples)
-        old, m_old = self.compute_old(state, traj)
-        batch, m_adv = self.compute_advantages(traj, old)
-        state, m_step = self.train_step(state, batch)
-        return state, {k: float(v) for k, v in jax.device_get(m_old | m_adv | m_step).items()}
+        self, state: TrainState, traj: Trajectories, num_samples: int | None = None, *,
+        timings: dict[str, float] | None = None,
+    ) -> tuple[TrainState, dict[str, float]]:  # fmt: skip
+        """pad -> compute_old (skipped on-policy) -> compute_advantages -> train_step; metrics
+        as Python floats. ``timings``: if given, each phase is run to completion and its wall
+        seconds are stored there (``pad_s``, ``old_s``, ``adv_s``, ``train_s``, ``fetch_s``)."""
+        timer = _PhaseTimer(timings)
+        with timer("pad_s"):
+            traj = self.pad(traj, num_samples)
+        on_policy = self.on_policy(traj.tokens.shape[0])
+        with timer("old_s"):
+            if on_policy:
+                lmask = traj.loss_mask.astype(jnp.float32)
+                old = OldOutputs(traj.sampler_logprobs.astype(jnp.float32) * lmask, None, None)
+                m_old: Metrics = {}
+            else:
+                old, m_old = timer.ready(self.compute_old(state, traj))
+        with timer("adv_s"):
+            batch, m_adv = timer.ready(self.compute_advantages(traj, old))
+        with timer("train_s"):
+            state, m_step = timer.ready(self.train_step(state, batch, on_policy=on_policy))
+        with timer("fetch_s"):
+            metrics = {k: float(v) for k, v in jax.device_get(m_old | m_adv | m_step).items()}
+        return state, metrics
+
+
+class _PhaseTimer:
+    """Wall time per phase into ``timings`` (a no-op when it is None)."""
+
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        if self.timings is not None:
+            self.timings[name] = time.perf_counter() - t0
+
+    def ready(self, tree: Any) -> Any:
+        """``tree``, blocked on when timing (so a phase's time is its own)."""
+        return jax.block_until_ready(tree) if self.timings is not None else tree
 
 
 def init_train_state(
