@@ -344,20 +344,26 @@ def _user(
     rows, V = rows_per_device(Bj, mesh), split(u.vocab_size, "act_vocab", mesh)
     cache = kv_cache_bytes(u, Bj, P + C, mesh)
     K = JUDGE_CANDIDATES
+    # Two programs' worth of memory that never coexist: the prompt's prefill, then the
+    # candidates' forward over 21 copies of its cache.
+    cand = "user judge candidates"
     out += [
-        Component(
-            "judge KV caches", "rollout", (K + 1) * cache,
-            f"(1 + {K}) x 2 x L x B={Bj} x (P={P} + C={C}) x K x Dh x b", "user judge",
-        ),
+        Component("judge prompt KV cache", "rollout", cache,
+                  f"2 x L x B={Bj} x (P={P} + C={C}) x K x Dh x b", "user judge"),
         Component(
             "judge prefill", "rollout", prefill_bytes(u, rows, P, P + C, mesh),
             f"prefill(m={rows}, P={P}, S={P + C})", "user judge",
         ),
+        gathered_bytes(u, mesh, 1, "rollout", "user judge"),
+        Component(
+            "judge KV caches", "rollout", (K + 1) * cache,
+            f"(1 + {K}) x 2 x L x B={Bj} x (P={P} + C={C}) x K x Dh x b", cand,
+        ),
         Component(
             "judge candidate logits", "rollout", 2 * K * rows * C * V * 4,
-            f"2 x {K} x m x C x V' x 4", "user judge",
+            f"2 x {K} x m x C x V' x 4", cand,
         ),
-        gathered_bytes(u, mesh, 1, "rollout", "user judge"),
+        gathered_bytes(u, mesh, 1, "rollout", cand),
     ]  # fmt: skip
     return out
 
