@@ -70,7 +70,9 @@ TINY: dict[str, Any] = {
 }  # fmt: skip
 SMALL: dict[str, Any] = {
     "name": "bench_rollout_smollm2",
-    "model": {"source": "smollm2"},
+    # remat: think-mode rows of 3 turns reach the 1,024-token bucket, where the PPO step
+    # (actor + critic, no remat) needs 36 GB of temporaries; with remat 5 GB.
+    "model": {"source": "smollm2", "remat": "full"},
     "scaffold": {"mode": "think", "language": "en"},
     "user": {"kind": "reference", "reference": {"language": "en"}},
     "dynamics": {"max_turns_train": 3},
