@@ -109,9 +109,9 @@ def unstack_cache(cache: KVCache) -> KVCache:
 def unstack_layers(params: Params) -> Params:
     """Params whose `layers` is a tuple of per-layer dicts instead of stacked arrays.
 
-    `forward` runs such params with an unrolled layer loop and no slicing. Called inside a jit
-    before a decode loop, the slices are materialised once per call instead of once per token
-    (XLA:CPU copies a weight slice before each matmul that reads it).
+    `forward` runs such params with an unrolled layer loop and no slicing. The `Sampler` makes
+    this copy once per params object for its CPU decode, instead of XLA:CPU copying each weight
+    slice before every matmul that reads it, at every token.
     """
     layers = params["layers"]
     if isinstance(layers, tuple):
