@@ -49,6 +49,7 @@ TPU/GPU fusion usually keeps fewer copies, so on accelerators the plan errs on t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -59,7 +60,13 @@ import optax
 from jax.sharding import AbstractMesh
 
 from rlver_jax.models.config import ModelConfig
-from rlver_jax.models.transformer import CACHE_LOGICAL_AXES, param_logical_axes, param_shapes
+from rlver_jax.models.decode_step import decode_weight_logical_axes, decode_weights
+from rlver_jax.models.transformer import (
+    CACHE_LOGICAL_AXES,
+    is_logical_axes,
+    param_logical_axes,
+    param_shapes,
+)
 from rlver_jax.models.value_head import value_logical_axes, value_param_shapes
 from rlver_jax.parallel.mesh import MESH_AXES
 from rlver_jax.parallel.rules import LogicalAxes, logical_to_spec
@@ -149,7 +156,7 @@ def tree_bytes(axes: Any, shapes: Any, mesh: AbstractMesh, itemsize: int | None 
     """Per-device bytes of a pytree of `ShapeDtypeStruct`s (dtype's or `itemsize` bytes)."""
     total = 0
     leaves = jax.tree.leaves(shapes)
-    axes_leaves = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
+    axes_leaves = jax.tree.leaves(axes, is_leaf=is_logical_axes)
     for names, leaf in zip(axes_leaves, leaves, strict=True):
         size = itemsize or np.dtype(leaf.dtype).itemsize
         total += math.prod(leaf.shape) * size // shard_count(names, leaf.shape, mesh)
@@ -294,6 +301,15 @@ def prefill_bytes(c: ModelConfig, rows: int, P: int, S: int, mesh: AbstractMesh)
     return rows * P * (linear + H * S * (8 + b))
 
 
+def decode_weight_bytes(c: ModelConfig, mesh: AbstractMesh) -> int:
+    """Bytes per device of `decode_step.decode_weights` beyond the params: everything but the
+    embedding, which it shares (transposed per-layer copies, and lm_head^T when untied)."""
+    shapes = jax.eval_shape(functools.partial(decode_weights, config=c), param_shapes(c))
+    axes = decode_weight_logical_axes(c)
+    del shapes["embed"], axes["embed"]
+    return tree_bytes(axes, shapes, mesh)
+
+
 def _sampler(
     label: str, c: ModelConfig, batch: int, P: int, N: int, mesh: AbstractMesh, unroll: bool
 ) -> list[Component]:
@@ -304,8 +320,7 @@ def _sampler(
     rows = rows_per_device(batch, mesh)
     V = split(c.vocab_size, "act_vocab", mesh)
     cache = kv_cache_bytes(c, batch, P + N, mesh)
-    axes, shapes = param_logical_axes(c), param_shapes(c)
-    weights = tree_bytes(axes["layers"], shapes["layers"], mesh) if unroll else 0
+    weights = decode_weight_bytes(c, mesh) if unroll else 0
     dec = f"{label} decode"
     cache_formula = f"2 x L x B={batch} x (P={P} + N={N}) x K x Dh x b"
     return [
@@ -322,7 +337,8 @@ def _sampler(
             f"{C_DECODE} x m x V' x 4 (logits, top-k/top-p)", dec,
         ),
         Component(f"{label} per-layer weights", "resident", weights,
-                  "sampler.unroll_decode: 1 x layer params, kept by the sampler"),
+                  "sampler.unroll_decode: decode_weights (layer params"
+                  + (", lm_head" if not c.tie_word_embeddings else "") + "), kept by the sampler"),
         gathered_bytes(c, mesh, 1, "rollout", dec),
     ]  # fmt: skip
 

@@ -12,9 +12,11 @@ Design (Tunix's sampler with Levanter's traced settings):
   arrays: changing them never recompiles. Temperature <= 0 is greedy for that row.
 - Prefill (prompt + forced prefix in one forward) and decode are separate jits; the decode state
   (KV cache, outputs, settings) is donated, so XLA updates the cache in place.
-- On CPU the decode step runs its layers unrolled over per-layer weights and cache buffers
-  (`SamplerConfig.unroll_decode`): XLA:CPU copies every weight slice a scanned matmul reads,
-  which made decoding SmolLM2 1.6x slower. The per-layer weights are made once per params.
+- On CPU the decode step is `decode_step.decode_step` (`SamplerConfig.unroll_decode`): layers
+  unrolled over per-layer weights and cache buffers (XLA:CPU copies every weight slice a
+  scanned matmul reads: 1.6x slower for SmolLM2) and feature-major activations, so each
+  projection streams its weight as the left operand (2x faster matmuls at batch 8). The
+  per-layer weights (`decode_step.decode_weights`) are made once per params.
 - Decode is ONE jitted `lax.while_loop` that exits on device when every row has stopped or the
   budget is spent. A host loop over a jitted step would pay a dispatch + host sync per token
   (~0.1-1 ms on CPU, more with a mesh) and a device->host read per step to stop early.
@@ -39,13 +41,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from rlver_jax.models import transformer as tfm
 from rlver_jax.models.config import ModelConfig
+from rlver_jax.models.decode_step import decode_step, decode_weight_logical_axes, decode_weights
 from rlver_jax.models.transformer import KVCache, Params
 from rlver_jax.parallel import mesh as mesh_lib
-from rlver_jax.parallel.rules import DEFAULT_RULES, MeshAxes, axis_rules, named_sharding
+from rlver_jax.parallel.rules import (
+    DEFAULT_RULES,
+    MeshAxes,
+    axis_rules,
+    named_sharding,
+    tree_shardings,
+)
 
 MAX_STOP_IDS = 16  # stop ids are a traced [16] array padded with -1: any set up to 16 ids
 
@@ -85,11 +94,12 @@ class SamplerConfig:
     top_k_pool: candidates taken with `lax.top_k` for top-k / top-p (top_k above it is clamped).
     Top-p is exact regardless: rows whose nucleus exceeds the pool use a bisection over the full
     vocabulary. (A full sort of 49k logits costs ~0.5 s per step on CPU at batch 32.)
-    unroll_decode: run the decode step's layers as an unrolled loop over per-layer weights and
-    cache buffers (`tfm.unstack_layers`) instead of `lax.scan` over stacked ones. None picks it
-    on CPU, where XLA copies every weight slice that a scanned matmul reads (1.6x slower decode
-    for SmolLM2 at batch 1); the price is a longer compile and a per-layer copy of the weights,
-    made once per params object and kept by the `Sampler`.
+    unroll_decode: decode with `decode_step.decode_step` (unrolled layers over per-layer,
+    transposed weights and cache buffers, feature-major activations) instead of
+    `transformer.forward` (`lax.scan` over stacked ones). None picks it on CPU, where XLA copies
+    every weight slice that a scanned matmul reads and packs the weight of every row-major
+    [batch, D] x [D, F] product at every token; the price is a longer compile and a per-layer
+    copy of the weights, made once per params object and kept by the `Sampler`.
     """
 
     prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -279,10 +289,10 @@ def decode(
     The last token is still fed through the model (unused logits): skipping that one forward
     would need a `lax.cond` around the cache update inside the loop.
 
-    With `unroll` (`SamplerConfig.unroll_decode`) `params` come per layer
-    (`tfm.unstack_layers`), the KV cache is split into per-layer buffers once here, outside
-    the loop, and the returned state has no cache (nothing reads it after decoding);
-    otherwise the donated cache is updated in place.
+    With `unroll` (`SamplerConfig.unroll_decode`) `params` are `decode_step.decode_weights`
+    and each token runs `decode_step.decode_step`; the KV cache is split into per-layer buffers
+    once here, outside the loop, and the returned state has no cache (nothing reads it after
+    decoding); otherwise the donated cache is updated in place.
     """
     if unroll:
         state = state.replace(cache=tfm.unstack_cache(state.cache))
@@ -298,12 +308,17 @@ def decode(
         active = ~s.done
         tok = jnp.where(active, tok, pad_id)
         hit = active & jnp.any(tok[:, None] == s.settings.stop_ids[None, :], axis=-1)
-        hidden, cache = tfm.forward(
-            params, tok[:, None], s.positions[:, None], ones, config, s.cache, return_hidden=True
-        )
+        if unroll:
+            logits, cache = decode_step(params, tok, s.positions, s.cache, config)
+        else:
+            hidden, cache = tfm.forward(
+                params, tok[:, None], s.positions[:, None], ones, config, s.cache,
+                return_hidden=True,
+            )  # fmt: skip
+            logits = tfm.lm_logits(params, hidden, config)[:, 0]
         return s.replace(
             cache=cache,
-            logits=tfm.lm_logits(params, hidden, config)[:, 0],
+            logits=logits,
             tokens=jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step)),
             logprobs=jax.lax.dynamic_update_slice(
                 s.logprobs, jnp.where(active, lp, 0.0)[:, None], (0, s.step)
@@ -319,21 +334,23 @@ def decode(
     return final.replace(cache=None) if unroll else final
 
 
-def _unstacked_shardings(shardings: Any, num_layers: int) -> Any:
-    """Param shardings for `tfm.unstack_layers` params: each layer drops the `layers` axis."""
-    drop = lambda sh: NamedSharding(sh.mesh, PartitionSpec(*sh.spec[1:]))
-    per_layer = jax.tree.map(drop, shardings["layers"])
-    return {**shardings, "layers": (per_layer,) * num_layers}
-
-
 @functools.lru_cache(maxsize=32)
-def _unstack_jit(config: ModelConfig, mesh: Mesh | None, rules: Any) -> Any:
-    """Jitted `tfm.unstack_layers` (placed like the decode jit expects its params)."""
+def _decode_weights_jit(config: ModelConfig, mesh: Mesh | None, rules: Any) -> Any:
+    """Jitted `decode_weights` (placed like the decode jit expects its params)."""
+    fn = functools.partial(decode_weights, config=config)
     if mesh is None:
-        return jax.jit(tfm.unstack_layers)
+        return jax.jit(fn)
     shardings = mesh_lib.param_shardings(config, mesh, rules)
-    out = _unstacked_shardings(shardings, config.num_layers)
-    return jax.jit(tfm.unstack_layers, in_shardings=(shardings,), out_shardings=out)
+    out = _decode_weight_shardings(config, mesh, rules)
+    return jax.jit(fn, in_shardings=(shardings,), out_shardings=out)
+
+
+def _decode_weight_shardings(config: ModelConfig, mesh: Mesh, rules: Any) -> Any:
+    """Shardings of `decode_weights` from their logical axes."""
+    shapes = jax.eval_shape(
+        functools.partial(decode_weights, config=config), tfm.param_shapes(config)
+    )
+    return tree_shardings(decode_weight_logical_axes(config), shapes, mesh, rules)
 
 
 @functools.lru_cache(maxsize=256)
@@ -356,7 +373,7 @@ def _jitted(
     grid, out = (mesh_lib.batch_sharding(mesh, (B, n), rules) for n in (P, N))
     ins = (grid, grid, rep, row, Settings(row, row, row, rep, rep), rep)
     params = mesh_lib.param_shardings(config, mesh, rules)
-    dec_params = _unstacked_shardings(params, config.num_layers) if unroll else params
+    dec_params = _decode_weight_shardings(config, mesh, rules) if unroll else params
     state = DecodeState(
         cache=mesh_lib.cache_shardings(
             jax.eval_shape(lambda: tfm.init_cache(config, B, P + N)), mesh, rules
@@ -411,7 +428,7 @@ class Sampler:
         self._per_layer: tuple[list[Any], Params] | None = None  # (params' leaves, unstacked)
 
     def _decode_params(self, params: Params) -> Params:
-        """`params` as the decode jit takes them. Unrolled: per-layer copies, made once per
+        """`params` as the decode jit takes them. Unrolled: `decode_weights`, made once per
         params object (a rollout calls the sampler once per turn with the same weights) and
         held until other params arrive."""
         if not self.unroll_decode:
@@ -424,7 +441,7 @@ class Sampler:
             or any(a is not b for a, b in zip(cached[0], leaves, strict=True))
         ):
             self._per_layer = None  # drop the old copy before making the new one
-            unstacked = _unstack_jit(self.config, self.mesh, self.rules)(params)
+            unstacked = _decode_weights_jit(self.config, self.mesh, self.rules)(params)
             cached = self._per_layer = (leaves, unstacked)
         return cached[1]
 

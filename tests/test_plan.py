@@ -31,7 +31,8 @@ from rlver_jax import plan, plan_cli, sampling
 from rlver_jax.config_io import from_dict
 from rlver_jax.env import llm_judge
 from rlver_jax.models.config import ModelConfig
-from rlver_jax.models.transformer import param_logical_axes, param_shapes, unstack_layers
+from rlver_jax.models.decode_step import decode_weights
+from rlver_jax.models.transformer import param_logical_axes, param_shapes
 from rlver_jax.parallel.mesh import MeshConfig, make_mesh, param_shardings
 from rlver_jax.parallel.rules import axis_rules
 from rlver_jax.rl.learner import Learner, LearnerBatch
@@ -173,14 +174,17 @@ def test_sampler_plan_matches_compiled_memory(unroll: bool) -> None:
     state = jax.eval_shape(pre, *args)
     decode = functools.partial(sampling.decode, config=MCFG, pool=256, pad_id=0, unroll=unroll)
     dec = jax.jit(decode, donate_argnums=() if unroll else (1,))
-    dec_params = jax.eval_shape(unstack_layers, args[0]) if unroll else args[0]
+    weights = functools.partial(decode_weights, config=MCFG)
+    dec_params = jax.eval_shape(weights, args[0]) if unroll else args[0]
     actual = max(
         measured(pre.lower(*args).compile()), measured(dec.lower(dec_params, state).compile())
     )
     params = next(c.nbytes for c in p.components if c.name == "policy params")
     copy = next(c.nbytes for c in p.components if c.name == "policy sampler per-layer weights")
-    layers = (param_logical_axes(MCFG)["layers"], param_shapes(MCFG)["layers"])
-    assert copy == (plan.tree_bytes(*layers, plan.abstract_mesh(p.mesh)) if unroll else 0)
+    axes, shapes = param_logical_axes(MCFG), param_shapes(MCFG)
+    kept = ["layers", "final_norm"] + ([] if MCFG.tie_word_embeddings else ["lm_head"])
+    expected = sum(plan.tree_bytes(axes[k], shapes[k], plan.abstract_mesh(p.mesh)) for k in kept)
+    assert copy == (expected if unroll else 0)  # decode_weights: as many bytes, transposed
     within(params + sampler_peak(p, "policy sampler"), actual)
 
 

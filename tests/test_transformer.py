@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from rlver_jax.models.config import ModelConfig, ModelConfigError
+from rlver_jax.models.decode_step import decode_step, decode_weights
 from rlver_jax.models.transformer import (
     forward,
     init_cache,
@@ -16,7 +17,6 @@ from rlver_jax.models.transformer import (
     param_shapes,
     positions_from_mask,
     unstack_cache,
-    unstack_layers,
 )
 from tests.hf_reference import params_from_torch, tiny_torch_model, torch_logits
 
@@ -91,10 +91,10 @@ def test_llama3_rope_scaling_matches_transformers() -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("layout", ["scan", "unrolled", "per_layer"])
+@pytest.mark.parametrize("layout", ["scan", "unrolled", "decode_step"])
 def test_incremental_decoding_equals_full_forward(family: str, layout: str) -> None:
-    """Stacked cache under scan / an unrolled loop, and per-layer weights + cache buffers
-    (`unstack_layers`, `unstack_cache`: the sampler's CPU decode) all equal the full forward."""
+    """Stacked cache under scan / an unrolled loop, and `decode_step` (feature-major, per-layer
+    weights and cache buffers: the sampler's CPU decode) all equal the full forward."""
     model = tiny_torch_model(family, seed=5)
     config = _config_of(model, scan_layers=layout == "scan")
     params = params_from_torch(model, config)
@@ -110,23 +110,69 @@ def test_incremental_decoding_equals_full_forward(family: str, layout: str) -> N
     step_logits, cache = forward(
         params, jnp.asarray(tokens[:, :P]), pos[:, :P], jnp.asarray(mask[:, :P]), config, cache
     )
-    if layout == "per_layer":
-        params, cache = unstack_layers(params), unstack_cache(cache)
-        assert isinstance(params["layers"], tuple) and cache.per_layer
     outs = [np.asarray(step_logits)]
+    if layout == "decode_step":
+        weights, cache = decode_weights(params, config), unstack_cache(cache)
+        assert isinstance(weights["layers"], tuple) and cache.per_layer
     for t in range(P, P + N):
-        logit, cache = forward(
-            params,
-            jnp.asarray(tokens[:, t : t + 1]),
-            pos[:, t : t + 1],
-            jnp.asarray(mask[:, t : t + 1]),
-            config,
-            cache,
-        )
+        if layout == "decode_step":  # one real token per row (decode_step's contract)
+            logit, cache = decode_step(weights, jnp.asarray(tokens[:, t]), pos[:, t], cache, config)
+            logit = logit[:, None]
+        else:
+            logit, cache = forward(
+                params,
+                jnp.asarray(tokens[:, t : t + 1]),
+                pos[:, t : t + 1],
+                jnp.asarray(mask[:, t : t + 1]),
+                config,
+                cache,
+            )
         outs.append(np.asarray(logit))
     incremental = np.concatenate(outs, axis=1)
     np.testing.assert_allclose(incremental[mask], full[mask], atol=1e-4, rtol=0)
     assert int(cache.end) == P + N
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_step_equals_forward_step(tie: bool, dtype: str) -> None:
+    """`decode_step` on a feature-major hidden state == `forward` on one token with a stacked
+    cache: logits (fp32 1e-5; bf16 compute to bf16 rounding) and every cache slot it wrote."""
+    model = tiny_torch_model("qwen2", tie=tie, seed=7)
+    config = _config_of(model, dtype=dtype)
+    params = params_from_torch(model, config)
+    rng = np.random.default_rng(8)
+    B, P = 3, 5
+    tokens = jnp.asarray(rng.integers(1, config.vocab_size, (B, P + 2)))
+    mask = np.ones((B, P + 2), bool)
+    mask[2, :3] = False
+    pos = positions_from_mask(jnp.asarray(mask))
+    _, cache = forward(params, tokens[:, :P], pos[:, :P], jnp.asarray(mask[:, :P]), config,
+                       init_cache(config, B, P + 4))  # fmt: skip
+    weights, per_layer = decode_weights(params, config), unstack_cache(cache)
+    for t in (P, P + 1):
+        ref, cache = forward(params, tokens[:, t : t + 1], pos[:, t : t + 1],
+                             jnp.ones((B, 1), bool), config, cache)  # fmt: skip
+        got, per_layer = decode_step(weights, tokens[:, t], pos[:, t], per_layer, config)
+        atol = 1e-5 if dtype == "float32" else 5e-2
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref[:, 0]), atol=atol, rtol=0)
+    assert int(per_layer.end) == int(cache.end) == P + 2
+    np.testing.assert_array_equal(np.asarray(per_layer.key_mask), np.asarray(cache.key_mask))
+    for i in range(config.num_layers):
+        np.testing.assert_allclose(np.asarray(per_layer.k[i], np.float32),
+                                   np.asarray(cache.k[i], np.float32), atol=atol)  # fmt: skip
+        np.testing.assert_allclose(np.asarray(per_layer.v[i], np.float32),
+                                   np.asarray(cache.v[i], np.float32), atol=atol)  # fmt: skip
+
+
+def test_forward_rejects_a_per_layer_cache() -> None:
+    model = tiny_torch_model("llama", seed=1)
+    config = _config_of(model)
+    params = params_from_torch(model, config)
+    cache = init_cache(config, 1, 8, per_layer=True)
+    with pytest.raises(ValueError, match="stacked KVCache"):
+        forward(params, jnp.ones((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32),
+                jnp.ones((1, 1), bool), config, cache)  # fmt: skip
 
 
 def test_remat_and_bf16_options() -> None:

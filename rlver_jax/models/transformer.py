@@ -39,8 +39,9 @@ class KVCache:
 
     k:         [layers, batch, kv_heads, max_len, head_dim] (stacked: what `lax.scan` carries),
                or a tuple of one [batch, kv_heads, max_len, head_dim] buffer per layer
-               (`unstack_cache`: an unrolled layer loop then reads and writes each layer's
-               buffer in place; slicing a stacked cache makes XLA:CPU copy the slice).
+               (`unstack_cache`, read by `decode_step.decode_step`: its unrolled layer loop
+               then writes each layer's buffer in place; slicing a stacked cache makes
+               XLA:CPU copy the slice). `forward` takes the stacked form.
     v:         the same with the last two axes swapped: [.., kv_heads, head_dim, max_len].
                Both layouts are the ones the two attention products read as stored (q.k^T
                contracts head_dim, p.v contracts max_len); with [.., max_len, kv_heads, ..]
@@ -104,20 +105,6 @@ def unstack_cache(cache: KVCache) -> KVCache:
     if cache.per_layer:
         return cache
     return cache.replace(k=tuple(cache.k), v=tuple(cache.v))  # type: ignore[arg-type]
-
-
-def unstack_layers(params: Params) -> Params:
-    """Params whose `layers` is a tuple of per-layer dicts instead of stacked arrays.
-
-    `forward` runs such params with an unrolled layer loop and no slicing. The `Sampler` makes
-    this copy once per params object for its CPU decode, instead of XLA:CPU copying each weight
-    slice before every matmul that reads it, at every token.
-    """
-    layers = params["layers"]
-    if isinstance(layers, tuple):
-        return params
-    n = jax.tree.leaves(layers)[0].shape[0]
-    return {**params, "layers": tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n))}
 
 
 # --------------------------------------------------------------------------- parameters
@@ -197,10 +184,11 @@ def init_params(config: ModelConfig, key: jax.Array, std: float = 0.02) -> Param
 
 
 # --------------------------------------------------------------------------- building blocks
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32 (as HF does)."""
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, axis: int = -1) -> jax.Array:
+    """y = x / sqrt(mean(x^2) + eps) * scale over `axis`, computed in float32 (as HF does);
+    `scale` broadcasts against x (shape [D] for the last axis, [D, 1] for axis 0 of [D, B])."""
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + eps)
     return (y.astype(x.dtype) * scale.astype(x.dtype)).astype(x.dtype)
 
 
@@ -262,27 +250,13 @@ def _attention(
     return out.reshape(B, T, H, Dh)
 
 
-def _layer(
-    h: jax.Array,
-    p: Params,
-    cos: jax.Array,
-    sin: jax.Array,
-    mask: jax.Array,
-    kv: tuple[jax.Array, jax.Array, jax.Array | int | None, jax.Array] | None,
+def finish_qkv(
+    q: jax.Array, k: jax.Array, v: jax.Array, p: Params, cos: jax.Array, sin: jax.Array,
     config: ModelConfig,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """One pre-norm block. `kv` = (k cache, v cache, layer index, write slot): the caches of ALL
-    layers with this layer's index, or this layer's own buffers with index None.
-
-    Returns the new hidden states and, with a cache, the updated (k, v) caches: only the block's
-    new slots are written, so XLA updates the cache in place instead of copying a layer's cache
-    out and back at every decode step. Without a cache, the block's own (k, v) in the cache layouts.
-    """
-    dtype = h.dtype
-    x = rms_norm(h, p["attn_norm"], config.rms_norm_eps)
-    q = jnp.einsum("btd,dhk->bthk", x, p["wq"].astype(dtype))
-    k = jnp.einsum("btd,dhk->bthk", x, p["wk"].astype(dtype))
-    v = jnp.einsum("btd,dhk->bthk", x, p["wv"].astype(dtype))
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
+    """Biases, Qwen3's q/k norms and RoPE on projected q [B,T,H,Dh], k, v [B,T,K,Dh]; returns
+    q as is and k [B,K,T,Dh], v [B,K,Dh,T] in the cache layouts (see `KVCache`)."""
+    dtype = q.dtype
     if config.attention_bias:
         q, k, v = q + p["bq"].astype(dtype), k + p["bk"].astype(dtype), v + p["bv"].astype(dtype)
     if config.qk_norm:
@@ -291,7 +265,21 @@ def _layer(
     q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", "head_dim"))
     k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", "head_dim"))
     v = constrain(v, ("batch", "seq", "act_kv_heads", "head_dim"))
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)  # the cache layouts (see KVCache)
+    return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)
+
+
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+    kv: tuple[jax.Array, jax.Array, jax.Array | int | None, jax.Array] | None,
+    config: ModelConfig,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:  # fmt: skip
+    """Attention of q [B,T,H,Dh] over the block's k, v (cache layouts) or, with `kv` = (k cache,
+    v cache, layer index, write slot), over the cache after writing the block into it: the
+    caches of ALL layers with this layer's index, or this layer's own buffers with index None.
+
+    Only the block's new slots are written, so XLA updates the cache in place instead of copying
+    a layer's cache out and back at every decode step. Returns (attention output [B,T,H,Dh],
+    the updated (k, v) caches, or without a cache the block's own (k, v))."""
     if kv is not None:
         k_cache, v_cache, layer, start = kv
         if layer is None:  # this layer's own buffers
@@ -307,7 +295,30 @@ def _layer(
             v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), v_at)
             k = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False)
             v = jax.lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False)
-    attn = _attention(q, k.astype(dtype), v.astype(dtype), mask, config)
+        new_kv = (k_cache, v_cache)
+    else:
+        new_kv = (k, v)
+    dtype = q.dtype
+    return _attention(q, k.astype(dtype), v.astype(dtype), mask, config), new_kv
+
+
+def _layer(
+    h: jax.Array,
+    p: Params,
+    cos: jax.Array,
+    sin: jax.Array,
+    mask: jax.Array,
+    kv: tuple[jax.Array, jax.Array, jax.Array | int | None, jax.Array] | None,
+    config: ModelConfig,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """One pre-norm block; `kv` and the returned (k, v) as in `attend`."""
+    dtype = h.dtype
+    x = rms_norm(h, p["attn_norm"], config.rms_norm_eps)
+    q = jnp.einsum("btd,dhk->bthk", x, p["wq"].astype(dtype))
+    k = jnp.einsum("btd,dhk->bthk", x, p["wk"].astype(dtype))
+    v = jnp.einsum("btd,dhk->bthk", x, p["wv"].astype(dtype))
+    q, k, v = finish_qkv(q, k, v, p, cos, sin, config)
+    attn, new_kv = attend(q, k, v, mask, kv, config)
     h = h + jnp.einsum("bthk,hkd->btd", attn, p["wo"].astype(dtype))
     h = constrain(h, ("batch", "seq", "act_embed"))
 
@@ -316,7 +327,6 @@ def _layer(
     up = jnp.einsum("btd,df->btf", x, p["w_up"].astype(dtype))
     act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
     h = h + jnp.einsum("btf,fd->btd", act, p["w_down"].astype(dtype))
-    new_kv = (k_cache, v_cache) if kv is not None else (k, v)
     return constrain(h, ("batch", "seq", "act_embed")), new_kv
 
 
@@ -365,6 +375,11 @@ def forward(
         start = None
         key_mask = None
     else:
+        if cache.per_layer:
+            raise ValueError(
+                "forward takes a stacked KVCache; per-layer caches are decode_step's "
+                "(rlver_jax.models.decode_step)"
+            )
         start = cache.end
         key_mask = jax.lax.dynamic_update_slice(cache.key_mask, token_mask, (0, start))
         q_slot = start + jnp.arange(T)
@@ -373,22 +388,17 @@ def forward(
 
     layer_fn = _remat(_layer, config.remat)
     layers = params["layers"]
-    unrolled = (
-        isinstance(layers, tuple)
-        or not config.scan_layers
-        or (cache is not None and cache.per_layer)
-    )
     new_k: Any = None if cache is None else cache.k
     new_v: Any = None if cache is None else cache.v
 
-    if not unrolled and cache is None:
+    if config.scan_layers and cache is None:
 
         def body(carry: jax.Array, p: Params) -> tuple[jax.Array, None]:
             out, _ = layer_fn(carry, p, cos, sin, mask, None, config)
             return out, None
 
         h, _ = jax.lax.scan(body, h, layers)
-    elif not unrolled:
+    elif config.scan_layers:
 
         def body_cached(
             carry: tuple[jax.Array, jax.Array, jax.Array], xs: tuple[Params, jax.Array]
@@ -401,28 +411,12 @@ def forward(
         idx = jnp.arange(config.num_layers)
         (h, new_k, new_v), _ = jax.lax.scan(body_cached, (h, new_k, new_v), (layers, idx))
     else:
-        ks, vs = [], []
         for i in range(config.num_layers):
-            p = (
-                layers[i]
-                if isinstance(layers, tuple)
-                else jax.tree.map(lambda x, i=i: x[i], layers)
-            )
-            kv: Any = None
-            if cache is not None:
-                kv = (
-                    (new_k[i], new_v[i], None, start)
-                    if cache.per_layer
-                    else (new_k, new_v, i, start)
-                )
+            p = jax.tree.map(lambda x, i=i: x[i], layers)
+            kv = None if cache is None else (new_k, new_v, i, start)
             h, (k_l, v_l) = layer_fn(h, p, cos, sin, mask, kv, config)
-            if cache is not None and cache.per_layer:
-                ks.append(k_l)
-                vs.append(v_l)
-            elif cache is not None:
+            if cache is not None:
                 new_k, new_v = k_l, v_l
-        if cache is not None and cache.per_layer:
-            new_k, new_v = tuple(ks), tuple(vs)
 
     h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
     new_cache = None
