@@ -336,12 +336,19 @@ def decode(
 
 @functools.lru_cache(maxsize=32)
 def _decode_weights_jit(config: ModelConfig, mesh: Mesh | None, rules: Any) -> Any:
-    """Jitted `decode_weights` (placed like the decode jit expects its params)."""
-    fn = functools.partial(decode_weights, config=config)
+    """Jitted `decode_weights` without the embedding (placed like the decode jit expects its
+    params): the caller adds the params' own embedding, which a jit output would copy."""
+
+    def fn(params: Params) -> Params:
+        weights = decode_weights(params, config)
+        del weights["embed"]
+        return weights
+
     if mesh is None:
         return jax.jit(fn)
     shardings = mesh_lib.param_shardings(config, mesh, rules)
-    out = _decode_weight_shardings(config, mesh, rules)
+    out = dict(_decode_weight_shardings(config, mesh, rules))
+    del out["embed"]
     return jax.jit(fn, in_shardings=(shardings,), out_shardings=out)
 
 
@@ -425,7 +432,7 @@ class Sampler:
         self.unroll_decode = bool(unroll)
         self.last_timings: dict[str, float] = {}
         self._calls = 0
-        self._per_layer: tuple[list[Any], Params] | None = None  # (params' leaves, unstacked)
+        self._per_layer: tuple[list[Any], Params] | None = None  # (params' leaves, weights)
 
     def _decode_params(self, params: Params) -> Params:
         """`params` as the decode jit takes them. Unrolled: `decode_weights`, made once per
@@ -441,8 +448,8 @@ class Sampler:
             or any(a is not b for a, b in zip(cached[0], leaves, strict=True))
         ):
             self._per_layer = None  # drop the old copy before making the new one
-            unstacked = _decode_weights_jit(self.config, self.mesh, self.rules)(params)
-            cached = self._per_layer = (leaves, unstacked)
+            weights = _decode_weights_jit(self.config, self.mesh, self.rules)(params)
+            cached = self._per_layer = (leaves, {**weights, "embed": params["embed"]})
         return cached[1]
 
     def shard_params(self, params: Params) -> Params:

@@ -94,6 +94,7 @@ def test_per_layer_weights_follow_the_params(sampler: Sampler, params: dict) -> 
     a = sampler(params, PROMPTS, max_new_tokens=8, temperature=0.0)
     kept = sampler._per_layer
     assert kept is not None
+    assert kept[1]["embed"] is params["embed"]  # the embedding is shared, not copied
     sampler(params, PROMPTS, max_new_tokens=8, temperature=0.0)
     assert sampler._per_layer is kept  # same params: no new copy
     b = sampler(other, PROMPTS, max_new_tokens=8, temperature=0.0)
