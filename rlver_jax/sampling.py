@@ -97,8 +97,8 @@ class SamplerConfig:
     unroll_decode: decode with `decode_step.decode_step` (unrolled layers over per-layer,
     transposed weights and cache buffers, feature-major activations) instead of
     `transformer.forward` (`lax.scan` over stacked ones). None picks it on CPU, where XLA copies
-    every weight slice that a scanned matmul reads and packs the weight of every row-major
-    [batch, D] x [D, F] product at every token; the price is a longer compile and a per-layer
+    every weight slice that a scanned matmul reads and row-major [batch, D] x [D, F] products
+    run at a fraction of the matmul peak; the price is a longer compile and a per-layer
     copy of the weights, made once per params object and kept by the `Sampler`.
     """
 

@@ -1,10 +1,11 @@
 """One decode step with feature-major activations: the CPU sampler's per-token forward.
 
-At decode time every matmul multiplies a few rows (the batch) by a whole weight matrix. XLA:CPU's
-GEMM packs its right-hand operand at every call, so `x [B, D] @ W [D, F]` re-packs the weight
-at every token: at batch 8 that ran at ~20 GFLOP/s, a fifth of this machine's matmul peak.
-Here the hidden state is carried transposed, `xT [D, B]`, and each projection is
-`W^T [F, D] @ xT`: the weight is the streamed left operand and only the B columns are packed.
+At decode time every matmul multiplies a few rows (the batch) by a whole weight matrix. On
+XLA:CPU `x [B, D] @ W [D, F]` costs about the same at batch 8 and 16 and scales with the weight's
+size (consistent with its GEMM packing the right-hand operand at every call): at batch 8 it ran
+at ~20 GFLOP/s, a fifth of this machine's matmul peak. Here the hidden state is carried
+transposed, `xT [D, B]`, and each projection is `W^T [F, D] @ xT`, the weight being the
+streamed left operand.
 Measured on the 2-core CPU (SwiGLU MLPs of SmolLM2, 30 layers): batch 8 65 -> 30 ms, batch 32
 77 -> 47 ms, batch 1 unchanged; the vocabulary projection at batch 8: 19 -> 12 ms.
 
