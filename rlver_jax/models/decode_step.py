@@ -31,6 +31,8 @@ from rlver_jax.parallel.rules import LogicalAxes, constrain
 Params = dict[str, Any]
 
 _COLS = ("act_embed", "batch")  # a feature-major hidden state [D, B]
+# Applied on the row-major q/k/v blocks (`tfm.finish_qkv`): kept as the params hold them.
+_ROW_MAJOR = ("bq", "bk", "bv", "q_norm", "k_norm")
 
 
 def decode_weights(params: Params, config: ModelConfig) -> Params:
@@ -51,8 +53,7 @@ def decode_weights(params: Params, config: ModelConfig) -> Params:
             "w_up": p["w_up"].T,
             "w_down": p["w_down"].T,
         }
-        # Applied on the row-major q/k/v blocks (`tfm.finish_qkv`): kept as they are.
-        out |= {k: p[k] for k in ("bq", "bk", "bv", "q_norm", "k_norm") if k in p}
+        out |= {k: p[k] for k in _ROW_MAJOR if k in p}
         return out
 
     weights: Params = {
@@ -79,7 +80,7 @@ def decode_weight_logical_axes(config: ModelConfig) -> Params:
         "w_down": ("embed", "mlp"),
     }
     stacked = tfm.param_logical_axes(config)["layers"]
-    layer |= {k: v[1:] for k, v in stacked.items() if k in ("bq", "bk", "bv", "q_norm", "k_norm")}
+    layer |= {k: v[1:] for k, v in stacked.items() if k in _ROW_MAJOR}
     axes: Params = {
         "embed": ("vocab", "embed"),
         "final_norm": ("norm", None),
