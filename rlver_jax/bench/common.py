@@ -102,18 +102,19 @@ def timed_update(
     """:meth:`Learner.update` with each phase timed (its ``timings`` hook). Returns ``(state,
     metrics, timings)``; ``timings`` holds ``pad_s``, ``old_s`` (0 when the step is on-policy),
     ``adv_s``, ``train_s``, ``fetch_s``, ``device_s = old_s + adv_s + train_s``, ``total_s``,
-    and the padded batch's ``rows``, ``seq``, ``real_tokens`` and
-    ``pad_frac = 1 - real_tokens / (rows * seq)``."""
+    and the padded batch's ``rows``, ``seq``, ``real_tokens``, ``filled_rows`` (rows the train
+    step computes on: :meth:`Learner.filled_rows`) and
+    ``pad_frac = 1 - real_tokens / (filled_rows * seq)``."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     state, metrics = learner.update(state, traj, num_samples, timings=timings)
     total = time.perf_counter() - t0
     padded = learner.pad(traj, num_samples)
     rows, seq = (int(x) for x in padded.tokens.shape)
-    real = int(np.asarray(padded.token_mask).sum())
+    real, filled = int(np.asarray(padded.token_mask).sum()), learner.filled_rows(padded)
     timings |= {
         "device_s": timings["old_s"] + timings["adv_s"] + timings["train_s"], "total_s": total,
         "rows": float(rows), "seq": float(seq), "real_tokens": float(real),
-        "pad_frac": 1.0 - real / (rows * seq),
+        "filled_rows": float(filled), "pad_frac": 1.0 - real / max(filled * seq, 1),
     }  # fmt: skip
     return state, metrics, timings

@@ -64,9 +64,9 @@ TINY: dict[str, Any] = {
     "dynamics": {"max_turns_train": 3},
     "rollout": {"profiles_per_batch": 4, "max_reply_tokens": 24, "max_prompt_tokens": 1024,
                 "seq_len_buckets": [256, 512, 1024, 2048]},
-    "learner": {"algorithm": "ppo", "mini_batch_size": 4, "micro_batch_size": 4,
-                "seq_buckets": [256, 512, 1024, 2048], "actor_warmup_ratio": 0.0,
-                "critic_warmup_ratio": 0.0},
+    "learner": {"algorithm": "ppo", "mini_batch_size": 4, "micro_batch_size": 1,
+                "pack_sequences": True, "seq_buckets": [256, 512, 1024, 2048],
+                "actor_warmup_ratio": 0.0, "critic_warmup_ratio": 0.0},
 }  # fmt: skip
 SMALL: dict[str, Any] = {
     "name": "bench_rollout_smollm2",
@@ -77,8 +77,10 @@ SMALL: dict[str, Any] = {
     "user": {"kind": "reference", "reference": {"language": "en"}},
     "dynamics": {"max_turns_train": 3},
     "rollout": {"profiles_per_batch": 4, "max_reply_tokens": 64, "temperature": 1.0},
-    "learner": {"algorithm": "ppo", "mini_batch_size": 4, "micro_batch_size": 4,
-                "actor_warmup_ratio": 0.0, "critic_warmup_ratio": 0.0},
+    # One mini-batch per step as in RLVER (mini = batch = 32 dialogues), packed rows in
+    # micro-batches of one: the learner computes on the filled rows only.
+    "learner": {"algorithm": "ppo", "mini_batch_size": 16, "micro_batch_size": 1,
+                "pack_sequences": True, "actor_warmup_ratio": 0.0, "critic_warmup_ratio": 0.0},
 }  # fmt: skip
 
 

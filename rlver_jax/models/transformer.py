@@ -230,9 +230,34 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
+def is_segment_ids(token_mask: jax.Array) -> bool:
+    """True when a ``token_mask`` holds integer segment ids (packed rows, see
+    `rlver_jax.rl.packing`: samples 1, 2, ... back to back, 0 on padding) rather than booleans."""
+    return bool(jnp.issubdtype(token_mask.dtype, jnp.integer))
+
+
 def positions_from_mask(token_mask: jax.Array) -> jax.Array:
-    """Positions 0, 1, ... counted over real tokens only (left padding gets position 0)."""
-    return jnp.maximum(jnp.cumsum(token_mask.astype(jnp.int32), axis=-1) - 1, 0)
+    """Positions 0, 1, ... counted over real tokens only (left padding gets position 0). With
+    segment ids (`is_segment_ids`), positions restart at each segment: ``t - start(segment)``."""
+    if not is_segment_ids(token_mask):
+        return jnp.maximum(jnp.cumsum(token_mask.astype(jnp.int32), axis=-1) - 1, 0)
+    seg = token_mask
+    idx = jnp.broadcast_to(jnp.arange(seg.shape[-1], dtype=jnp.int32), seg.shape)
+    before = jnp.pad(seg[..., :-1], [(0, 0)] * (seg.ndim - 1) + [(1, 0)], constant_values=-1)
+    start = jax.lax.cummax(jnp.where(seg != before, idx, 0), axis=seg.ndim - 1)
+    return jnp.where(seg > 0, idx - start, 0)
+
+
+def attention_mask(token_mask: jax.Array) -> jax.Array:
+    """``[B, T, T]`` mask of a cache-free block: query ``t`` sees real keys ``s <= t``; with
+    segment ids (`is_segment_ids`) only keys of its own segment, so a packed sample attends
+    exactly as it would alone in a row."""
+    T = token_mask.shape[1]
+    causal = jnp.tril(jnp.ones((T, T), bool))[None]
+    if not is_segment_ids(token_mask):
+        return causal & token_mask.astype(bool)[:, None, :]
+    seg = token_mask
+    return causal & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
 
 
 def _attention(
@@ -355,7 +380,8 @@ def forward(
     Args:
       tokens: [B, T] int token ids (pad ids are ignored through `token_mask`).
       positions: [B, T] int RoPE positions (see `positions_from_mask`).
-      token_mask: [B, T] bool, True on real tokens.
+      token_mask: [B, T] bool, True on real tokens; or int segment ids of packed rows (no
+        cache; see `attention_mask`).
       cache: optional KV cache; the block is written at slots [cache.end, cache.end + T).
       return_hidden: return final-norm hidden states [B, T, D] instead of logits.
 
@@ -363,18 +389,19 @@ def forward(
       (logits [B, T, V] float32 | hidden [B, T, D], the updated cache or None).
     """
     dtype = jnp.dtype(config.dtype)
-    token_mask = token_mask.astype(bool)
     h = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
     h = constrain(h, ("batch", "seq", "act_embed"))
     cos, sin = rope_tables(positions, config)
     T = tokens.shape[1]
 
     if cache is None:
-        causal = jnp.tril(jnp.ones((T, T), bool))
-        mask = causal[None] & token_mask[:, None, :]
+        mask = attention_mask(token_mask)
         start = None
         key_mask = None
     else:
+        if is_segment_ids(token_mask):
+            raise ValueError("packed rows (segment ids) take no KV cache")
+        token_mask = token_mask.astype(bool)
         if cache.per_layer:
             raise ValueError(
                 "forward takes a stacked KVCache; per-layer caches are decode_step's "

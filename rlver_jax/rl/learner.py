@@ -7,6 +7,11 @@ Pipeline of one training step (:meth:`Learner.update`)::
     batch, m_adv = learner.compute_advantages(traj, old)  # GAE (PPO) / group-normalised (GRPO)
     state, m     = learner.train_step(state, batch)       # epochs x mini-batches x micro-batches
 
+With ``pack_sequences`` the forward passes run on packed rows (several samples per row, see
+:mod:`rlver_jax.rl.packing`): ``compute_old`` on ``pack(traj)``, its outputs unpacked for the
+advantages, the batch packed again for ``train_step``. Micro-batches (and forward chunks)
+without tokens are skipped, so the compute follows the real tokens.
+
 On-policy steps (:meth:`Learner.on_policy`: one epoch, one mini-batch, no critic, no reference:
 GRPO's usual setting) skip ``compute_old``: the only optimiser step runs at the params that
 would have produced the old logprobs, so the train step uses ``stop_gradient(logp)`` of its own
@@ -54,6 +59,7 @@ from rlver_jax.models.transformer import (
 )
 from rlver_jax.parallel.rules import axis_rules, constrain, named_sharding, tree_shardings
 from rlver_jax.rl import advantages as adv_lib
+from rlver_jax.rl import packing as packing_lib
 from rlver_jax.rl.losses import (
     LossTerm,
     aggregate,
@@ -135,12 +141,14 @@ class Learner:
         args: tuple[Any, ...],
         sh: Any,
         donate: bool = False,
+        shape: tuple[int, ...] | None = None,
     ) -> Any:
         """Run ``fn(*args)`` jitted once per (name, N, T), traced under the mesh's axis rules,
         with explicit shardings ``sh = (in_shardings, out_shardings)`` (inputs are
-        ``device_put`` onto theirs first)."""
+        ``device_put`` onto theirs first). ``shape``: ``(N, T)`` when no argument has tokens."""
         in_sh, out_sh = sh
-        key = (name, *next(a for a in args if hasattr(a, "tokens")).tokens.shape)
+        shape = shape or next(a for a in args if hasattr(a, "tokens")).tokens.shape
+        key = (name, *shape)
         if key not in self._fns:
             mesh = self.mesh
 
@@ -235,6 +243,47 @@ class Learner:
             raise ValueError(f"num_samples={n_pad} must be a multiple of mini_batch_size={m}")
         return traj.pad_to(n_pad, bucket_length(t, self.cfg.seq_buckets))
 
+    # ------------------------------------------------------------------ packing
+    def _split_sizes(self, num_samples: int) -> tuple[int, int]:
+        """``(n_mini, n_micro)``: mini-batches per epoch and micro-batches per mini-batch."""
+        cfg = self.cfg
+        return num_samples // cfg.mini_batch_size, cfg.mini_batch_size // cfg.micro_batch_size
+
+    def plan_packing(self, traj: Trajectories) -> packing_lib.Packing:
+        """The packed layout of a padded batch (:mod:`rlver_jax.rl.packing`), mini-batch by
+        mini-batch as the train step splits it."""
+        return packing_lib.plan_packing(traj.token_mask, *self._split_sizes(traj.num_samples))
+
+    def filled_rows(self, traj: Trajectories) -> int:
+        """Rows of a padded batch the train step computes on (in the packed layout when
+        ``pack_sequences``): the rows of every micro-batch holding a real token."""
+        mask = self.plan_packing(traj).segment_ids if self.cfg.pack_sequences else traj.token_mask
+        return packing_lib.filled_rows(mask, *self._split_sizes(traj.num_samples))
+
+    def _relayout(self, name: str, tree: Any, index: Any, segment_ids: Any = None) -> Any:
+        """Every ``[N, T]`` leaf of ``tree`` gathered through ``index`` (``Packing.gather`` packs,
+        ``Packing.scatter`` unpacks); ``segment_ids`` replace ``token_mask`` when packing."""
+        n, t = index.shape
+
+        def relayout(tree: Any, index: Array, segment_ids: Any) -> Any:
+            is_tok = lambda x: x.ndim >= 2 and x.shape[:2] == (n, t)
+            out = jax.tree.map(lambda x: packing_lib.pack(x, index) if is_tok(x) else x, tree)
+            return out if segment_ids is None else out.replace(token_mask=segment_ids)
+
+        tok, tree_sh = self._tok(n, t), self.batch_shardings(tree)
+        seg_sh = None if segment_ids is None else tok
+        sh = ((tree_sh, tok, seg_sh), tree_sh)
+        return self._call(name, relayout, (tree, index, segment_ids), sh, shape=(n, t))
+
+    def pack(self, tree: Any, packing: packing_lib.Packing) -> Any:
+        """A padded Trajectories / LearnerBatch in the packed layout (segment ids as mask)."""
+        name = f"pack_{type(tree).__name__}"
+        return self._relayout(name, tree, packing.gather, packing.segment_ids)
+
+    def unpack(self, old: OldOutputs, packing: packing_lib.Packing) -> OldOutputs:
+        """Packed :class:`OldOutputs` back in the padded layout."""
+        return self._relayout("unpack_old", old, packing.scatter)
+
     # ------------------------------------------------------------------ old logprobs / values
     def _compute_old(self, state: TrainState, traj: Trajectories) -> tuple[OldOutputs, Metrics]:
         cfg, mcfg = self.cfg, self.mcfg
@@ -242,20 +291,25 @@ class Learner:
 
         def chunk(xs: tuple[Array, Array]) -> tuple[Array, Array, Array]:
             tokens, tmask = xs
-            logp = policy_outputs(state.policy, tokens, tmask, mcfg, cfg.temperature)[0]
-            values = ref = jnp.zeros_like(logp)
-            if cfg.uses_critic:
-                values = critic_values(state.critic, tokens, tmask, mcfg)
-            if cfg.uses_reference:
-                ref = policy_outputs(state.ref, tokens, tmask, mcfg, cfg.temperature)[0]
-            return logp, values, ref
+
+            def run() -> tuple[Array, Array, Array]:
+                logp = policy_outputs(state.policy, tokens, tmask, mcfg, cfg.temperature)[0]
+                values = ref = jnp.zeros_like(logp)
+                if cfg.uses_critic:
+                    values = critic_values(state.critic, tokens, tmask, mcfg)
+                if cfg.uses_reference:
+                    ref = policy_outputs(state.ref, tokens, tmask, mcfg, cfg.temperature)[0]
+                return logp, values, ref
+
+            zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run))
+            return jax.lax.cond(jnp.any(tmask != 0), run, zeros)  # empty chunks: no compute
 
         xs = (strided_split(traj.tokens, n_chunks), strided_split(traj.token_mask, n_chunks))
         logp, values, ref = (strided_merge(o) for o in jax.lax.map(chunk, xs))
         lmask = traj.loss_mask.astype(jnp.float32)
         old = OldOutputs(
             logprobs=logp * lmask,
-            values=values * traj.token_mask if cfg.uses_critic else None,
+            values=jnp.where(traj.token_mask != 0, values, 0.0) if cfg.uses_critic else None,
             ref_logprobs=ref * lmask if cfg.uses_reference else None,
         )
         gap = jnp.abs(old.logprobs - traj.sampler_logprobs.astype(jnp.float32)) * lmask
@@ -383,8 +437,7 @@ class Learner:
         self, state: TrainState, batch: LearnerBatch, on_policy: bool = False
     ) -> tuple[TrainState, Metrics]:
         cfg = self.cfg
-        n_mini = batch.tokens.shape[0] // cfg.mini_batch_size
-        n_micro = cfg.mini_batch_size // cfg.micro_batch_size
+        n_mini, n_micro = self._split_sizes(batch.tokens.shape[0])
         split = jax.tree.map(lambda x: strided_split(x, n_mini, n_micro), batch)
         lr_actor, lr_critic = self.actor_opt.lr_at(state.step), self.critic_opt.lr_at(state.step)
 
@@ -474,16 +527,23 @@ class Learner:
         timer = _PhaseTimer(timings)
         with timer("pad_s"):
             traj = self.pad(traj, num_samples)
+            packing = self.plan_packing(traj) if self.cfg.pack_sequences else None
         on_policy = self.on_policy(traj.tokens.shape[0])
         with timer("old_s"):
             if on_policy:
                 lmask = traj.loss_mask.astype(jnp.float32)
                 old = OldOutputs(traj.sampler_logprobs.astype(jnp.float32) * lmask, None, None)
                 m_old: Metrics = {}
-            else:
+            elif packing is None:
                 old, m_old = timer.ready(self.compute_old(state, traj))
+            else:  # forward on packed rows; advantages (GAE runs along a row) on padded ones
+                old, m_old = self.compute_old(state, self.pack(traj, packing))
+                old = timer.ready(self.unpack(old, packing))
         with timer("adv_s"):
-            batch, m_adv = timer.ready(self.compute_advantages(traj, old))
+            batch, m_adv = self.compute_advantages(traj, old)
+            if packing is not None:
+                batch = self.pack(batch, packing)
+            batch = timer.ready(batch)
         with timer("train_s"):
             state, m_step = timer.ready(self.train_step(state, batch, on_policy=on_policy))
         with timer("fetch_s"):

@@ -192,6 +192,7 @@ def accumulate_gradients(
     params: PyTree,
     micro_batches: PyTree,
     count: Array,
+    active: Array | None = None,
 ) -> tuple[PyTree, Array, PyTree]:
     """Exact gradient accumulation over the leading (micro-batch) axis of ``micro_batches``.
 
@@ -200,23 +201,32 @@ def accumulate_gradients(
     tokens). Then ``sum_j grad objective_j = grad (sum_j total_j / count)``: the gradient of the
     full mini-batch mean, whatever the micro-batch size. Returns ``(grads (fp32), loss, aux)``
     with ``loss`` and every ``aux`` leaf summed over micro-batches.
+
+    ``active`` (``[n_micro]`` bool): micro-batches where it is False are not computed
+    (``lax.cond``) and add zeros; exact when their objective, gradient and aux are zero, as for
+    a micro-batch without loss tokens (padding rows, the empty rows of a packed batch).
     """
     grad_fn = jax.value_and_grad(objective, has_aux=True)
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    out_shape = jax.eval_shape(grad_fn, params, first, count)
+    zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
 
-    def body(carry: tuple[PyTree, Array, PyTree], micro: PyTree) -> tuple[Any, None]:
+    def body(carry: tuple[PyTree, Array, PyTree], xs: tuple[PyTree, Array]) -> tuple[Any, None]:
         g_acc, l_acc, a_acc = carry
-        (loss, aux), grads = grad_fn(params, micro, count)
+        micro, on = xs
+        (loss, aux), grads = jax.lax.cond(on, lambda: grad_fn(params, micro, count), zeros)
         g_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), g_acc, grads)
         return (g_acc, l_acc + loss, jax.tree.map(jnp.add, a_acc, aux)), None
 
-    first = jax.tree.map(lambda x: x[0], micro_batches)
-    aux_shape = jax.eval_shape(lambda p, m: objective(p, m, count)[1], params, first)
+    (loss0, aux0), _ = out_shape
     init = (
         jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
-        jnp.zeros((), jnp.float32),
-        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape),
+        jnp.zeros(loss0.shape, jnp.float32),
+        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0),
     )
-    (grads, loss, aux), _ = jax.lax.scan(body, init, micro_batches)
+    if active is None:
+        active = jnp.ones(jax.tree.leaves(micro_batches)[0].shape[0], bool)
+    (grads, loss, aux), _ = jax.lax.scan(body, init, (micro_batches, active))
     return grads, loss, aux
 
 
@@ -235,11 +245,13 @@ def minibatch_update(
     ``count = aggregate(., mask, agg_mode).count`` over the whole mini-batch (tokens for
     "token-mean", non-empty rows for the seq modes) is the global denominator handed to
     ``objective`` (see :func:`accumulate_gradients`); a mini-batch with ``count == 0`` (all
-    padding) is a no-op. Returns ``(params, opt_state, aux, stats)``.
+    padding) is a no-op. Micro-batches without a token under ``mask`` are skipped (exact: the
+    objective masks every term with it). Returns ``(params, opt_state, aux, stats)``.
     """
     flat = mask.reshape(-1, mask.shape[-1]).astype(jnp.float32)
     count = aggregate(jnp.zeros_like(flat), flat, agg_mode).count
-    grads, loss, aux = accumulate_gradients(objective, params, micro_batches, count)
+    active = jnp.any(mask.reshape(mask.shape[0], -1) != 0, axis=1)
+    grads, loss, aux = accumulate_gradients(objective, params, micro_batches, count, active)
     params, opt_state, stats = guarded_update(opt, params, opt_state, grads, loss, lr, count > 0)
     return params, opt_state, aux, stats
 
@@ -311,6 +323,10 @@ class LearnerConfig:
     from the first policy token on (verl's non-think behaviour, user tokens included).
     ``kl_as_reward``: subtract ``kl_coef * kl`` from token rewards (PPO) instead of adding
     ``kl_coef * kl`` to the actor loss. ``seq_buckets``: allowed padded lengths ``T``.
+    ``pack_sequences``: pack each mini-batch's samples several to a row and skip the empty
+    micro-batches (:mod:`rlver_jax.rl.packing`; RLVER's verl runs use dynamic batch size to the
+    same end); it saves compute in whole micro-batches, so pair it with a ``micro_batch_size``
+    below ``mini_batch_size``. It needs ``loss_agg="token-mean"``.
     """
 
     algorithm: Literal["ppo", "grpo"] = "ppo"
@@ -345,6 +361,7 @@ class LearnerConfig:
     forward_micro_batch_size: int | None = None
     grpo_eps: float = 1e-6
     seq_buckets: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384)
+    pack_sequences: bool = False
 
     def __post_init__(self) -> None:
         if self.advantage_estimator is None:
@@ -390,6 +407,11 @@ class LearnerConfig:
             ("kl_kind", lambda: self.kl_kind in KL_KINDS, f"must be one of {sorted(KL_KINDS)}"),
             ("kl_as_reward", lambda: not self.kl_as_reward or algo == "ppo", "needs ppo (GAE)"),
             ("loss_agg", lambda: self.loss_agg in AGG_MODES, f"must be one of {AGG_MODES}"),
+            (
+                "pack_sequences",
+                lambda: not self.pack_sequences or self.loss_agg == "token-mean",
+                "needs loss_agg='token-mean' (a packed row holds several sequences)",
+            ),
             ("critic_mask", lambda: self.critic_mask in ("policy", "response"), "policy|response"),
             ("temperature", lambda: self.temperature > 0, pos),
             ("actor_lr", lambda: self.actor_lr >= 0, nonneg),

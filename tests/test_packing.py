@@ -1,0 +1,184 @@
+"""Sequence packing (`rlver_jax.rl.packing`): the layout, the packed forward, and a packed
+learner update equal to the padded one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlver_jax.models.config import ModelConfig
+from rlver_jax.models.transformer import forward, init_params, positions_from_mask
+from rlver_jax.rl import packing
+from rlver_jax.rl.learner import Learner, LearnerConfig, LearnerConfigError, policy_outputs
+from rlver_jax.rl.optim import strided_split
+from rlver_jax.trajectories import Trajectories
+
+FAST = {"xla_backend_optimization_level": 0}
+MCFG = ModelConfig(
+    family="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+    num_heads=4, num_kv_heads=2, head_dim=8, attention_bias=True,
+)  # fmt: skip
+N, T = 16, 32
+BASE = dict(
+    seq_buckets=(T,), actor_lr=1e-3, critic_lr=4e-3, actor_warmup_ratio=0.0,
+    critic_warmup_ratio=0.0, total_steps=100, adam_eps=1e-4,
+)  # fmt: skip
+
+
+def make_traj(seed: int, n: int = N, lo: int = 6, hi: int = 20) -> Trajectories:
+    """Right-padded rows of ``lo..hi`` tokens: a 3-token prompt, then policy tokens with a
+    2-token user turn in the middle; scores 0 / 1 alternate, groups of 4."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(lo, hi + 1, n)
+    tokens = rng.integers(1, MCFG.vocab_size, (n, T)).astype(np.int32)
+    token_mask = np.arange(T)[None] < lengths[:, None]
+    loss_mask = (np.arange(T)[None] >= 3) & token_mask
+    loss_mask[:, 5:7] = False
+    scores = (np.arange(n) % 2).astype(np.float32)
+    rewards = np.zeros((n, T), np.float32)
+    rewards[np.arange(n), lengths - 1] = scores
+    return Trajectories(
+        tokens=np.where(token_mask, tokens, 0), token_mask=token_mask, loss_mask=loss_mask,
+        sampler_logprobs=np.where(loss_mask, -1.5, 0.0).astype(np.float32), rewards=rewards,
+        scores=scores, group_ids=(np.arange(n) // 4).astype(np.int32),
+        dialogue_ids=np.arange(n, dtype=np.int32), format_ok=np.ones(n, bool),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def params() -> Any:
+    return jax.jit(init_params, static_argnums=0, compiler_options=FAST)(MCFG, jax.random.key(0))
+
+
+def test_layout_keeps_samples_whole_in_their_mini_batch_and_fills_micro_batches_first() -> None:
+    traj = make_traj(0)
+    mask = np.asarray(traj.token_mask)
+    lengths = mask.sum(1)
+    n_mini, n_micro = 2, 4
+    p = packing.plan_packing(mask, n_mini, n_micro)
+    gather, seg = p.gather, p.segment_ids
+    # Every real token is placed exactly once; padding slots read the zero entry.
+    placed = gather[gather < N * T]
+    assert sorted(placed.tolist()) == sorted(np.flatnonzero(mask.reshape(-1)).tolist())
+    assert np.array_equal(seg > 0, gather < N * T)
+    mini_of_row = np.empty(N, int)
+    for k, rows in enumerate(np.asarray(strided_split(np.arange(N), n_mini, n_micro))):
+        mini_of_row[rows.reshape(-1)] = k
+    for i in range(N):  # contiguous, in order, in one row of the same mini-batch, own segment
+        where = np.argwhere((gather // T == i) & (gather < N * T))
+        row = where[0, 0]
+        assert (where[:, 0] == row).all() and mini_of_row[row] == mini_of_row[i]
+        cols = where[:, 1]
+        assert np.array_equal(gather[row, cols] % T, np.arange(lengths[i]))
+        assert np.array_equal(cols, cols[0] + np.arange(lengths[i]))
+        assert len(set(seg[row, cols].tolist())) == 1
+    # Packed: fewer rows than samples, and the filled rows are whole leading micro-batches.
+    used = (seg > 0).any(1)
+    assert used.sum() < N
+    micro_used = np.asarray(strided_split(used, n_mini, n_micro)).any(-1)  # [n_mini, n_micro]
+    for k in range(n_mini):
+        j = micro_used[k].sum()
+        assert micro_used[k, :j].all() and not micro_used[k, j:].any()
+    assert packing.filled_rows(seg, n_mini, n_micro) == micro_used.sum() * (N // 8)
+    # unpack(pack(x)) == x off each sample's first token.
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(N, T)).astype(np.float32))
+    back = np.asarray(packing.unpack(packing.pack(x, gather), p.scatter))
+    expect = np.where(mask, np.asarray(x), 0.0)
+    expect[:, 0] = 0.0
+    np.testing.assert_array_equal(back, expect)
+
+
+def test_layout_rejects_rows_with_holes() -> None:
+    mask = np.ones((4, 8), bool)
+    mask[1, 3] = False
+    with pytest.raises(ValueError, match="right-padded"):
+        packing.plan_packing(mask, 1, 2)
+
+
+def test_segment_positions_restart_per_segment() -> None:
+    seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]], jnp.int32)
+    expect = [[0, 1, 2, 0, 1, 0, 0, 0], list(range(8))]
+    np.testing.assert_array_equal(np.asarray(positions_from_mask(seg)), expect)
+    # Booleans keep their meaning (left padding: position 0 until the first real token).
+    left = jnp.array([[False, False, True, True]])
+    np.testing.assert_array_equal(np.asarray(positions_from_mask(left)), [[0, 0, 0, 1]])
+
+
+def test_packed_forward_equals_each_sample_alone(params: Any) -> None:
+    traj = make_traj(2)
+    p = packing.plan_packing(traj.token_mask, 1, 4)
+    tokens, mask = jnp.asarray(traj.tokens), jnp.asarray(traj.token_mask)
+    alone, _ = policy_outputs(params, tokens, mask, MCFG)
+    packed_tokens = packing.pack(tokens, p.gather)
+    packed, _ = policy_outputs(params, packed_tokens, jnp.asarray(p.segment_ids), MCFG)
+    got = np.asarray(packing.unpack(packed, p.scatter))
+    want = np.where(mask, np.asarray(alone), 0.0)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+    assert (p.segment_ids.max(1) > 1).any()  # some row really holds several samples
+    with pytest.raises(ValueError, match="segment ids"):
+        from rlver_jax.models.transformer import init_cache
+
+        forward(params, packed_tokens, positions_from_mask(jnp.asarray(p.segment_ids)),
+                jnp.asarray(p.segment_ids), MCFG, init_cache(MCFG, N, T))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "algo,extra",
+    [("ppo", {}), ("grpo", {"kl_coef": 0.01, "kl_kind": "k3"})],  # critic + GAE / reference
+)
+def test_packed_update_equals_the_padded_update(
+    params: Any, algo: str, extra: dict[str, Any]
+) -> None:
+    results = []
+    for pack in (False, True):
+        cfg = LearnerConfig(
+            algorithm=algo, mini_batch_size=8, micro_batch_size=2, ppo_epochs=2,
+            pack_sequences=pack, **BASE, **extra,
+        )  # fmt: skip
+        learner = Learner(MCFG, cfg, compiler_options=FAST)
+        state = learner.init_state(params, jax.random.key_data(jax.random.key(1)))
+        for step in range(2):
+            state, metrics = learner.update(state, make_traj(10 + step))
+        results.append((jax.device_get(state), metrics, learner))
+    (padded, m_pad, _), (packed, m_packed, learner) = results
+    for a, b in zip(jax.tree.leaves(padded.policy), jax.tree.leaves(packed.policy), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=0)
+    if algo == "ppo":
+        for a, b in zip(jax.tree.leaves(padded.critic), jax.tree.leaves(packed.critic), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=0)
+    for key in ("actor/pg_loss", "actor/entropy", "actor/grad_norm", "rollout/logprob_gap_mean"):
+        assert m_packed[key] == pytest.approx(m_pad[key], rel=1e-4, abs=1e-6), key
+    assert m_packed["skipped"] == 0.0
+    filled = learner.filled_rows(learner.pad(make_traj(11)))
+    assert filled < N  # the packed train step computes on fewer rows
+
+
+def test_packed_updates_do_not_recompile(params: Any) -> None:
+    cfg = LearnerConfig(
+        algorithm="ppo", mini_batch_size=8, micro_batch_size=2, pack_sequences=True, **BASE
+    )
+    learner = Learner(MCFG, cfg, compiler_options=FAST)
+    state = learner.init_state(params, jax.random.key_data(jax.random.key(2)))
+    state, _ = learner.update(state, make_traj(20))
+    compiles: list[str] = []
+
+    def listener(event: str, duration: float, **kwargs: Any) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:  # other lengths, other row counts per micro-batch: same shapes
+        state, _ = learner.update(state, make_traj(21, lo=3, hi=10))
+        state, _ = learner.update(state, make_traj(22, lo=16, hi=32))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+
+
+def test_packing_needs_token_mean() -> None:
+    with pytest.raises(LearnerConfigError, match="pack_sequences"):
+        LearnerConfig(pack_sequences=True, loss_agg="seq-mean-token-mean")
