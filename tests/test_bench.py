@@ -79,6 +79,7 @@ def test_rollout_bench_phase_split(capsys: pytest.CaptureFixture[str]) -> None:
     for r in overhead:
         assert 0.0 <= float(r["overhead_pct"]) <= 100.0
         assert 0.0 <= float(r["pad_frac"]) < 1.0
+        assert float(r["overhead_pct"]) <= float(r["total_pct"]) <= 100.0  # + padding waste
     assert overhead[1]["compiles"] == "0"  # no recompiles after the first step
     summary = result["summary"]
     assert summary["warm_compiles"] == 0 and summary["first_compiles"] > 0

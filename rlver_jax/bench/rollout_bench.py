@@ -13,15 +13,17 @@ Phase split of each step (seconds and % of the step; they sum to 100%):
 - checkpoint: the ``Checkpointer.save`` call (async by default: the call, not the write);
 - other: the rest (prompt building, reply parsing, emotion dynamics: the engine's host loop).
 
-Non-model overhead (the target is < 10% of a step)::
+Non-model overhead (the target is < 10% of a step, padding waste included)::
 
     device_s   = sampler prefill + decode (jitted, incl. the output transfer; Sampler timings)
                + user judging kernel (the reference user's jitted `_kernel`, run to completion;
                  for an LLM user the whole `judge` call counts as model time)
                + learner compute_old + compute_advantages + train_step (each run to completion)
     overhead_s = step_s - device_s          # host bookkeeping, transfers, replies, checkpoint
-    pad_frac   = 1 - real tokens / (rows x T) of the padded learner batch
-    pad_waste  = pad_frac x learner device time (compute spent on padding; reported apart)
+    pad_frac   = 1 - real tokens / (filled rows x T): padding in the rows the learner computes
+                 on (all rows, or with ``pack_sequences`` the micro-batches holding samples)
+    pad_waste  = pad_frac x learner device time (compute spent on padding)
+    total_pct  = (overhead_s + pad_waste) / step_s     # what the target counts
 
 Compilations are counted per step from jax's monitoring events; after the first step there
 must be none (target: 0).
@@ -50,7 +52,7 @@ PHASE_COLUMNS = (
 OVERHEAD_COLUMNS = (
     ("step", "{}"), ("step_s", "{:.3f}"), ("sample_dev_s", "{:.3f}"), ("judge_dev_s", "{:.3f}"),
     ("learn_dev_s", "{:.3f}"), ("overhead_s", "{:.3f}"), ("overhead_pct", "{:.1f}"),
-    ("pad_frac", "{:.3f}"), ("pad_waste_s", "{:.3f}"), ("rows_x_T", "{}"),
+    ("pad_frac", "{:.3f}"), ("pad_waste_s", "{:.3f}"), ("total_pct", "{:.1f}"), ("rows_x_T", "{}"),
     ("compiles", "{}"), ("rss_peak_mb", "{:.0f}"),
 )  # fmt: skip
 TARGET_OVERHEAD = 0.10
@@ -191,6 +193,7 @@ def run_steps(cfg: Any, steps: int, ckpt_dir: str) -> list[dict[str, Any]]:
                 "learn_dev_s": lt["device_s"], "overhead_s": step_s - device,
                 "overhead_pct": 100.0 * (step_s - device) / step_s, "pad_frac": lt["pad_frac"],
                 "pad_waste_s": lt["pad_frac"] * lt["device_s"],
+                "total_pct": 100.0 * (step_s - device + lt["pad_frac"] * lt["device_s"]) / step_s,
                 "rows_x_T": f"{int(lt['rows'])}x{int(lt['seq'])}",
                 "compiles": compile_count() - c0, "rss_peak_mb": rss_peak_mb(),
                 "sampled_tokens": m["sampled_tokens"],
@@ -221,6 +224,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     mean = lambda key: sum(r[key] for r in warm) / len(warm)
     return {
         "warm_steps": len(warm), "step_s": mean("step_s"), "overhead_pct": mean("overhead_pct"),
+        "total_pct": mean("total_pct"),
         "pad_frac": mean("pad_frac"), "warm_compiles": sum(r["compiles"] for r in rows[1:]),
         "first_compiles": rows[0]["compiles"],
         "phase_pct": {p: 100.0 * sum(r["phases"][p] for r in warm) / sum(
@@ -254,10 +258,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     s = summarize(rows)
     split = ", ".join(f"{p} {v:.1f}%" for p, v in s["phase_pct"].items())
     print(f"\nwarm steps ({s['warm_steps']}): {s['step_s']:.3f} s per step; {split}")
-    verdict = "meets" if s["overhead_pct"] < 100 * TARGET_OVERHEAD else "ABOVE"
+    verdict = "meets" if s["total_pct"] < 100 * TARGET_OVERHEAD else "ABOVE"
     print(
-        f"non-model overhead {s['overhead_pct']:.1f}% of a step ({verdict} the "
-        f"{TARGET_OVERHEAD:.0%} target); learner padding {s['pad_frac']:.1%} of its tokens"
+        f"non-model overhead {s['total_pct']:.1f}% of a step ({verdict} the "
+        f"{TARGET_OVERHEAD:.0%} target): host bookkeeping and transfers "
+        f"{s['overhead_pct']:.1f}%, padding waste {s['total_pct'] - s['overhead_pct']:.1f}% "
+        f"(learner padding {s['pad_frac']:.1%} of its tokens)"
     )
     verdict = "meets" if s["warm_compiles"] == 0 else "MISSES"
     print(
