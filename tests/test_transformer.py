@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -247,3 +250,41 @@ def test_bad_config_errors_name_the_key() -> None:
         ModelConfig.from_hf_dict(broken, source="x/config.json")
     with pytest.raises(ModelConfigError, match="num_hidden_layers"):
         ModelConfig.from_hf_dict({**good, "num_hidden_layers": "3"})
+
+
+@pytest.mark.parametrize("dtype,out_dtype,tol", [
+    ("float32", None, 1e-5), ("float32", "float32", 1e-5), ("bfloat16", "float32", 2e-2),
+])  # fmt: skip
+def test_project_values_and_gradients_match_einsum(dtype: str, out_dtype: str | None, tol: float):
+    """The CPU projection's custom backward (one shared transpose of x) against autodiff of
+    plain einsums, for a group of weights of different output shapes."""
+    from rlver_jax.models.projection import project
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, 8)), dtype)
+    ws = (
+        jnp.asarray(rng.normal(size=(8, 3, 4)), dtype),
+        jnp.asarray(rng.normal(size=(8, 6)), dtype),
+    )
+    cot = [jnp.asarray(rng.normal(size=(2, 5, 3, 4))), jnp.asarray(rng.normal(size=(2, 5, 6)))]
+
+    def loss(fn: Any, x: jax.Array, ws: tuple[jax.Array, ...]) -> jax.Array:
+        return sum(jnp.sum(o.astype(jnp.float32) * c) for o, c in zip(fn(x, ws), cot, strict=True))
+
+    ref = lambda x, ws: tuple(
+        jnp.tensordot(x, w, axes=1, preferred_element_type=out_dtype) for w in ws
+    )
+    ours = lambda x, ws: project(x, ws, out_dtype)
+    for a, b in zip(ours(x, ws), ref(x, ws), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol
+        )
+    g_ours = jax.grad(functools.partial(loss, ours), argnums=(0, 1))(x, ws)
+    g_ref = jax.grad(functools.partial(loss, ref), argnums=(0, 1))(x, ws)
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        scale = float(np.max(np.abs(np.asarray(b, np.float32))))
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol * scale, rtol=0
+        )

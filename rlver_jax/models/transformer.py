@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from rlver_jax.models.config import ModelConfig
+from rlver_jax.models.projection import project
 from rlver_jax.parallel.rules import LogicalAxes, constrain
 
 Params = dict[str, Any]
@@ -339,17 +340,14 @@ def _layer(
     """One pre-norm block; `kv` and the returned (k, v) as in `attend`."""
     dtype = h.dtype
     x = rms_norm(h, p["attn_norm"], config.rms_norm_eps)
-    q = jnp.einsum("btd,dhk->bthk", x, p["wq"].astype(dtype))
-    k = jnp.einsum("btd,dhk->bthk", x, p["wk"].astype(dtype))
-    v = jnp.einsum("btd,dhk->bthk", x, p["wv"].astype(dtype))
+    q, k, v = project(x, tuple(p[w].astype(dtype) for w in ("wq", "wk", "wv")))
     q, k, v = finish_qkv(q, k, v, p, cos, sin, config)
     attn, new_kv = attend(q, k, v, mask, kv, config)
     h = h + jnp.einsum("bthk,hkd->btd", attn, p["wo"].astype(dtype))
     h = constrain(h, ("batch", "seq", "act_embed"))
 
     x = rms_norm(h, p["mlp_norm"], config.rms_norm_eps)
-    gate = jnp.einsum("btd,df->btf", x, p["w_gate"].astype(dtype))
-    up = jnp.einsum("btd,df->btf", x, p["w_up"].astype(dtype))
+    gate, up = project(x, (p["w_gate"].astype(dtype), p["w_up"].astype(dtype)))
     act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
     h = h + jnp.einsum("btf,fd->btd", act, p["w_down"].astype(dtype))
     return constrain(h, ("batch", "seq", "act_embed")), new_kv
@@ -460,5 +458,5 @@ def lm_logits(params: Params, hidden: jax.Array, config: ModelConfig) -> jax.Arr
         head = params["embed"].astype(hidden.dtype).T
     else:
         head = params["lm_head"].astype(hidden.dtype)
-    logits = jnp.einsum("...d,dv->...v", hidden, head, preferred_element_type=jnp.float32)
+    (logits,) = project(hidden, (head,), jnp.float32)
     return constrain(logits, ("batch", "seq", "act_vocab"))

@@ -64,9 +64,8 @@ from rlver_jax.rl.losses import (
     LossTerm,
     aggregate,
     apply_kl_reward_penalty,
-    entropy_from_logits,
     kl_penalty,
-    token_logprobs,
+    logprobs_and_entropy,
     value_loss,
 )
 from rlver_jax.rl.optim import (
@@ -98,15 +97,17 @@ def shift_right(x: Array) -> Array:
 
 
 def policy_outputs(
-    params: Params, tokens: Array, token_mask: Array, mcfg: ModelConfig, temperature: float = 1.0
-) -> tuple[Array, Array]:
+    params: Params, tokens: Array, token_mask: Array, mcfg: ModelConfig, temperature: float = 1.0,
+    entropy_grad: bool = True,
+) -> tuple[Array, Array]:  # fmt: skip
     """Token-aligned ``(logprobs, entropies)`` ``[B, T]``: ``logp[t] = log softmax(z_{t-1} /
-    temperature)[tokens[t]]``, ``H[t] = entropy(z_{t-1} / temperature)``."""
+    temperature)[tokens[t]]``, ``H[t] = entropy(z_{t-1} / temperature)``; ``entropy_grad=False``:
+    no gradient flows through ``H`` (see :func:`~rlver_jax.rl.losses.logprobs_and_entropy`)."""
     tokens, token_mask = constrain(tokens, _BT), constrain(token_mask, _BT)
     logits, _ = forward(params, tokens, positions_from_mask(token_mask), token_mask, mcfg)
     logits = logits / temperature  # logits[:, t] predict tokens[:, t + 1]
-    logp = shift_right(token_logprobs(logits, jnp.roll(tokens, -1, axis=1)))
-    return logp, shift_right(entropy_from_logits(logits))
+    logp, ent = logprobs_and_entropy(logits, jnp.roll(tokens, -1, axis=1), entropy_grad)
+    return shift_right(logp), shift_right(ent)
 
 
 def critic_values(params: Params, tokens: Array, token_mask: Array, mcfg: ModelConfig) -> Array:
@@ -386,7 +387,9 @@ class Learner:
         ``stop_gradient(logp)`` and ``rollout/logprob_gap_mean = sum |logp - lp_sampler| m /
         sum m`` is reported (see the module docs)."""
         cfg = self.cfg
-        logp, ent = policy_outputs(params, mb.tokens, mb.token_mask, self.mcfg, cfg.temperature)
+        logp, ent = policy_outputs(
+            params, mb.tokens, mb.token_mask, self.mcfg, cfg.temperature, cfg.entropy_coef > 0
+        )
         mask, clip = mb.loss_mask, (cfg.clip_low, cfg.clip_high, cfg.loss_agg, cfg.clip_ratio_c)
         old = jax.lax.stop_gradient(logp) if on_policy else mb.old_logprobs
         pg, pg_metrics = get_policy_loss(cfg.policy_loss)(logp, old, mb.advantages, mask, *clip)

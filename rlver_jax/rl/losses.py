@@ -33,6 +33,7 @@ __all__ = [
     "grpo_policy_loss",
     "kl_loss",
     "kl_penalty",
+    "logprobs_and_entropy",
     "ppo_policy_loss",
     "token_logprobs",
     "value_loss",
@@ -212,12 +213,37 @@ def value_loss(
     return aggregate(0.5 * per_token, mask, agg_mode), {"vf_clipfrac": _token_mean(clipfrac, mask)}
 
 
+def _entropy(z: Array, lse: Array) -> Array:
+    """``lse - sum_v exp(z_v - lse) z_v`` for fp32 ``z`` ``[..., V]`` and ``lse`` ``[..., 1]``."""
+    return lse[..., 0] - jnp.sum(jnp.exp(z - lse) * z, axis=-1)
+
+
+def _picked_logprob(z: Array, targets: Array, lse: Array) -> Array:
+    """``z_y - lse``; the target is picked with a one-hot mask, so its gradient is elementwise
+    (a gather's gradient is a scatter, slow on CPU)."""
+    onehot = jnp.arange(z.shape[-1], dtype=jnp.int32) == jnp.asarray(targets, jnp.int32)[..., None]
+    return jnp.sum(jnp.where(onehot, z, 0.0), axis=-1) - lse[..., 0]
+
+
 def entropy_from_logits(logits: Array) -> Array:
     """Per-token entropy ``H = logsumexp(z) - sum_v softmax(z)_v z_v`` over the last axis (fp32)."""
     z = _f32(logits)
-    lse = jax.nn.logsumexp(z, axis=-1)
-    p = jax.nn.softmax(z, axis=-1)
-    return lse - jnp.sum(p * z, axis=-1)
+    return _entropy(z, jax.nn.logsumexp(z, axis=-1, keepdims=True))
+
+
+def logprobs_and_entropy(
+    logits: Array, targets: Array, entropy_grad: bool = True
+) -> tuple[Array, Array]:
+    """``(z_y - logsumexp(z), H(z))`` over the last axis in fp32 with ONE logsumexp (see
+    :func:`token_logprobs`, :func:`entropy_from_logits`). ``entropy_grad=False`` stops the
+    gradient through ``H`` (a metric when its loss coefficient is 0), which saves the backward
+    pass of a softmax over the vocabulary."""
+    z = _f32(logits)
+    lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
+    logp = _picked_logprob(z, targets, lse)
+    if not entropy_grad:
+        z, lse = jax.lax.stop_gradient((z, lse))
+    return logp, _entropy(z, lse)
 
 
 def entropy_bonus(entropy: Array, mask: Array, agg_mode: str = "token-mean") -> LossTerm:
@@ -271,5 +297,4 @@ def token_logprobs(logits: Array, targets: Array) -> Array:
     ``logits`` ``[..., V]``, ``targets`` ``[...]`` integer ids; returns ``[...]``.
     """
     z = _f32(logits)
-    picked = jnp.take_along_axis(z, jnp.asarray(targets)[..., None].astype(jnp.int32), axis=-1)
-    return picked[..., 0] - jax.nn.logsumexp(z, axis=-1)
+    return _picked_logprob(z, targets, jax.nn.logsumexp(z, axis=-1, keepdims=True))
