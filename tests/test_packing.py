@@ -84,6 +84,7 @@ def test_layout_keeps_samples_whole_in_their_mini_batch_and_fills_micro_batches_
         j = micro_used[k].sum()
         assert micro_used[k, :j].all() and not micro_used[k, j:].any()
     assert packing.filled_rows(seg, n_mini, n_micro) == micro_used.sum() * (N // 8)
+    assert packing.packed_rows(lengths, n_mini, n_micro, T) == micro_used.sum() * (N // 8)
     # unpack(pack(x)) == x off each sample's first token.
     x = jnp.asarray(np.random.default_rng(1).normal(size=(N, T)).astype(np.float32))
     back = np.asarray(packing.unpack(packing.pack(x, gather), p.scatter))
@@ -175,6 +176,19 @@ def test_packed_updates_do_not_recompile(params: Any) -> None:
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
+
+
+def test_packed_pad_picks_the_bucket_with_the_fewest_computed_tokens() -> None:
+    traj = make_traj(3, n=4, lo=10, hi=10)  # four 10-token samples in 32-wide rows
+    kw = dict(BASE, seq_buckets=(16, 20, 40), mini_batch_size=4, micro_batch_size=1)
+    packed = Learner(MCFG, LearnerConfig(pack_sequences=True, **kw)).pad(traj)
+    # 16: one sample per row (4 x 16 = 64 tokens computed); 20: two per row (2 x 20 = 40);
+    # 40: four in one row (1 x 40 = 40): the tie goes to the shorter rows.
+    assert packed.tokens.shape == (4, 20)
+    np.testing.assert_array_equal(packed.tokens[:, :10], np.asarray(traj.tokens)[:, :10])
+    assert not np.asarray(packed.token_mask)[:, 10:].any()
+    padded = Learner(MCFG, LearnerConfig(pack_sequences=False, **kw)).pad(traj)
+    assert padded.tokens.shape == (4, 40)  # unpacked: the smallest bucket holding the rows
 
 
 def test_packing_needs_token_mean() -> None:

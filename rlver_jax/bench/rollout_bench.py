@@ -80,9 +80,11 @@ SMALL: dict[str, Any] = {
     "dynamics": {"max_turns_train": 3},
     "rollout": {"profiles_per_batch": 4, "max_reply_tokens": 64, "temperature": 1.0},
     # One mini-batch per step as in RLVER (mini = batch = 32 dialogues), packed rows in
-    # micro-batches of one: the learner computes on the filled rows only.
+    # micro-batches of one: the learner computes on the filled rows only, and picks among
+    # 64-token buckets the row length whose packing computes the fewest tokens.
     "learner": {"algorithm": "ppo", "mini_batch_size": 16, "micro_batch_size": 1,
-                "pack_sequences": True, "actor_warmup_ratio": 0.0, "critic_warmup_ratio": 0.0},
+                "pack_sequences": True, "seq_buckets": list(range(256, 4097, 64)),
+                "actor_warmup_ratio": 0.0, "critic_warmup_ratio": 0.0},
 }  # fmt: skip
 
 

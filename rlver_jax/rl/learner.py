@@ -47,6 +47,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rlver_jax.models import value_head
@@ -236,13 +237,25 @@ class Learner:
     # ------------------------------------------------------------------ padding
     def pad(self, traj: Trajectories, num_samples: int | None = None) -> Trajectories:
         """Pad to ``num_samples`` rows (default: the next multiple of ``mini_batch_size``) and to
-        the smallest ``seq_buckets`` length, so repeated steps reuse one compiled program."""
+        a ``seq_buckets`` length, so repeated steps reuse one compiled program: the smallest
+        bucket that holds the rows, or with ``pack_sequences`` the bucket (holding the longest
+        sample) whose packed layout computes the fewest ``filled rows x T`` tokens."""
         n, t = traj.tokens.shape
         m = self.cfg.mini_batch_size
         n_pad = num_samples if num_samples is not None else -(-n // m) * m
         if n_pad % m:
             raise ValueError(f"num_samples={n_pad} must be a multiple of mini_batch_size={m}")
-        return traj.pad_to(n_pad, bucket_length(t, self.cfg.seq_buckets))
+        if not self.cfg.pack_sequences:
+            return traj.pad_to(n_pad, bucket_length(t, self.cfg.seq_buckets))
+        lengths = np.pad(np.asarray(traj.token_mask).sum(axis=1), (0, n_pad - n))
+        longest = max(int(lengths.max(initial=1)), 1)
+        fits = [b for b in self.cfg.seq_buckets if b >= longest]
+        if not fits:
+            bucket_length(longest, self.cfg.seq_buckets)  # raises: longer than every bucket
+        split = self._split_sizes(n_pad)
+        cost = lambda b: (packing_lib.packed_rows(lengths, *split, b) * b, b)  # ties: shorter
+        trimmed = jax.tree.map(lambda x: np.asarray(x)[:, :longest] if np.ndim(x) == 2 else x, traj)
+        return trimmed.pad_to(n_pad, min(fits, key=cost))
 
     # ------------------------------------------------------------------ packing
     def _split_sizes(self, num_samples: int) -> tuple[int, int]:
@@ -258,8 +271,11 @@ class Learner:
     def filled_rows(self, traj: Trajectories) -> int:
         """Rows of a padded batch the train step computes on (in the packed layout when
         ``pack_sequences``): the rows of every micro-batch holding a real token."""
-        mask = self.plan_packing(traj).segment_ids if self.cfg.pack_sequences else traj.token_mask
-        return packing_lib.filled_rows(mask, *self._split_sizes(traj.num_samples))
+        split = self._split_sizes(traj.num_samples)
+        if self.cfg.pack_sequences:
+            lengths = np.asarray(traj.token_mask).sum(axis=1)
+            return packing_lib.packed_rows(lengths, *split, traj.seq_len)
+        return packing_lib.filled_rows(traj.token_mask, *split)
 
     def _relayout(self, name: str, tree: Any, index: Any, segment_ids: Any = None) -> Any:
         """Every ``[N, T]`` leaf of ``tree`` gathered through ``index`` (``Packing.gather`` packs,

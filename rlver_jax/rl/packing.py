@@ -36,7 +36,7 @@ from rlver_jax.rl.optim import strided_split
 
 Array = jax.Array
 
-__all__ = ["Packing", "filled_rows", "pack", "plan_packing", "unpack"]
+__all__ = ["Packing", "filled_rows", "pack", "packed_rows", "plan_packing", "unpack"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +68,22 @@ def _first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]
     return bins
 
 
+def _layout(n: int, n_mini: int, n_micro: int) -> np.ndarray:
+    """``[n_mini, rows]``: each mini-batch's row indices, in micro-batch order."""
+    return np.asarray(strided_split(np.arange(n), n_mini, n_micro)).reshape(n_mini, -1)
+
+
+def packed_rows(lengths: np.ndarray, n_mini: int, n_micro: int, seq_len: int) -> int:
+    """Rows the train step computes on once samples of ``lengths`` are packed into rows of
+    ``seq_len`` (:func:`plan_packing`): per mini-batch, the micro-batches up to its last bin.
+    Equals ``filled_rows(plan_packing(...).segment_ids, ...)`` without building the layout."""
+    lengths = np.asarray(lengths)
+    layout = _layout(len(lengths), n_mini, n_micro)
+    m = layout.shape[1] // n_micro
+    bins = (len(_first_fit_decreasing(lengths[rows], seq_len)) for rows in layout)
+    return sum(-(-b // m) * m for b in bins)
+
+
 def plan_packing(token_mask: np.ndarray, n_mini: int, n_micro: int) -> Packing:
     """Pack the right-padded rows of ``token_mask`` ``[N, T]`` (real tokens a prefix of each row).
 
@@ -81,7 +97,7 @@ def plan_packing(token_mask: np.ndarray, n_mini: int, n_micro: int) -> Packing:
     lengths = mask.sum(axis=1)
     if np.any(mask.cumsum(axis=1)[np.arange(n), np.maximum(lengths - 1, 0)] != lengths):
         raise ValueError("plan_packing needs right-padded rows (real tokens first)")
-    layout = np.asarray(strided_split(np.arange(n), n_mini, n_micro)).reshape(n_mini, -1)
+    layout = _layout(n, n_mini, n_micro)
     empty = n * t
     gather = np.full((n, t), empty, np.int64)
     scatter = np.full((n, t), empty, np.int64)
