@@ -13,7 +13,8 @@ import pytest
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.transformer import forward, init_params, positions_from_mask
 from rlver_jax.rl import packing
-from rlver_jax.rl.learner import Learner, LearnerConfig, LearnerConfigError, policy_outputs
+from rlver_jax.rl.learner import Learner, LearnerConfig, LearnerConfigError
+from rlver_jax.rl.model_outputs import policy_outputs
 from rlver_jax.rl.optim import strided_split
 from rlver_jax.trajectories import Trajectories
 
@@ -189,6 +190,8 @@ def test_packed_pad_picks_the_bucket_with_the_fewest_computed_tokens() -> None:
     assert not np.asarray(packed.token_mask)[:, 10:].any()
     padded = Learner(MCFG, LearnerConfig(pack_sequences=False, **kw)).pad(traj)
     assert padded.tokens.shape == (4, 40)  # unpacked: the smallest bucket holding the rows
+    with pytest.raises(ValueError, match="exceeds the largest bucket 40"):
+        packing.best_row_length(np.array([10, 41]), 1, 2, (16, 20, 40))
 
 
 def test_packing_needs_token_mean() -> None:

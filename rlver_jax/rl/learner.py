@@ -38,11 +38,9 @@ LR schedule stays aligned with the data; ``state.rng`` is left untouched by the 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -52,13 +50,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rlver_jax.models import value_head
 from rlver_jax.models.config import ModelConfig
-from rlver_jax.models.transformer import (
-    forward,
-    param_logical_axes,
-    param_shapes,
-    positions_from_mask,
-)
-from rlver_jax.parallel.rules import axis_rules, constrain, named_sharding, tree_shardings
+from rlver_jax.models.transformer import param_logical_axes, param_shapes
+from rlver_jax.parallel.rules import axis_rules, named_sharding, tree_shardings
 from rlver_jax.rl import advantages as adv_lib
 from rlver_jax.rl import packing as packing_lib
 from rlver_jax.rl.losses import (
@@ -66,9 +59,9 @@ from rlver_jax.rl.losses import (
     aggregate,
     apply_kl_reward_penalty,
     kl_penalty,
-    logprobs_and_entropy,
     value_loss,
 )
+from rlver_jax.rl.model_outputs import critic_values, policy_outputs
 from rlver_jax.rl.optim import (
     LearnerBatch,
     LearnerConfig,
@@ -81,6 +74,7 @@ from rlver_jax.rl.optim import (
     strided_merge,
     strided_split,
 )
+from rlver_jax.rl.phase_timer import PhaseTimer
 from rlver_jax.rl.registry import get_advantage, get_policy_loss
 from rlver_jax.trajectories import Trajectories
 
@@ -89,33 +83,7 @@ Params = Any
 Metrics = dict[str, Array]
 _BT = ("batch", "seq")
 __all__ = ["Learner", "LearnerBatch", "LearnerConfig", "LearnerConfigError", "OldOutputs"]
-__all__ += ["TrainState", "critic_values", "init_train_state", "policy_outputs", "shift_right"]
-
-
-def shift_right(x: Array) -> Array:
-    """``out[:, t] = x[:, t - 1]``, ``out[:, 0] = 0``: position ``t - 1`` -> token ``t``."""
-    return jnp.pad(x[:, :-1], ((0, 0), (1, 0)) + ((0, 0),) * (x.ndim - 2))
-
-
-def policy_outputs(
-    params: Params, tokens: Array, token_mask: Array, mcfg: ModelConfig, temperature: float = 1.0,
-    entropy_grad: bool = True,
-) -> tuple[Array, Array]:  # fmt: skip
-    """Token-aligned ``(logprobs, entropies)`` ``[B, T]``: ``logp[t] = log softmax(z_{t-1} /
-    temperature)[tokens[t]]``, ``H[t] = entropy(z_{t-1} / temperature)``; ``entropy_grad=False``:
-    no gradient flows through ``H`` (see :func:`~rlver_jax.rl.losses.logprobs_and_entropy`)."""
-    tokens, token_mask = constrain(tokens, _BT), constrain(token_mask, _BT)
-    logits, _ = forward(params, tokens, positions_from_mask(token_mask), token_mask, mcfg)
-    logits = logits / temperature  # logits[:, t] predict tokens[:, t + 1]
-    logp, ent = logprobs_and_entropy(logits, jnp.roll(tokens, -1, axis=1), entropy_grad)
-    return shift_right(logp), shift_right(ent)
-
-
-def critic_values(params: Params, tokens: Array, token_mask: Array, mcfg: ModelConfig) -> Array:
-    """Token-aligned critic values ``[B, T]``: ``values[t] = V(position t - 1)``."""
-    tokens, token_mask = constrain(tokens, _BT), constrain(token_mask, _BT)
-    v = value_head.value_forward(params, tokens, positions_from_mask(token_mask), token_mask, mcfg)
-    return shift_right(v.astype(jnp.float32))
+__all__ += ["TrainState", "init_train_state"]
 
 
 class Learner:
@@ -248,14 +216,12 @@ class Learner:
         if not self.cfg.pack_sequences:
             return traj.pad_to(n_pad, bucket_length(t, self.cfg.seq_buckets))
         lengths = np.pad(np.asarray(traj.token_mask).sum(axis=1), (0, n_pad - n))
-        longest = max(int(lengths.max(initial=1)), 1)
-        fits = [b for b in self.cfg.seq_buckets if b >= longest]
-        if not fits:
-            bucket_length(longest, self.cfg.seq_buckets)  # raises: longer than every bucket
-        split = self._split_sizes(n_pad)
-        cost = lambda b: (packing_lib.packed_rows(lengths, *split, b) * b, b)  # ties: shorter
+        seq_len = packing_lib.best_row_length(
+            lengths, *self._split_sizes(n_pad), self.cfg.seq_buckets
+        )
+        longest = max(int(lengths.max()), 1)  # the columns past it are padding in every row
         trimmed = jax.tree.map(lambda x: np.asarray(x)[:, :longest] if np.ndim(x) == 2 else x, traj)
-        return trimmed.pad_to(n_pad, min(fits, key=cost))
+        return trimmed.pad_to(n_pad, seq_len)
 
     # ------------------------------------------------------------------ packing
     def _split_sizes(self, num_samples: int) -> tuple[int, int]:
@@ -306,22 +272,27 @@ class Learner:
         cfg, mcfg = self.cfg, self.mcfg
         n_chunks = traj.tokens.shape[0] // cfg.fwd_micro
 
-        def chunk(xs: tuple[Array, Array]) -> tuple[Array, Array, Array]:
-            tokens, tmask = xs
+        def chunk(xs: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+            tokens, tmask, lmask = xs
+            logprobs = lambda p: policy_outputs(
+                p, tokens, tmask, mcfg, cfg.temperature, needed=lmask
+            )[0]  # used under the loss mask only
 
             def run() -> tuple[Array, Array, Array]:
-                logp = policy_outputs(state.policy, tokens, tmask, mcfg, cfg.temperature)[0]
+                logp = logprobs(state.policy)
                 values = ref = jnp.zeros_like(logp)
                 if cfg.uses_critic:
                     values = critic_values(state.critic, tokens, tmask, mcfg)
                 if cfg.uses_reference:
-                    ref = policy_outputs(state.ref, tokens, tmask, mcfg, cfg.temperature)[0]
+                    ref = logprobs(state.ref)
                 return logp, values, ref
 
             zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run))
             return jax.lax.cond(jnp.any(tmask != 0), run, zeros)  # empty chunks: no compute
 
-        xs = (strided_split(traj.tokens, n_chunks), strided_split(traj.token_mask, n_chunks))
+        xs = tuple(
+            strided_split(x, n_chunks) for x in (traj.tokens, traj.token_mask, traj.loss_mask)
+        )
         logp, values, ref = (strided_merge(o) for o in jax.lax.map(chunk, xs))
         lmask = traj.loss_mask.astype(jnp.float32)
         old = OldOutputs(
@@ -404,8 +375,9 @@ class Learner:
         sum m`` is reported (see the module docs)."""
         cfg = self.cfg
         logp, ent = policy_outputs(
-            params, mb.tokens, mb.token_mask, self.mcfg, cfg.temperature, cfg.entropy_coef > 0
-        )
+            params, mb.tokens, mb.token_mask, self.mcfg, cfg.temperature, cfg.entropy_coef > 0,
+            needed=mb.loss_mask,
+        )  # fmt: skip
         mask, clip = mb.loss_mask, (cfg.clip_low, cfg.clip_high, cfg.loss_agg, cfg.clip_ratio_c)
         old = jax.lax.stop_gradient(logp) if on_policy else mb.old_logprobs
         pg, pg_metrics = get_policy_loss(cfg.policy_loss)(logp, old, mb.advantages, mask, *clip)
@@ -543,7 +515,7 @@ class Learner:
         """pad -> compute_old (skipped on-policy) -> compute_advantages -> train_step; metrics
         as Python floats. ``timings``: if given, each phase is run to completion and its wall
         seconds are stored there (``pad_s``, ``old_s``, ``adv_s``, ``train_s``, ``fetch_s``)."""
-        timer = _PhaseTimer(timings)
+        timer = PhaseTimer(timings)
         with timer("pad_s"):
             traj = self.pad(traj, num_samples)
             packing = self.plan_packing(traj) if self.cfg.pack_sequences else None
@@ -568,24 +540,6 @@ class Learner:
         with timer("fetch_s"):
             metrics = {k: float(v) for k, v in jax.device_get(m_old | m_adv | m_step).items()}
         return state, metrics
-
-
-class _PhaseTimer:
-    """Wall time per phase into ``timings`` (a no-op when it is None)."""
-
-    def __init__(self, timings: dict[str, float] | None) -> None:
-        self.timings = timings
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        yield
-        if self.timings is not None:
-            self.timings[name] = time.perf_counter() - t0
-
-    def ready(self, tree: Any) -> Any:
-        """``tree``, blocked on when timing (so a phase's time is its own)."""
-        return jax.block_until_ready(tree) if self.timings is not None else tree
 
 
 def init_train_state(

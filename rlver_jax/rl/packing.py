@@ -27,6 +27,7 @@ per-segment sums, so packing takes ``loss_agg="token-mean"`` (RLVER's and verl's
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,8 @@ from rlver_jax.rl.optim import strided_split
 
 Array = jax.Array
 
-__all__ = ["Packing", "filled_rows", "pack", "packed_rows", "plan_packing", "unpack"]
+__all__ = ["Packing", "best_row_length", "filled_rows", "pack", "packed_rows", "plan_packing"]
+__all__ += ["unpack"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +84,17 @@ def packed_rows(lengths: np.ndarray, n_mini: int, n_micro: int, seq_len: int) ->
     m = layout.shape[1] // n_micro
     bins = (len(_first_fit_decreasing(lengths[rows], seq_len)) for rows in layout)
     return sum(-(-b // m) * m for b in bins)
+
+
+def best_row_length(lengths: np.ndarray, n_mini: int, n_micro: int, buckets: Sequence[int]) -> int:
+    """The bucket (``>=`` the longest sample) whose packing computes the fewest tokens,
+    ``packed_rows x T``; ties go to the shorter rows (less attention per token)."""
+    lengths = np.asarray(lengths)
+    longest = max(int(lengths.max(initial=1)), 1)
+    fits = [b for b in buckets if b >= longest]
+    if not fits:
+        raise ValueError(f"sequence length {longest} exceeds the largest bucket {max(buckets)}")
+    return min(fits, key=lambda b: (packed_rows(lengths, n_mini, n_micro, b) * b, b))
 
 
 def plan_packing(token_mask: np.ndarray, n_mini: int, n_micro: int) -> Packing:
