@@ -117,7 +117,7 @@ def bench_rlver(shape: Shape, steps: int) -> dict[str, Any]:
         family="qwen2", vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.mlp,
         num_layers=s.layers, num_heads=s.heads, num_kv_heads=s.kv_heads, head_dim=s.head_dim,
         rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=True, dtype=s.dtype,
-        param_dtype=s.dtype,
+        param_dtype=s.dtype, scan_layers=False,  # tunix's Qwen2 runs its layers in a Python loop
     )  # fmt: skip
     buckets = SamplerConfig(
         prompt_buckets=(s.prompt_len,), batch_buckets=(s.rows,), new_token_buckets=(s.new_tokens,)

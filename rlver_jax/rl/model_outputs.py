@@ -59,10 +59,14 @@ def policy_outputs(
         blocks = lambda x: jnp.swapaxes(x.reshape(x.shape[0], -1, TARGET_BLOCK, *x.shape[2:]), 0, 1)
         unblock = lambda x: jnp.swapaxes(x, 0, 1).reshape(x.shape[1], T)
 
+        # Rematerialised: a block keeps only its hidden states for the backward pass, so a
+        # skipped block stores no [B, block, V] residuals (a cond's branches share them).
+        remat_outputs = jax.checkpoint(outputs)
+
         def block(xs: tuple[Array, Array, Array]) -> tuple[Array, Array]:
             h, targets, need = xs
             skip = lambda: jax.tree.map(jnp.zeros_like, jax.eval_shape(outputs, h, targets))
-            return jax.lax.cond(jnp.any(need != 0), outputs, lambda *_: skip(), h, targets)
+            return jax.lax.cond(jnp.any(need != 0), remat_outputs, lambda *_: skip(), h, targets)
 
         xs = (blocks(hidden), blocks(tokens), blocks(needed))
         logp, ent = (unblock(o) for o in jax.lax.map(block, xs))
