@@ -27,12 +27,13 @@ Phases (their transients never overlap; the peak is resident + the largest phase
              judge         22 x the prompt cache (the prompt cache and its 21 candidate copies,
                            S = P + C) + 2 x 21 x B' x C x V' x 4 (candidate log-softmax)
   old      forward-only pass of `Learner.compute_old` over m_f rows (forward micro-batch):
-           max(prefill(m_f, T, T), m_f x T x V' x 4) (one layer or one fp32 logits block)
+           max(prefill(m_f, T, T), m_f x block x V' x 4) (one layer or one fp32 logits block;
+           block = `rl.model_outputs.vocab_block(T)`: 64 target positions when 64 divides T)
   train    per model (actor, then critic): fp32 gradient accumulator (numel x 4 / shards)
            + the embedding's dense fp32 gradient (V x D x 4 / shards) + activations of a
            micro-batch of m rows x T tokens (T: the learner's sequence bucket):
              layer(m, T, S) = m x T x [(8 D + 3 H' Dh + 3 K' Dh + 6 F') x b + H' x S x (4 + b)]
-             logits(m, T)   = 5 x m x T x V' x 4     (fp32 logits, log-softmax, softmax for the
+             logits(m, T)   = 5 x m x block x V' x 4 (fp32 logits, log-softmax, softmax for the
                                                       entropy and their gradients; actor only)
              remat none: L x layer + logits
              remat full: L x m x T x D x b + max(logits, 1.5 x layer)
@@ -70,6 +71,7 @@ from rlver_jax.models.transformer import (
 from rlver_jax.models.value_head import value_logical_axes, value_param_shapes
 from rlver_jax.parallel.mesh import MESH_AXES
 from rlver_jax.parallel.rules import LogicalAxes, logical_to_spec
+from rlver_jax.rl.model_outputs import vocab_block
 from rlver_jax.rl.optim import AdamWConfig
 from rlver_jax.run_config import RunConfig
 from rlver_jax.sampling import SamplerConfig
@@ -223,7 +225,8 @@ def train_activation_bytes(
     c: ModelConfig, rows: int, T: int, mesh: AbstractMesh, logits: bool
 ) -> int:
     """Peak activations of one micro-batch's forward + backward (see the module docstring)."""
-    lg = C_LOGITS * rows * T * split(c.vocab_size, "act_vocab", mesh) * 4 if logits else 0
+    V = split(c.vocab_size, "act_vocab", mesh)
+    lg = C_LOGITS * rows * vocab_block(T) * V * 4 if logits else 0
     saved = saved_bytes(c, rows, T, mesh)
     if c.remat == "none":
         return saved + lg
@@ -417,8 +420,8 @@ def _learner(run: RunConfig, c: ModelConfig, mesh: AbstractMesh) -> list[Compone
         Component("learner batch", "train", batch, f"N={s['N']} x T x 32 B / rows", "actor"),
         Component(
             "old-logprob forward", "old",
-            max(prefill_bytes(c, mf, T, T, mesh), C_LOGITS_FWD * mf * T * V * 4),
-            f"max(prefill(m_f={mf}, T, T), m_f x T x V' x 4)", "forward",
+            max(prefill_bytes(c, mf, T, T, mesh), C_LOGITS_FWD * mf * vocab_block(T) * V * 4),
+            f"max(prefill(m_f={mf}, T, T), m_f x block x V' x 4)", "forward",
         ),
         Component("old outputs", "old", 3 * s["rows"] * T * 4, "3 x N x T x 4", "forward"),
         gathered_bytes(c, mesh, 1, "old", "forward"),

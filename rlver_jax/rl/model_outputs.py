@@ -21,13 +21,19 @@ from rlver_jax.rl.losses import logprobs_and_entropy
 Array = jax.Array
 Params = Any
 _BT = ("batch", "seq")
-__all__ = ["TARGET_BLOCK", "critic_values", "policy_outputs", "shift_right"]
+__all__ = ["TARGET_BLOCK", "critic_values", "policy_outputs", "shift_right", "vocab_block"]
 TARGET_BLOCK = 64  # target positions per vocabulary-projection block (see policy_outputs)
 
 
 def shift_right(x: Array) -> Array:
     """``out[:, t] = x[:, t - 1]``, ``out[:, 0] = 0``: position ``t - 1`` -> token ``t``."""
     return jnp.pad(x[:, :-1], ((0, 0), (1, 0)) + ((0, 0),) * (x.ndim - 2))
+
+
+def vocab_block(seq_len: int) -> int:
+    """Target positions per vocabulary-projection block of :func:`policy_outputs` (given
+    ``needed``): :data:`TARGET_BLOCK` when it divides a longer ``seq_len``, else one block."""
+    return TARGET_BLOCK if seq_len % TARGET_BLOCK == 0 and seq_len > TARGET_BLOCK else seq_len
 
 
 def policy_outputs(
@@ -53,7 +59,7 @@ def policy_outputs(
         return logprobs_and_entropy(logits, targets, entropy_grad)
 
     T = tokens.shape[1]
-    if needed is None or T % TARGET_BLOCK or T == TARGET_BLOCK:
+    if needed is None or vocab_block(T) == T:
         logp, ent = outputs(hidden, tokens)
     else:
         blocks = lambda x: jnp.swapaxes(x.reshape(x.shape[0], -1, TARGET_BLOCK, *x.shape[2:]), 0, 1)
