@@ -27,8 +27,9 @@ Phases (their transients never overlap; the peak is resident + the largest phase
              judge         22 x the prompt cache (the prompt cache and its 21 candidate copies,
                            S = P + C) + 2 x 21 x B' x C x V' x 4 (candidate log-softmax)
   old      forward-only pass of `Learner.compute_old` over m_f rows (forward micro-batch):
-           max(prefill(m_f, T, T), m_f x block x V' x 4) (one layer or one fp32 logits block;
-           block = `rl.model_outputs.vocab_block(T)`: 64 target positions when 64 divides T)
+           max(prefill(m_f, T, T), m_f x T x V' x 4) (one layer or the fp32 logits); when the
+           vocabulary projection runs in blocks (`rl.model_outputs.vocab_block(T)`: 64 target
+           positions when 64 divides T) two blocks instead of T
   train    per model (actor, then critic): fp32 gradient accumulator (numel x 4 / shards)
            + the embedding's dense fp32 gradient (V x D x 4 / shards) + activations of a
            micro-batch of m rows x T tokens (T: the learner's sequence bucket):
@@ -403,6 +404,13 @@ def train_shapes(run: RunConfig, mesh: AbstractMesh) -> dict[str, int]:
     }  # fmt: skip
 
 
+def _fwd_logit_positions(T: int) -> int:
+    """Logit positions a forward-only pass holds: all ``T`` unblocked, else two vocabulary
+    blocks (a block's logits and its softmax; fitted as C_LOGITS_FWD was)."""
+    block = vocab_block(T)
+    return C_LOGITS_FWD * T if block == T else 2 * block
+
+
 def _learner(run: RunConfig, c: ModelConfig, mesh: AbstractMesh) -> list[Component]:
     """compute_old's forward pass, and the train step of the actor then the critic."""
     s = train_shapes(run, mesh)
@@ -420,8 +428,8 @@ def _learner(run: RunConfig, c: ModelConfig, mesh: AbstractMesh) -> list[Compone
         Component("learner batch", "train", batch, f"N={s['N']} x T x 32 B / rows", "actor"),
         Component(
             "old-logprob forward", "old",
-            max(prefill_bytes(c, mf, T, T, mesh), C_LOGITS_FWD * mf * vocab_block(T) * V * 4),
-            f"max(prefill(m_f={mf}, T, T), m_f x block x V' x 4)", "forward",
+            max(prefill_bytes(c, mf, T, T, mesh), mf * _fwd_logit_positions(T) * V * 4),
+            f"max(prefill(m_f={mf}, T, T), m_f x (T | 2 blocks) x V' x 4)", "forward",
         ),
         Component("old outputs", "old", 3 * s["rows"] * T * 4, "3 x N x T x 4", "forward"),
         gathered_bytes(c, mesh, 1, "old", "forward"),
