@@ -69,6 +69,7 @@ from rlver_jax.rl.optim import (
     OldOutputs,
     TrainState,
     bucket_length,
+    cond_or_zeros,
     minibatch_update,
     opt_state_shardings,
     strided_merge,
@@ -287,8 +288,7 @@ class Learner:
                     ref = logprobs(state.ref)
                 return logp, values, ref
 
-            zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run))
-            return jax.lax.cond(jnp.any(tmask != 0), run, zeros)  # empty chunks: no compute
+            return cond_or_zeros(jnp.any(tmask != 0), run)  # empty chunks: no compute
 
         xs = tuple(
             strided_split(x, n_chunks) for x in (traj.tokens, traj.token_mask, traj.loss_mask)

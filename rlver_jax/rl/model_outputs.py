@@ -17,6 +17,7 @@ from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.transformer import forward, lm_logits, positions_from_mask
 from rlver_jax.parallel.rules import constrain
 from rlver_jax.rl.losses import logprobs_and_entropy
+from rlver_jax.rl.optim import cond_or_zeros
 
 Array = jax.Array
 Params = Any
@@ -71,8 +72,7 @@ def policy_outputs(
 
         def block(xs: tuple[Array, Array, Array]) -> tuple[Array, Array]:
             h, targets, need = xs
-            skip = lambda: jax.tree.map(jnp.zeros_like, jax.eval_shape(outputs, h, targets))
-            return jax.lax.cond(jnp.any(need != 0), remat_outputs, lambda *_: skip(), h, targets)
+            return cond_or_zeros(jnp.any(need != 0), remat_outputs, h, targets)
 
         xs = (blocks(hidden), blocks(tokens), blocks(needed))
         logp, ent = (unblock(o) for o in jax.lax.map(block, xs))

@@ -54,6 +54,7 @@ __all__ = [
     "accumulate_gradients",
     "bucket_length",
     "clip_by_global_norm",
+    "cond_or_zeros",
     "guarded_update",
     "minibatch_update",
     "opt_state_shardings",
@@ -187,6 +188,15 @@ def strided_merge(y: Array) -> Array:
     return jnp.swapaxes(y, 0, 1).reshape((-1, *y.shape[2:]))
 
 
+def cond_or_zeros(pred: Array, fn: Callable[..., Any], *operands: Any) -> Any:
+    """``fn(*operands)`` if ``pred``, else zeros of its output's shapes and dtypes
+    (``lax.cond``: the skipped branch does no work)."""
+    zeros = lambda *ops: jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *ops)
+    )
+    return jax.lax.cond(pred, fn, zeros, *operands)
+
+
 def accumulate_gradients(
     objective: Callable[[PyTree, PyTree, Array], tuple[Array, PyTree]],
     params: PyTree,
@@ -209,12 +219,11 @@ def accumulate_gradients(
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     first = jax.tree.map(lambda x: x[0], micro_batches)
     out_shape = jax.eval_shape(grad_fn, params, first, count)
-    zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
 
     def body(carry: tuple[PyTree, Array, PyTree], xs: tuple[PyTree, Array]) -> tuple[Any, None]:
         g_acc, l_acc, a_acc = carry
         micro, on = xs
-        (loss, aux), grads = jax.lax.cond(on, lambda: grad_fn(params, micro, count), zeros)
+        (loss, aux), grads = cond_or_zeros(on, grad_fn, params, micro, count)
         g_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), g_acc, grads)
         return (g_acc, l_acc + loss, jax.tree.map(jnp.add, a_acc, aux)), None
 
