@@ -263,7 +263,9 @@ def prefill(
     mask = jnp.concatenate([prompt_mask, jnp.ones((B, F), bool)], axis=1)
     positions = tfm.positions_from_mask(mask)
     cache = tfm.init_cache(config, B, cache_len)
-    hidden, cache = tfm.forward(params, tokens, positions, mask, config, cache, return_hidden=True)
+    hidden, cache = tfm.forward(
+        params, tokens, positions, mask, config, cache, return_hidden=True, empty_cache=True
+    )
     logits = tfm.lm_logits(params, hidden[:, P - 1 :], config)  # [B, F + 1, V]
     out_tok = jnp.full((B, out_len), pad_id, jnp.int32)
     out_lp = jnp.zeros((B, out_len), jnp.float32)

@@ -93,6 +93,45 @@ def test_llama3_rope_scaling_matches_transformers() -> None:
     )
 
 
+@pytest.mark.parametrize("scan", [True, False])
+def test_prefill_into_empty_cache_equals_cached_forward(scan: bool) -> None:
+    """`empty_cache=True` (attention over the block alone, cache filled at the end) gives the
+    logits and the cache that the block written into the cache and read back gives."""
+    model = tiny_torch_model("qwen2", seed=6)
+    config = _config_of(model, scan_layers=scan)
+    params = params_from_torch(model, config)
+    rng = np.random.default_rng(7)
+    B, P = 3, 7
+    tokens = jnp.asarray(rng.integers(1, config.vocab_size, (B, P)))
+    mask = np.ones((B, P), bool)
+    mask[0, :3] = False  # left padding
+    pos = positions_from_mask(jnp.asarray(mask))
+    runs = [
+        forward(
+            params,
+            tokens,
+            pos,
+            jnp.asarray(mask),
+            config,
+            init_cache(config, B, P + 4),
+            empty_cache=empty,
+        )
+        for empty in (False, True)
+    ]
+    (ref_logits, ref_cache), (logits, cache) = runs
+    np.testing.assert_allclose(np.asarray(logits)[mask], np.asarray(ref_logits)[mask], atol=1e-5)
+    assert int(cache.end) == int(ref_cache.end) == P
+    np.testing.assert_array_equal(np.asarray(cache.key_mask), np.asarray(ref_cache.key_mask))
+    # Compared on real slots: a pad query attends to nothing real (its k/v is never read).
+    real = np.asarray(cache.key_mask)[None, :, None, None, :]  # k: [L, B, K, Dh, S]
+    k, ref_k = np.asarray(cache.k), np.asarray(ref_cache.k)
+    np.testing.assert_allclose(np.where(real, k, 0), np.where(real, ref_k, 0), atol=1e-5)
+    v, ref_v = np.moveaxis(np.asarray(cache.v), 3, 4), np.moveaxis(np.asarray(ref_cache.v), 3, 4)
+    np.testing.assert_allclose(np.where(real, v, 0), np.where(real, ref_v, 0), atol=1e-5)
+    with pytest.raises(ValueError, match="needs a cache"):
+        forward(params, tokens, pos, jnp.asarray(mask), config, empty_cache=True)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("layout", ["scan", "unrolled", "decode_step"])
 def test_incremental_decoding_equals_full_forward(family: str, layout: str) -> None:
