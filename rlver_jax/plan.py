@@ -23,7 +23,10 @@ Phases (their transients never overlap; the peak is resident + the largest phase
   rollout  policy sampler | LLM-user sampler | LLM-user judge, one at a time:
              KV cache      2 x L x B' x (P + N) x K' x Dh x b   (B: batch bucket rounded to a
                            multiple of data x fsdp, P / N: prompt / new-token buckets)
-             prefill       m x P x [(2 D + H' Dh + 2 K' Dh + F') x b + H' x S x (8 + b)], S = P+N
+             prefill       m x P x [(2 D + H' Dh + 2 K' Dh + F') x b + H' x S x a], S = P,
+                           a = 4 + b (+ 4 when b < 4)
+                           (the sampler's prefill attends over the prompt block alone,
+                           `forward(empty_cache=True)`; the judge's over S = P + C slots)
              judge         22 x the prompt cache (the prompt cache and its 21 candidate copies,
                            S = P + C) + 2 x 21 x B' x C x V' x 4 (candidate log-softmax)
   old      forward-only pass of `Learner.compute_old` over m_f rows (forward micro-batch):
@@ -63,8 +66,8 @@ from jax.sharding import AbstractMesh
 
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.decode_step import decode_weight_logical_axes, decode_weights
+from rlver_jax.models.kv_cache import CACHE_LOGICAL_AXES
 from rlver_jax.models.transformer import (
-    CACHE_LOGICAL_AXES,
     is_logical_axes,
     param_logical_axes,
     param_shapes,
@@ -296,13 +299,15 @@ def _models(
 
 def prefill_bytes(c: ModelConfig, rows: int, P: int, S: int, mesh: AbstractMesh) -> int:
     """One layer of a forward-only prefill of P tokens over S cache slots:
-    rows x P x [(2 D + H' Dh + 2 K' Dh + F') x b + H' x S x (8 + b)] (f32 scores, masked
-    scores, probabilities)."""
+    rows x P x [(2 D + H' Dh + 2 K' Dh + F') x b + H' x S x a], a = 4 + b (+ 4 when b < 4):
+    f32 scores, masked in place, the probabilities, and their f32 copy before a cast to a
+    narrower dtype (attention as two batched GEMMs, `transformer._attention`)."""
     b = np.dtype(c.dtype).itemsize
     H, K = split(c.num_heads, "act_heads", mesh), split(c.num_kv_heads, "act_kv_heads", mesh)
     F = split(c.intermediate_size, "act_mlp", mesh)
     linear = (2 * c.hidden_size + (H + 2 * K) * c.head_dim + F) * b
-    return rows * P * (linear + H * S * (8 + b))
+    a = 4 + b + (4 if b < 4 else 0)
+    return rows * P * (linear + H * S * a)
 
 
 def decode_weight_bytes(c: ModelConfig, mesh: AbstractMesh) -> int:
@@ -330,8 +335,8 @@ def _sampler(
     return [
         Component(f"{label} KV cache", "rollout", cache, cache_formula, label),
         Component(
-            f"{label} prefill", "rollout", prefill_bytes(c, rows, P, P + N, mesh),
-            f"prefill(m={rows}, P={P}, S={P + N})", label,
+            f"{label} prefill", "rollout", prefill_bytes(c, rows, P, P, mesh),
+            f"prefill(m={rows}, P={P}, S={P})", label,
         ),
         gathered_bytes(c, mesh, 1, "rollout", label),
         Component(f"{dec} KV cache", "rollout", cache * (2 if unroll else 1),

@@ -46,7 +46,8 @@ from jax.sharding import Mesh
 from rlver_jax.models import transformer as tfm
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.decode_step import decode_step, decode_weight_logical_axes, decode_weights
-from rlver_jax.models.transformer import KVCache, Params
+from rlver_jax.models.kv_cache import KVCache, init_cache, unstack_cache
+from rlver_jax.models.transformer import Params
 from rlver_jax.parallel import mesh as mesh_lib
 from rlver_jax.parallel.rules import (
     DEFAULT_RULES,
@@ -262,7 +263,7 @@ def prefill(
     tokens = jnp.concatenate([prompt, jnp.broadcast_to(prefix, (B, F))], axis=1)
     mask = jnp.concatenate([prompt_mask, jnp.ones((B, F), bool)], axis=1)
     positions = tfm.positions_from_mask(mask)
-    cache = tfm.init_cache(config, B, cache_len)
+    cache = init_cache(config, B, cache_len)
     hidden, cache = tfm.forward(
         params, tokens, positions, mask, config, cache, return_hidden=True, empty_cache=True
     )
@@ -297,7 +298,7 @@ def decode(
     decoding); otherwise the donated cache is updated in place.
     """
     if unroll:
-        state = state.replace(cache=tfm.unstack_cache(state.cache))
+        state = state.replace(cache=unstack_cache(state.cache))
     B = state.logits.shape[0]
     ones = jnp.ones((B, 1), bool)
 
@@ -385,7 +386,7 @@ def _jitted(
     dec_params = _decode_weight_shardings(config, mesh, rules) if unroll else params
     state = DecodeState(
         cache=mesh_lib.cache_shardings(
-            jax.eval_shape(lambda: tfm.init_cache(config, B, P + N)), mesh, rules
+            jax.eval_shape(lambda: init_cache(config, B, P + N)), mesh, rules
         ),
         logits=named_sharding(("batch", "act_vocab"), (B, config.vocab_size), mesh, rules),
         tokens=out, logprobs=out, positions=row, done=row, stopped=row, lengths=row,

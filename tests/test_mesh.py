@@ -9,7 +9,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from rlver_jax.models.config import ModelConfig
-from rlver_jax.models.transformer import init_cache, param_shapes
+from rlver_jax.models.kv_cache import init_cache
+from rlver_jax.models.transformer import param_shapes
 from rlver_jax.parallel import (
     MESH_AXES,
     MeshConfig,

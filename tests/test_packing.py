@@ -122,7 +122,7 @@ def test_packed_forward_equals_each_sample_alone(params: Any) -> None:
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
     assert (p.segment_ids.max(1) > 1).any()  # some row really holds several samples
     with pytest.raises(ValueError, match="segment ids"):
-        from rlver_jax.models.transformer import init_cache
+        from rlver_jax.models.kv_cache import init_cache
 
         forward(params, packed_tokens, positions_from_mask(jnp.asarray(p.segment_ids)),
                 jnp.asarray(p.segment_ids), MCFG, init_cache(MCFG, N, T))  # fmt: skip

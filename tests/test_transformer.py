@@ -12,14 +12,13 @@ import pytest
 
 from rlver_jax.models.config import ModelConfig, ModelConfigError
 from rlver_jax.models.decode_step import decode_step, decode_weights
+from rlver_jax.models.kv_cache import init_cache, unstack_cache
 from rlver_jax.models.transformer import (
     forward,
-    init_cache,
     init_params,
     param_logical_axes,
     param_shapes,
     positions_from_mask,
-    unstack_cache,
 )
 from tests.hf_reference import params_from_torch, tiny_torch_model, torch_logits
 

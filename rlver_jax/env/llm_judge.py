@@ -49,13 +49,11 @@ from rlver_jax.env.intentions import INTENTION_DESCRIPTIONS_EN, INTENTION_FROM_Z
 from rlver_jax.env.profiles import Language, Profile
 from rlver_jax.env.user import Turn
 from rlver_jax.models.config import ModelConfig
+from rlver_jax.models.kv_cache import CACHE_LOGICAL_AXES, KVCache, init_cache
 from rlver_jax.models.tokenizer import Tokenizer
 from rlver_jax.models.transformer import (
-    CACHE_LOGICAL_AXES,
-    KVCache,
     Params,
     forward,
-    init_cache,
     lm_logits,
     positions_from_mask,
 )

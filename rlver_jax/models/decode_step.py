@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from rlver_jax.models import transformer as tfm
 from rlver_jax.models.config import ModelConfig
+from rlver_jax.models.kv_cache import KVCache
 from rlver_jax.parallel.rules import LogicalAxes, constrain
 
 Params = dict[str, Any]
@@ -124,16 +125,16 @@ def _layer(
 
 
 def decode_step(
-    weights: Params, tokens: jax.Array, positions: jax.Array, cache: tfm.KVCache,
+    weights: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache,
     config: ModelConfig,
-) -> tuple[jax.Array, tfm.KVCache]:  # fmt: skip
+) -> tuple[jax.Array, KVCache]:  # fmt: skip
     """Feed one token per row: tokens, positions [B] int; `cache` per layer
-    (`transformer.unstack_cache`), written at slot `cache.end`.
+    (`kv_cache.unstack_cache`), written at slot `cache.end`.
 
     Returns (next-token logits [B, V] float32, the updated cache).
     """
     if not cache.per_layer:
-        raise ValueError("decode_step takes a per-layer cache (transformer.unstack_cache)")
+        raise ValueError("decode_step takes a per-layer cache (kv_cache.unstack_cache)")
     dtype = jnp.dtype(config.dtype)
     B = tokens.shape[0]
     x = constrain(jnp.take(weights["embed"], tokens, axis=0).astype(dtype).T, _COLS)

@@ -25,9 +25,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rlver_jax.models.config import ModelConfig
+from rlver_jax.models.kv_cache import KVCache, cache_logical_axes
 from rlver_jax.models.transformer import (
-    KVCache,
-    cache_logical_axes,
     is_logical_axes,
     param_logical_axes,
     param_shapes,

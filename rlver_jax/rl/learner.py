@@ -39,7 +39,6 @@ LR schedule stays aligned with the data; ``state.rng`` is left untouched by the 
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -56,12 +55,9 @@ from rlver_jax.rl import advantages as adv_lib
 from rlver_jax.rl import packing as packing_lib
 from rlver_jax.rl.losses import (
     LossTerm,
-    aggregate,
-    apply_kl_reward_penalty,
-    kl_penalty,
-    value_loss,
 )
 from rlver_jax.rl.model_outputs import critic_values, policy_outputs
+from rlver_jax.rl.objectives import actor_objective, advantage_batch, critic_objective
 from rlver_jax.rl.optim import (
     LearnerBatch,
     LearnerConfig,
@@ -76,7 +72,6 @@ from rlver_jax.rl.optim import (
     strided_split,
 )
 from rlver_jax.rl.phase_timer import PhaseTimer
-from rlver_jax.rl.registry import get_advantage, get_policy_loss
 from rlver_jax.trajectories import Trajectories
 
 Array = jax.Array
@@ -316,40 +311,6 @@ class Learner:
         return self._call("old", self._compute_old, (state, traj), (in_sh, out_sh))
 
     # ------------------------------------------------------------------ advantages
-    def _compute_advantages(
-        self, traj: Trajectories, old: OldOutputs
-    ) -> tuple[LearnerBatch, Metrics]:
-        cfg = self.cfg
-        lmask = traj.loss_mask.astype(jnp.float32)
-        metrics: Metrics = {}
-        estimator = get_advantage(cfg.advantage_estimator)
-        returns = vmask = None
-        if cfg.uses_critic:
-            vmask = lmask
-            if cfg.critic_mask == "response":  # every real token from the first policy token on
-                vmask = ((jnp.cumsum(lmask, axis=1) > 0) & traj.token_mask).astype(jnp.float32)
-            rewards = traj.rewards.astype(jnp.float32)
-            if cfg.kl_as_reward:
-                kl = kl_penalty(old.logprobs, old.ref_logprobs, cfg.kl_kind) * lmask
-                rewards = apply_kl_reward_penalty(rewards, kl, cfg.kl_coef, lmask)
-                metrics["actor/reward_kl"] = adv_lib.masked_mean(kl, lmask)
-            adv, returns = estimator(rewards, old.values, vmask, cfg.gamma, cfg.lam, whiten=False)
-            if cfg.whiten_advantages:
-                adv = adv_lib.masked_whiten(adv, lmask)
-            adv, returns = adv * lmask, returns * vmask
-        else:
-            n = traj.scores.shape[0]
-            _, gids = jnp.unique(traj.group_ids, size=n, return_inverse=True)
-            kwargs: dict[str, Any] = {"dialogue_ids": traj.dialogue_ids}
-            if "eps" in inspect.signature(estimator).parameters:
-                kwargs["eps"] = cfg.grpo_eps
-            per_sample = estimator(traj.scores, gids.reshape(-1), n, **kwargs)
-            adv = adv_lib.broadcast_to_tokens(per_sample, lmask)
-        kl_loss = cfg.uses_reference and not cfg.kl_as_reward
-        ref = old.ref_logprobs if kl_loss else None
-        inputs = (traj.tokens, traj.token_mask, traj.loss_mask, old.logprobs, adv)
-        return LearnerBatch(*inputs, returns, old.values, vmask, ref), metrics
-
     def compute_advantages(
         self, traj: Trajectories, old: OldOutputs
     ) -> tuple[LearnerBatch, Metrics]:
@@ -362,59 +323,21 @@ class Learner:
         """
         tok = self._tok(*traj.tokens.shape)
         in_sh, out_sh = (self.batch_shardings(traj), tok), (tok, self._replicated())
-        return self._call("adv", self._compute_advantages, (traj, old), (in_sh, out_sh))
+        fn = functools.partial(advantage_batch, self.cfg)
+        return self._call("adv", fn, (traj, old), (in_sh, out_sh))
 
     # ------------------------------------------------------------------ train step
-    def _actor_objective(
-        self, params: Params, mb: LearnerBatch, count: Array, on_policy: bool = False
-    ) -> tuple[Array, dict[str, LossTerm]]:
-        """``(sum_pg - c_H sum_H + c_KL sum_KL) / count`` on one micro-batch, plus metrics.
-
-        ``on_policy``: ``mb.old_logprobs`` hold the SAMPLER's logprobs; the old logprobs are
-        ``stop_gradient(logp)`` and ``rollout/logprob_gap_mean = sum |logp - lp_sampler| m /
-        sum m`` is reported (see the module docs)."""
-        cfg = self.cfg
-        logp, ent = policy_outputs(
-            params, mb.tokens, mb.token_mask, self.mcfg, cfg.temperature, cfg.entropy_coef > 0,
-            needed=mb.loss_mask,
-        )  # fmt: skip
-        mask, clip = mb.loss_mask, (cfg.clip_low, cfg.clip_high, cfg.loss_agg, cfg.clip_ratio_c)
-        old = jax.lax.stop_gradient(logp) if on_policy else mb.old_logprobs
-        pg, pg_metrics = get_policy_loss(cfg.policy_loss)(logp, old, mb.advantages, mask, *clip)
-        entropy = aggregate(ent, mask, cfg.loss_agg)
-        total = pg.total - cfg.entropy_coef * entropy.total
-        terms = {"actor/pg_loss": pg, "actor/entropy": entropy}
-        terms |= {f"actor/{k}": v for k, v in pg_metrics.items()}
-        if on_policy:
-            gap = jnp.abs(old - mb.old_logprobs.astype(jnp.float32))
-            terms["rollout/logprob_gap_mean"] = aggregate(gap, mask, "token-mean")
-        if mb.ref_logprobs is not None:
-            kl = aggregate(kl_penalty(logp, mb.ref_logprobs, cfg.kl_kind), mask, cfg.loss_agg)
-            total, terms["actor/kl_loss"] = total + cfg.kl_coef * kl.total, kl
-        return total / jnp.maximum(count, 1.0), jax.lax.stop_gradient(terms)
-
-    def _critic_objective(
-        self, params: Params, mb: LearnerBatch, count: Array
-    ) -> tuple[Array, dict[str, LossTerm]]:
-        """``sum 0.5 max((V - R)^2, (clip(V, V_old +- c) - R)^2) / count`` on one micro-batch."""
-        v = critic_values(params, mb.tokens, mb.token_mask, self.mcfg)
-        loss, metrics = value_loss(
-            v, mb.old_values, mb.returns, mb.value_mask, self.cfg.value_clip, self.cfg.loss_agg
-        )
-        terms = {"critic/vf_loss": loss, "critic/vf_clipfrac": metrics["vf_clipfrac"]}
-        terms["critic/vpred_mean"] = aggregate(v, mb.value_mask, "token-mean")
-        return loss.total / jnp.maximum(count, 1.0), jax.lax.stop_gradient(terms)
-
     def _update(
         self, name: str, params: Params, opt_state: Any, mb: LearnerBatch, lr: Array,
         on_policy: bool = False,
     ) -> tuple[Params, Any, dict[str, LossTerm], dict[str, Array]]:  # fmt: skip
         """Guarded step of ``name`` ("actor" / "critic") on a mini-batch ``[n_micro, m, T]``."""
-        actor = functools.partial(self._actor_objective, on_policy=on_policy)
+        actor = functools.partial(actor_objective, self.cfg, self.mcfg, on_policy=on_policy)
+        critic = functools.partial(critic_objective, self.cfg, self.mcfg)
         opt, objective, mask = (
             (self.actor_opt, actor, mb.loss_mask)
             if name == "actor"
-            else (self.critic_opt, self._critic_objective, mb.value_mask)
+            else (self.critic_opt, critic, mb.value_mask)
         )
         params, opt_state, terms, st = minibatch_update(
             opt, objective, params, opt_state, mb, mask, lr, self.cfg.loss_agg

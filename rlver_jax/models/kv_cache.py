@@ -1,0 +1,88 @@
+"""The KV cache of the decoder (`transformer.forward`, `decode_step.decode_step`): its layouts,
+logical axes, and the empty cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from rlver_jax.models.config import ModelConfig
+from rlver_jax.parallel.rules import LogicalAxes
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer, written left to right at slot `end`.
+
+    k:         [layers, batch, kv_heads, head_dim, max_len] (stacked: what `lax.scan` carries),
+               or a tuple of one [batch, kv_heads, head_dim, max_len] buffer per layer
+               (`unstack_cache`, read by `decode_step.decode_step`: its unrolled layer loop
+               then writes each layer's buffer in place; slicing a stacked cache makes
+               XLA:CPU copy the slice). `forward` takes the stacked form.
+    v:         [.., kv_heads, max_len, head_dim]. With these layouts both attention products
+               are plain [M, K] @ [K, N] GEMMs over the stored buffers (q @ k, probs @ v; see
+               `_attention`): measured on the 2-core CPU against k [.., max_len, head_dim] /
+               v [.., head_dim, max_len], SmolLM2 prefill (batch 8 x 256) 5.8 -> 4.1 s (with
+               `empty_cache`), decode step 77 -> 69-75 ms at batch 8, 277 -> 218 ms at 32.
+    key_mask:  [batch, max_len] True where the slot holds a real (non-pad) token
+    end:       [] int32, the next slot to write (the same for every row)
+    """
+
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
+    key_mask: jax.Array
+    end: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.key_mask.shape[1]
+
+    @property
+    def per_layer(self) -> bool:
+        return isinstance(self.k, tuple)
+
+
+_K_AXES: LogicalAxes = ("cache_batch", "act_kv_heads", "head_dim", "cache_seq")
+_V_AXES: LogicalAxes = ("cache_batch", "act_kv_heads", "cache_seq", "head_dim")
+CACHE_LOGICAL_AXES = KVCache(
+    k=("layers", *_K_AXES),  # type: ignore[arg-type]
+    v=("layers", *_V_AXES),  # type: ignore[arg-type]
+    key_mask=("cache_batch", "cache_seq"),  # type: ignore[arg-type]
+    end=(),  # type: ignore[arg-type]
+)
+
+
+def cache_logical_axes(cache: KVCache) -> KVCache:
+    """Logical axis names of `cache`'s leaves, stacked or per layer."""
+    if not cache.per_layer:
+        return CACHE_LOGICAL_AXES
+    n = len(cache.k)  # type: ignore[arg-type]
+    return CACHE_LOGICAL_AXES.replace(k=(_K_AXES,) * n, v=(_V_AXES,) * n)
+
+
+def init_cache(
+    config: ModelConfig, batch: int, max_len: int, dtype: Any = None, *, per_layer: bool = False
+) -> KVCache:
+    """An empty cache for `batch` rows of up to `max_len` tokens (see `KVCache`)."""
+    shape = (batch, config.num_kv_heads, config.head_dim, max_len)
+    v_shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+    dtype = jnp.dtype(dtype or config.dtype)
+    if per_layer:
+        k: Any = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        v: Any = tuple(jnp.zeros(v_shape, dtype) for _ in range(config.num_layers))
+    else:
+        k = jnp.zeros((config.num_layers, *shape), dtype)
+        v = jnp.zeros((config.num_layers, *v_shape), dtype)
+    return KVCache(
+        k=k, v=v, key_mask=jnp.zeros((batch, max_len), bool), end=jnp.zeros((), jnp.int32)
+    )
+
+
+def unstack_cache(cache: KVCache) -> KVCache:
+    """The same cache with one buffer per layer (a copy; a no-op if already per layer)."""
+    if cache.per_layer:
+        return cache
+    return cache.replace(k=tuple(cache.k), v=tuple(cache.v))  # type: ignore[arg-type]
