@@ -41,7 +41,9 @@ Phases (their transients never overlap; the peak is resident + the largest phase
                                                       entropy and their gradients; actor only)
              remat none: L x layer + logits
              remat full: L x m x T x D x b + max(logits, 1.5 x layer)
-             remat dots: L x m x T x (2 D + H' Dh + 2 K' Dh + 2 F') x b + max(logits, 1.5 x layer)
+             remat dots: L x saved + max(logits, 1.5 x layer - saved),
+                         saved = m x T x (2 D + H' Dh + 2 K' Dh + 2 F') x b (the dot outputs
+                         the policy keeps: read back, not recomputed)
            + the learner batch (N x T x 32 bytes / rows split).
   FSDP     with fsdp > 1 every group also holds one layer (twice in training: its gradient
            before the reduce-scatter) and the lm_head all-gathered (split over `tensor` only).
@@ -234,12 +236,15 @@ def train_activation_bytes(
     saved = saved_bytes(c, rows, T, mesh)
     if c.remat == "none":
         return saved + lg
-    return saved + max(lg, int(C_RECOMPUTE * layer_bytes(c, rows, T, T, mesh)))
+    recompute = int(C_RECOMPUTE * layer_bytes(c, rows, T, T, mesh))
+    if c.remat == "dots":  # the layer's saved dot outputs are read back, not recomputed
+        recompute -= saved // c.num_layers
+    return saved + max(lg, recompute)
 
 
 def kv_cache_bytes(c: ModelConfig, batch: int, length: int, mesh: AbstractMesh) -> int:
     """2 x L x B' x K' x S x Dh x b, sharded by `CACHE_LOGICAL_AXES`."""
-    shape = (c.num_layers, batch, c.num_kv_heads, length, c.head_dim)
+    shape = (c.num_layers, batch, c.num_kv_heads, c.head_dim, length)
     names: LogicalAxes = CACHE_LOGICAL_AXES.k  # type: ignore[assignment]
     return 2 * math.prod(shape) * np.dtype(c.dtype).itemsize // shard_count(names, shape, mesh)
 
