@@ -330,15 +330,10 @@ def forward(
     cos, sin = rope_tables(positions, config)
     T = tokens.shape[1]
 
-    if empty_cache:
-        if cache is None:
-            raise ValueError("empty_cache=True needs a cache to fill")
-        return _prefill(params, h, cos, sin, token_mask, config, cache, return_hidden)
-    if cache is None:
-        mask = attention_mask(token_mask)
-        start = None
-        key_mask = None
-    else:
+    if empty_cache and cache is None:
+        raise ValueError("empty_cache=True needs a cache to fill")
+    start = key_mask = None  # start None: attention within the block (no cache, or an empty one)
+    if cache is not None:
         if is_segment_ids(token_mask):
             raise ValueError("packed rows (segment ids) take no KV cache")
         token_mask = token_mask.astype(bool)
@@ -347,6 +342,9 @@ def forward(
                 "forward takes a stacked KVCache; per-layer caches are decode_step's "
                 "(rlver_jax.models.decode_step)"
             )
+    if cache is None or empty_cache:
+        mask = attention_mask(token_mask)
+    else:
         start = cache.end
         key_mask = jax.lax.dynamic_update_slice(cache.key_mask, token_mask, (0, start))
         q_slot = start + jnp.arange(T)
@@ -357,14 +355,15 @@ def forward(
     layers = params["layers"]
     new_k: Any = None if cache is None else cache.k
     new_v: Any = None if cache is None else cache.v
+    block_kv: Any = None  # with empty_cache: every layer's block (k, v), stacked
 
-    if config.scan_layers and cache is None:
+    if config.scan_layers and start is None:
 
-        def body(carry: jax.Array, p: Params) -> tuple[jax.Array, None]:
-            out, _ = layer_fn(carry, p, cos, sin, mask, None, config)
-            return out, None
+        def body(carry: jax.Array, p: Params) -> tuple[jax.Array, Any]:
+            out, kv = layer_fn(carry, p, cos, sin, mask, None, config)
+            return out, kv if empty_cache else None
 
-        h, _ = jax.lax.scan(body, h, layers)
+        h, block_kv = jax.lax.scan(body, h, layers)
     elif config.scan_layers:
 
         def body_cached(
@@ -378,54 +377,30 @@ def forward(
         idx = jnp.arange(config.num_layers)
         (h, new_k, new_v), _ = jax.lax.scan(body_cached, (h, new_k, new_v), (layers, idx))
     else:
-        for i in range(config.num_layers):
-            p = jax.tree.map(lambda x, i=i: x[i], layers)
-            kv = None if cache is None else (new_k, new_v, i, start)
-            h, (k_l, v_l) = layer_fn(h, p, cos, sin, mask, kv, config)
-            if cache is not None:
-                new_k, new_v = k_l, v_l
-
-    h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
-    new_cache = None
-    if cache is not None:
-        new_cache = KVCache(k=new_k, v=new_v, key_mask=key_mask, end=start + T)
-    if return_hidden:
-        return h, new_cache
-    return lm_logits(params, h, config), new_cache
-
-
-def _prefill(
-    params: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, token_mask: jax.Array,
-    config: ModelConfig, cache: KVCache, return_hidden: bool,
-) -> tuple[jax.Array, KVCache]:  # fmt: skip
-    """`forward` of a block into an empty cache: causal attention within the block (no reads of
-    the cache's empty slots), then the block's keys and values written at slots [0, T)."""
-    if cache.per_layer:
-        raise ValueError("forward takes a stacked KVCache; per-layer caches are decode_step's")
-    token_mask = token_mask.astype(bool)
-    mask = attention_mask(token_mask)
-    layer_fn = _remat(_layer, config.remat)
-    layers = params["layers"]
-    if config.scan_layers:
-
-        def body(carry: jax.Array, p: Params) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-            return layer_fn(carry, p, cos, sin, mask, None, config)
-
-        h, (ks, vs) = jax.lax.scan(body, h, layers)
-    else:
         kvs = []
         for i in range(config.num_layers):
             p = jax.tree.map(lambda x, i=i: x[i], layers)
-            h, kv = layer_fn(h, p, cos, sin, mask, None, config)
-            kvs.append(kv)
-        ks, vs = (jnp.stack(x) for x in zip(*kvs, strict=True))
-    T = h.shape[1]
-    zero = jnp.zeros((), jnp.int32)
-    k = jax.lax.dynamic_update_slice(cache.k, ks.astype(cache.k.dtype), (zero,) * 5)
-    v = jax.lax.dynamic_update_slice(cache.v, vs.astype(cache.v.dtype), (zero,) * 5)
-    key_mask = jax.lax.dynamic_update_slice(cache.key_mask, token_mask, (0, 0))
-    new_cache = cache.replace(k=k, v=v, key_mask=key_mask, end=jnp.asarray(T, jnp.int32))
+            kv = None if start is None else (new_k, new_v, i, start)
+            h, (k_l, v_l) = layer_fn(h, p, cos, sin, mask, kv, config)
+            if start is not None:
+                new_k, new_v = k_l, v_l
+            elif empty_cache:
+                kvs.append((k_l, v_l))
+        if empty_cache:
+            block_kv = tuple(jnp.stack(x) for x in zip(*kvs, strict=True))
+
     h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
+    new_cache = None
+    if empty_cache:  # the block's keys and values at slots [0, T), written once
+        ks, vs = block_kv
+        new_cache = cache.replace(
+            k=jax.lax.dynamic_update_slice(cache.k, ks.astype(cache.k.dtype), (0,) * 5),
+            v=jax.lax.dynamic_update_slice(cache.v, vs.astype(cache.v.dtype), (0,) * 5),
+            key_mask=jax.lax.dynamic_update_slice(cache.key_mask, token_mask, (0, 0)),
+            end=jnp.asarray(T, jnp.int32),
+        )
+    elif cache is not None:
+        new_cache = KVCache(k=new_k, v=new_v, key_mask=key_mask, end=start + T)
     if return_hidden:
         return h, new_cache
     return lm_logits(params, h, config), new_cache

@@ -53,9 +53,7 @@ from rlver_jax.models.transformer import param_logical_axes, param_shapes
 from rlver_jax.parallel.rules import axis_rules, named_sharding, tree_shardings
 from rlver_jax.rl import advantages as adv_lib
 from rlver_jax.rl import packing as packing_lib
-from rlver_jax.rl.losses import (
-    LossTerm,
-)
+from rlver_jax.rl.losses import LossTerm
 from rlver_jax.rl.model_outputs import critic_values, policy_outputs
 from rlver_jax.rl.objectives import actor_objective, advantage_batch, critic_objective
 from rlver_jax.rl.optim import (
