@@ -49,6 +49,7 @@ from rlver_jax.models.decode_step import decode_step, decode_weight_logical_axes
 from rlver_jax.models.kv_cache import KVCache, init_cache, unstack_cache
 from rlver_jax.models.transformer import Params
 from rlver_jax.parallel import mesh as mesh_lib
+from rlver_jax.parallel.compiler_options import large_gemm_options, platform_of
 from rlver_jax.parallel.rules import (
     DEFAULT_RULES,
     MeshAxes,
@@ -377,8 +378,9 @@ def _jitted(
     dec = functools.partial(decode, config=config, pool=pool, pad_id=pad_id, unroll=unroll)
     # The unrolled decode copies the cache into per-layer buffers: nothing to donate it to.
     donate = () if unroll else (1,)
+    pre_opts = large_gemm_options(platform_of(mesh))
     if mesh is None:
-        return jax.jit(pre), jax.jit(dec, donate_argnums=donate), None
+        return jax.jit(pre, compiler_options=pre_opts), jax.jit(dec, donate_argnums=donate), None
     rep, row = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh, (B,), rules)
     grid, out = (mesh_lib.batch_sharding(mesh, (B, n), rules) for n in (P, N))
     ins = (grid, grid, rep, row, Settings(row, row, row, rep, rep), rep)
@@ -393,7 +395,7 @@ def _jitted(
         step=rep, key=rep, settings=ins[4],
     )  # fmt: skip
     return (
-        jax.jit(pre, in_shardings=(params, *ins), out_shardings=state),
+        jax.jit(pre, in_shardings=(params, *ins), out_shardings=state, compiler_options=pre_opts),
         jax.jit(
             dec,
             in_shardings=(dec_params, state),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.transformer import init_params
@@ -18,10 +20,12 @@ MCFG = ModelConfig(
 )  # fmt: skip
 
 
-def test_blocked_outputs_equal_the_full_ones_where_needed_and_skip_the_rest() -> None:
+@pytest.mark.parametrize("tie", [True, False])
+def test_blocked_outputs_equal_the_full_ones_where_needed_and_skip_the_rest(tie: bool) -> None:
     B, T = 3, 3 * TARGET_BLOCK
     rng = np.random.default_rng(0)
-    params = init_params(MCFG, jax.random.key(0))
+    mcfg = dataclasses.replace(MCFG, tie_word_embeddings=tie)
+    params = init_params(mcfg, jax.random.key(0))
     tokens = jnp.asarray(rng.integers(1, MCFG.vocab_size, (B, T)), jnp.int32)
     mask = jnp.asarray(np.arange(T)[None] < np.array([[T], [T - 5], [T - 70]]))
     needed = np.zeros((B, T), bool)
@@ -29,8 +33,8 @@ def test_blocked_outputs_equal_the_full_ones_where_needed_and_skip_the_rest() ->
     needed[1, 2 * TARGET_BLOCK + 1 :] = True  # block 2; block 1 needed by no row
     needed &= np.asarray(mask)
     needed = jnp.asarray(needed)
-    full = policy_outputs(params, tokens, mask, MCFG, 0.7)
-    blocked = policy_outputs(params, tokens, mask, MCFG, 0.7, needed=needed)
+    full = policy_outputs(params, tokens, mask, mcfg, 0.7)
+    blocked = policy_outputs(params, tokens, mask, mcfg, 0.7, needed=needed)
     block_used = np.asarray(needed).reshape(B, 3, TARGET_BLOCK).any(axis=(0, 2))
     assert block_used.tolist() == [True, False, True]
     for f, b in zip(full, blocked, strict=True):
@@ -44,10 +48,15 @@ def test_blocked_outputs_equal_the_full_ones_where_needed_and_skip_the_rest() ->
         assert not b[:, 0].any() and not f[:, 0].any()
 
     def masked_sum(p: Any, needed_arg: Any) -> jax.Array:
-        logp, ent = policy_outputs(p, tokens, mask, MCFG, 0.7, needed=needed_arg)
+        logp, ent = policy_outputs(p, tokens, mask, mcfg, 0.7, needed=needed_arg)
         return jnp.sum((logp + 0.1 * ent) * needed)
 
     g_full = jax.grad(masked_sum)(params, None)
     g_blocked = jax.grad(masked_sum)(params, needed)
     for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_blocked), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=0)
+    # The backward keeps one head gradient, not a copy of the head per block (a [3, V, D]
+    # or [3, D, V] buffer is what autodiff of the mapped, skipped blocks used to build).
+    hlo = jax.jit(jax.grad(masked_sum)).lower(params, needed).compile().as_text()
+    V, D = mcfg.vocab_size, mcfg.hidden_size
+    assert f"f32[3,{V},{D}]" not in hlo and f"f32[3,{D},{V}]" not in hlo

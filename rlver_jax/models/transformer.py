@@ -150,12 +150,35 @@ def rope_tables(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, j
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x * cos + rotate_half(x) * sin on x [B, T, heads, head_dim]."""
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
     return x * cos + rotated * sin
+
+
+@jax.custom_vjp
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x * cos + rotate_half(x) * sin`` on x [B, T, heads, head_dim] (tables [B, T, head_dim]).
+
+    The map is a rotation of each (x_i, x_{i + half}) pair, so its transpose is the rotation
+    by the opposite angle: ``dx = apply_rope(g, cos, -sin)`` (``sin`` repeats over the two
+    halves). Autodiff of the concatenation instead builds the gradient from padded halves
+    (pad + add passes over q and k of every layer); positions are integers, so the tables
+    get no gradient."""
+    return _rotate(x, cos, sin)
+
+
+def _rope_fwd(x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, Any]:
+    return _rotate(x, cos, sin), (cos, sin)
+
+
+def _rope_bwd(tables: Any, g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    cos, sin = tables
+    return _rotate(g, cos, -sin), jnp.zeros_like(cos), jnp.zeros_like(sin)
+
+
+apply_rope.defvjp(_rope_fwd, _rope_bwd)
 
 
 def is_segment_ids(token_mask: jax.Array) -> bool:
