@@ -34,7 +34,8 @@ Phases (their transients never overlap; the peak is resident + the largest phase
            vocabulary projection runs in blocks (`rl.model_outputs.vocab_block(T)`: 64 target
            positions when 64 divides T) two blocks instead of T
   train    per model (actor, then critic): fp32 gradient accumulator (numel x 4 / shards)
-           + the embedding's dense fp32 gradient (V x D x 4 / shards) + activations of a
+           (+ the embedding's dense fp32 gradient, V x D x 4 / shards, for the critic; the
+           actor's blocked vocabulary projection accumulates its own in place) + activations of a
            micro-batch of m rows x T tokens (T: the learner's sequence bucket):
              layer(m, T, S) = m x T x [(8 D + 3 H' Dh + 3 K' Dh + 6 F') x b + H' x S x (4 + b)]
              logits(m, T)   = 5 x m x block x V' x 4 (fp32 logits, log-softmax, softmax for the
@@ -190,19 +191,23 @@ def opt_state_bytes(opt: AdamWConfig, axes: Any, shapes: Any, mesh: AbstractMesh
 
 
 def gathered_bytes(
-    c: ModelConfig, mesh: AbstractMesh, copies: int, phase: Phase, group: str
-) -> Component:
+    c: ModelConfig, mesh: AbstractMesh, copies: int, phase: Phase, group: str,
+    with_head: bool = True,
+) -> Component:  # fmt: skip
     """FSDP all-gathers each weight inside its matmul, split over `tensor` only: `copies` x one
     layer (2 in training: its gradient before the reduce-scatter) + the vocabulary projection
-    (lm_head, or the tied embedding). Nothing when fsdp = 1."""
+    (lm_head, or the tied embedding) unless `with_head` is False: the train step's blocked
+    projection (`rl.model_outputs`) gathers the head inside its own forward and backward, away
+    from the layers' activation peak. Nothing when fsdp = 1."""
     axes, shapes = param_logical_axes(c), param_shapes(c)
     local = abstract_mesh({**mesh.shape, "fsdp": 1})
     layer = tree_bytes(axes["layers"], shapes["layers"], local) // c.num_layers
     k = "lm_head" if "lm_head" in axes else "embed"
     head = tree_bytes([axes[k]], [shapes[k]], local)
+    head = head if with_head else 0
     nbytes = 0 if mesh.shape["fsdp"] == 1 else copies * layer + head
-    return Component("FSDP-gathered weights", phase, nbytes,
-                     f"{copies} x 1 layer + {k}, / tensor only", group)  # fmt: skip
+    what = f"{copies} x 1 layer" + (f" + {k}" if with_head else "")
+    return Component("FSDP-gathered weights", phase, nbytes, f"{what}, / tensor only", group)
 
 
 # --------------------------------------------------------------------------- formulas
@@ -432,8 +437,7 @@ def _learner(run: RunConfig, c: ModelConfig, mesh: AbstractMesh) -> list[Compone
     act = train_activation_bytes(c, m, T, mesh, logits=True)
     remat = f"remat={c.remat}, m={m}, T={T}"
     out = [
-        Component("actor fp32 grads", "train", grads + embed_grad, "numel x 4 + V x D x 4",
-                  "actor"),
+        Component("actor fp32 grads", "train", grads, "numel x 4", "actor"),
         Component("actor activations", "train", act, remat, "actor"),
         Component("learner batch", "train", batch, f"N={s['N']} x T x 32 B / rows", "actor"),
         Component(
@@ -443,7 +447,7 @@ def _learner(run: RunConfig, c: ModelConfig, mesh: AbstractMesh) -> list[Compone
         ),
         Component("old outputs", "old", 3 * s["rows"] * T * 4, "3 x N x T x 4", "forward"),
         gathered_bytes(c, mesh, 1, "old", "forward"),
-        gathered_bytes(c, mesh, 2, "train", "actor"),
+        gathered_bytes(c, mesh, 2, "train", "actor", with_head=vocab_block(T) == T),
     ]  # fmt: skip
     if run.learner.uses_critic:
         cgrads = tree_bytes(value_logical_axes(c), value_param_shapes(c), mesh, itemsize=4)
