@@ -33,8 +33,8 @@ def test_blocked_outputs_equal_the_full_ones_where_needed_and_skip_the_rest(tie:
     needed[1, 2 * TARGET_BLOCK + 1 :] = True  # block 2; block 1 needed by no row
     needed &= np.asarray(mask)
     needed = jnp.asarray(needed)
-    full = policy_outputs(params, tokens, mask, mcfg, 0.7)
-    blocked = policy_outputs(params, tokens, mask, mcfg, 0.7, needed=needed)
+    outputs = jax.jit(lambda p, n: policy_outputs(p, tokens, mask, mcfg, 0.7, needed=n))
+    full, blocked = outputs(params, None), outputs(params, needed)
     block_used = np.asarray(needed).reshape(B, 3, TARGET_BLOCK).any(axis=(0, 2))
     assert block_used.tolist() == [True, False, True]
     for f, b in zip(full, blocked, strict=True):
@@ -51,12 +51,13 @@ def test_blocked_outputs_equal_the_full_ones_where_needed_and_skip_the_rest(tie:
         logp, ent = policy_outputs(p, tokens, mask, mcfg, 0.7, needed=needed_arg)
         return jnp.sum((logp + 0.1 * ent) * needed)
 
-    g_full = jax.grad(masked_sum)(params, None)
-    g_blocked = jax.grad(masked_sum)(params, needed)
+    grad = jax.jit(jax.grad(masked_sum))
+    blocked_grad = grad.lower(params, needed).compile()
+    g_full, g_blocked = grad(params, None), blocked_grad(params, needed)
     for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_blocked), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=0)
     # The backward keeps one head gradient, not a copy of the head per block (a [3, V, D]
     # or [3, D, V] buffer is what autodiff of the mapped, skipped blocks used to build).
-    hlo = jax.jit(jax.grad(masked_sum)).lower(params, needed).compile().as_text()
+    hlo = blocked_grad.as_text()
     V, D = mcfg.vocab_size, mcfg.hidden_size
     assert f"f32[3,{V},{D}]" not in hlo and f"f32[3,{D},{V}]" not in hlo
