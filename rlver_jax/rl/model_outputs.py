@@ -94,7 +94,7 @@ def _blocked_outputs(
     Autodiff of a ``lax.map`` of ``lax.cond`` blocks stacks the head weight once per block as a
     residual (``[n_blocks, V, D]``: 1.8 GB for SmolLM2 at 1,024 tokens). Here the forward keeps
     only its inputs, and the backward recomputes each needed block's logits (as the
-    rematerialised blocks did) and accumulates the head's gradient in one scan carry."""
+    rematerialised blocks did) and accumulates the head's gradient in one fp32 scan carry."""
 
     def out(head: Params, h: Array, targets: Array) -> tuple[Array, Array]:
         return _outputs(head, h, targets, mcfg, temperature, entropy_grad)
@@ -116,7 +116,7 @@ def _blocked_outputs(
         def grads(d_head: Params, h: Array, targets: Array, ct: Any) -> tuple[Params, Array]:
             _, vjp = jax.vjp(lambda hd, x: out(hd, x, targets), head, h)
             g_head, g_h = vjp(ct)
-            return jax.tree.map(jnp.add, d_head, g_head), g_h
+            return jax.tree.map(lambda a, g: a + g.astype(a.dtype), d_head, g_head), g_h
 
         def skip(d_head: Params, h: Array, targets: Array, ct: Any) -> tuple[Params, Array]:
             return d_head, jnp.zeros_like(h)
@@ -125,7 +125,9 @@ def _blocked_outputs(
             h, targets, need, ct = xs
             return jax.lax.cond(jnp.any(need != 0), grads, skip, d_head, h, targets, ct)
 
-        d_head, d_hidden = jax.lax.scan(step, jax.tree.map(jnp.zeros_like, head), (hb, tb, nb, cts))
+        zeros = jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), head)  # fp32 sum
+        d_head, d_hidden = jax.lax.scan(step, zeros, (hb, tb, nb, cts))
+        d_head = jax.tree.map(lambda g, w: g.astype(w.dtype), d_head, head)
         return d_head, d_hidden, None, None
 
     run.defvjp(fwd, bwd)
