@@ -47,7 +47,8 @@ Phases (their transients never overlap; the peak is resident + the largest phase
                          the policy keeps: read back, not recomputed)
            + the learner batch (N x T x 32 bytes / rows split).
   FSDP     with fsdp > 1 every group also holds one layer (twice in training: its gradient
-           before the reduce-scatter) and the lm_head all-gathered (split over `tensor` only).
+           before the reduce-scatter) and the lm_head all-gathered (split over `tensor` only;
+           not in the actor's train step when its vocabulary projection runs in blocks).
 
 The activation coefficients (8, 3, 3, 6, 5) were fitted to XLA's buffer assignment on CPU
 (`compiled.memory_analysis()`, tests/test_plan.py checks the whole plan against it within 20%);

@@ -432,8 +432,7 @@ class Sampler:
         self.time_phases = time_phases
         unroll = self.sampler_config.unroll_decode
         if unroll is None:
-            platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
-            unroll = platform == "cpu"
+            unroll = platform_of(mesh) == "cpu"
         self.unroll_decode = bool(unroll)
         self.last_timings: dict[str, float] = {}
         self._calls = 0
