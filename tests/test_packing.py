@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rlver_jax.models.config import ModelConfig
-from rlver_jax.models.transformer import forward, init_params, positions_from_mask
+from rlver_jax.models.transformer import forward, init_params, positions_from_mask, segment_parts
 from rlver_jax.rl import packing
 from rlver_jax.rl.learner import Learner, LearnerConfig, LearnerConfigError
 from rlver_jax.rl.model_outputs import policy_outputs
@@ -197,3 +197,90 @@ def test_packed_pad_picks_the_bucket_with_the_fewest_computed_tokens() -> None:
 def test_packing_needs_token_mean() -> None:
     with pytest.raises(LearnerConfigError, match="pack_sequences"):
         LearnerConfig(pack_sequences=True, loss_agg="seq-mean-token-mean")
+
+
+# ------------------------------------------------------------------ shared prefixes
+def shared_traj(seed: int, n: int = N) -> Trajectories:
+    """`make_traj` rows whose groups of 4 share a prompt of 4-9 tokens (the loss starts after
+    it); one group's members also agree on their first policy token (not shared: loss)."""
+    traj = make_traj(seed, n, lo=12, hi=24)
+    rng = np.random.default_rng(seed + 100)
+    tokens, loss = np.array(traj.tokens), np.array(traj.token_mask)
+    for g in range(n // 4):
+        rows, prompt = slice(4 * g, 4 * g + 4), int(rng.integers(4, 10))
+        tokens[rows, :prompt] = tokens[4 * g, :prompt]
+        loss[rows, :prompt] = False
+    tokens[4:8, 9] = tokens[4, 9]
+    loss[4:8, 9] = True
+    return traj.replace(tokens=tokens, loss_mask=loss)
+
+
+def test_shared_prefix_layout_holds_each_group_prompt_once() -> None:
+    traj = shared_traj(0)
+    mask, tokens = np.asarray(traj.token_mask), np.asarray(traj.tokens)
+    share = packing.Share(tokens, np.asarray(traj.loss_mask), np.asarray(traj.group_ids))
+    plain = packing.plan_packing(mask, 1, 4)
+    p = packing.plan_packing(mask, 1, 4, share)
+    own, prefix = (np.asarray(x) for x in segment_parts(jnp.asarray(p.segment_ids)))
+    # each prefix segment is held once for all the member segments behind it (rows of T = 32
+    # tokens hold 1-3 members of a group of 4, each such item with its own prefix copy)
+    saved = 0
+    for row in range(N):
+        for seg in np.unique(prefix[row][prefix[row] > 0]):
+            members = len(np.unique(own[row][prefix[row] == seg]))
+            saved += (members - 1) * int((own[row] == seg).sum())
+            assert members >= 2 and (prefix[row][own[row] == seg] == 0).all()
+    assert saved > 0 and (p.segment_ids != 0).sum() == mask.sum() - saved
+    # every sample's tokens are where the gather says, once (prefix tokens: at the first member)
+    flat = np.asarray(traj.tokens).reshape(-1)
+    packed = np.where(p.gather < N * T, flat[np.minimum(p.gather, N * T - 1)], 0)
+    np.testing.assert_array_equal(packed != 0, p.segment_ids != 0)
+    lengths = mask.sum(1)
+    assert packing.packed_rows(lengths, 1, 4, T, share) <= packing.packed_rows(lengths, 1, 4, T)
+    assert (plain.segment_ids != 0).sum() == mask.sum()
+
+
+def test_shared_prefix_forward_equals_each_sample_alone(params: Any) -> None:
+    traj = shared_traj(1)
+    share = packing.Share(*(np.asarray(x) for x in (traj.tokens, traj.loss_mask, traj.group_ids)))
+    p = packing.plan_packing(traj.token_mask, 1, 4, share)
+    assert (np.asarray(segment_parts(jnp.asarray(p.segment_ids))[1]) > 0).any()
+    tokens, mask = jnp.asarray(traj.tokens), jnp.asarray(traj.token_mask)
+    seg, packed_tokens = jnp.asarray(p.segment_ids), packing.pack(tokens, p.gather)
+    alone, alone_ent = policy_outputs(params, tokens, mask, MCFG)
+    packed, packed_ent = policy_outputs(params, packed_tokens, seg, MCFG)
+    for got, want in ((packed, alone), (packed_ent, alone_ent)):
+        got = np.asarray(packing.unpack(got, p.scatter))
+        np.testing.assert_allclose(got, np.where(mask, np.asarray(want), 0.0), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_shared_prefix_update_equals_the_padded_update(params: Any, algo: str) -> None:
+    results = []
+    for pack, share in ((False, False), (True, True)):
+        cfg = LearnerConfig(
+            algorithm=algo, mini_batch_size=8, micro_batch_size=2, ppo_epochs=2,
+            pack_sequences=pack, share_prefixes=share, critic_mask="response", **BASE,
+        )  # fmt: skip
+        learner = Learner(MCFG, cfg, compiler_options=FAST)
+        state = learner.init_state(params, jax.random.key_data(jax.random.key(1)))
+        for step in range(2):
+            state, metrics = learner.update(state, shared_traj(10 + step))
+        results.append((jax.device_get(state), metrics, learner))
+    (padded, m_pad, _), (shared, m_shared, learner) = results
+    models = (padded.policy, padded.critic), (shared.policy, shared.critic)
+    for a, b in zip(jax.tree.leaves(models[0]), jax.tree.leaves(models[1]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=0)
+    for key in ("actor/pg_loss", "actor/entropy", "actor/grad_norm", "rollout/logprob_gap_mean"):
+        assert m_shared[key] == pytest.approx(m_pad[key], rel=1e-4, abs=1e-6), key
+    if algo == "ppo":
+        assert m_shared["critic/vf_loss"] == pytest.approx(m_pad["critic/vf_loss"], rel=1e-4)
+    padded_traj = learner.pad(shared_traj(11))
+    share = learner._share(padded_traj)
+    tokens = int((learner.plan_packing(padded_traj).segment_ids != 0).sum())
+    assert share is not None and tokens < int(np.asarray(padded_traj.token_mask).sum())
+
+
+def test_share_prefixes_needs_packing() -> None:
+    with pytest.raises(LearnerConfigError, match="share_prefixes"):
+        LearnerConfig(share_prefixes=True)

@@ -187,28 +187,63 @@ def is_segment_ids(token_mask: jax.Array) -> bool:
     return bool(jnp.issubdtype(token_mask.dtype, jnp.integer))
 
 
+PREFIX_SHIFT = 16  # see `segment_parts`
+
+
+def segment_parts(seg: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(own segment, shared-prefix segment) of packed segment ids: ``seg = own | prefix <<
+    PREFIX_SHIFT`` (`rlver_jax.rl.packing`'s shared prefixes; prefix 0: none). A token sees the
+    keys of its own segment and of its prefix segment."""
+    return seg & ((1 << PREFIX_SHIFT) - 1), seg >> PREFIX_SHIFT
+
+
+def _per_segment(own: jax.Array, values: jax.Array, init: int, op: str) -> jax.Array:
+    """``[.., T + 1]``: per segment id of each row, ``op`` ("add" / "max") of ``values``."""
+    table = jnp.full((*own.shape[:-1], own.shape[-1] + 1), init, values.dtype)
+    rows = jnp.indices(own.shape)[:-1]
+    return getattr(table.at[(*rows, own)], op)(values)
+
+
+def _prefix_lookup(table: jax.Array, prefix: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(table, prefix, axis=-1)
+
+
 def positions_from_mask(token_mask: jax.Array) -> jax.Array:
     """Positions 0, 1, ... counted over real tokens only (left padding gets position 0). With
-    segment ids (`is_segment_ids`), positions restart at each segment: ``t - start(segment)``."""
+    segment ids (`is_segment_ids`), positions restart at each segment: ``t - start(segment)``,
+    plus the length of the token's shared prefix segment (`segment_parts`)."""
     if not is_segment_ids(token_mask):
         return jnp.maximum(jnp.cumsum(token_mask.astype(jnp.int32), axis=-1) - 1, 0)
-    seg = token_mask
+    seg, prefix = segment_parts(token_mask)
     idx = jnp.broadcast_to(jnp.arange(seg.shape[-1], dtype=jnp.int32), seg.shape)
     before = jnp.pad(seg[..., :-1], [(0, 0)] * (seg.ndim - 1) + [(1, 0)], constant_values=-1)
     start = jax.lax.cummax(jnp.where(seg != before, idx, 0), axis=seg.ndim - 1)
-    return jnp.where(seg > 0, idx - start, 0)
+    lengths = _per_segment(seg, jnp.ones_like(seg), 0, "add")
+    offset = jnp.where(prefix > 0, _prefix_lookup(lengths, prefix), 0)
+    return jnp.where(seg > 0, idx - start + offset, 0)
+
+
+def prefix_ends(token_mask: jax.Array) -> jax.Array:
+    """Per token of packed segment ids: the last position of its shared prefix segment (-1:
+    none). A member's first token is predicted from there (`rlver_jax.rl.model_outputs`)."""
+    seg, prefix = segment_parts(token_mask)
+    idx = jnp.broadcast_to(jnp.arange(seg.shape[-1], dtype=jnp.int32), seg.shape)
+    ends = _per_segment(seg, idx, -1, "max")
+    return jnp.where(prefix > 0, _prefix_lookup(ends, prefix), -1)
 
 
 def attention_mask(token_mask: jax.Array) -> jax.Array:
     """``[B, T, T]`` mask of a cache-free block: query ``t`` sees real keys ``s <= t``; with
-    segment ids (`is_segment_ids`) only keys of its own segment, so a packed sample attends
-    exactly as it would alone in a row."""
+    segment ids (`is_segment_ids`) only keys of its own segment and of its shared prefix
+    (`segment_parts`), so a packed sample attends exactly as it would alone in a row."""
     T = token_mask.shape[1]
     causal = jnp.tril(jnp.ones((T, T), bool))[None]
     if not is_segment_ids(token_mask):
         return causal & token_mask.astype(bool)[:, None, :]
-    seg = token_mask
-    return causal & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
+    seg, prefix = segment_parts(token_mask)
+    key = seg[:, None, :]
+    visible = (seg[:, :, None] == key) | (prefix[:, :, None] == key)
+    return causal & visible & (key > 0)
 
 
 def _attention(

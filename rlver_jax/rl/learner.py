@@ -209,12 +209,13 @@ class Learner:
             raise ValueError(f"num_samples={n_pad} must be a multiple of mini_batch_size={m}")
         if not self.cfg.pack_sequences:
             return traj.pad_to(n_pad, bucket_length(t, self.cfg.seq_buckets))
-        lengths = np.pad(np.asarray(traj.token_mask).sum(axis=1), (0, n_pad - n))
-        seq_len = packing_lib.best_row_length(
-            lengths, *self._split_sizes(n_pad), self.cfg.seq_buckets
-        )
+        lengths = np.asarray(traj.token_mask).sum(axis=1)
         longest = max(int(lengths.max()), 1)  # the columns past it are padding in every row
         trimmed = jax.tree.map(lambda x: np.asarray(x)[:, :longest] if np.ndim(x) == 2 else x, traj)
+        share = self._share(trimmed.pad_to(n_pad, longest))
+        seq_len = packing_lib.best_row_length(
+            np.pad(lengths, (0, n_pad - n)), *self._split_sizes(n_pad), self.cfg.seq_buckets, share
+        )
         return trimmed.pad_to(n_pad, seq_len)
 
     # ------------------------------------------------------------------ packing
@@ -223,10 +224,19 @@ class Learner:
         cfg = self.cfg
         return num_samples // cfg.mini_batch_size, cfg.mini_batch_size // cfg.micro_batch_size
 
+    def _share(self, traj: Trajectories) -> packing_lib.Share | None:
+        """What prefix sharing reads of a padded batch (None unless ``share_prefixes``)."""
+        if not self.cfg.share_prefixes:
+            return None
+        tokens, loss_mask, groups = jax.device_get((traj.tokens, traj.loss_mask, traj.group_ids))
+        return packing_lib.Share(np.asarray(tokens), np.asarray(loss_mask), np.asarray(groups))
+
     def plan_packing(self, traj: Trajectories) -> packing_lib.Packing:
         """The packed layout of a padded batch (:mod:`rlver_jax.rl.packing`), mini-batch by
-        mini-batch as the train step splits it."""
-        return packing_lib.plan_packing(traj.token_mask, *self._split_sizes(traj.num_samples))
+        mini-batch as the train step splits it (groups behind shared prefixes with
+        ``share_prefixes``)."""
+        split = self._split_sizes(traj.num_samples)
+        return packing_lib.plan_packing(traj.token_mask, *split, self._share(traj))
 
     def filled_rows(self, traj: Trajectories) -> int:
         """Rows of a padded batch the train step computes on (in the packed layout when
@@ -234,7 +244,7 @@ class Learner:
         split = self._split_sizes(traj.num_samples)
         if self.cfg.pack_sequences:
             lengths = np.asarray(traj.token_mask).sum(axis=1)
-            return packing_lib.packed_rows(lengths, *split, traj.seq_len)
+            return packing_lib.packed_rows(lengths, *split, traj.seq_len, self._share(traj))
         return packing_lib.filled_rows(traj.token_mask, *split)
 
     def _relayout(self, name: str, tree: Any, index: Any, segment_ids: Any = None) -> Any:

@@ -1,8 +1,10 @@
 """The policy's and the critic's token-aligned outputs on a batch of rows (the learner's forwards).
 
 Token ``t``'s log-prob and entropy come from the logits at position ``t - 1`` and its value from
-the critic at ``t - 1`` (:func:`shift_right`), so every output lines up with ``loss_mask[t]``;
-column 0 is 0. ``token_mask`` may hold segment ids (packed rows, :mod:`rlver_jax.rl.packing`).
+the critic at ``t - 1`` (:func:`align_to_targets`), so every output lines up with
+``loss_mask[t]``; column 0 is 0. ``token_mask`` may hold segment ids (packed rows,
+:mod:`rlver_jax.rl.packing`), where a member's first token after a shared prefix is predicted
+from the prefix's last position instead.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ import jax.numpy as jnp
 
 from rlver_jax.models import value_head
 from rlver_jax.models.config import ModelConfig
-from rlver_jax.models.transformer import forward, lm_logits, positions_from_mask
+from rlver_jax.models.transformer import (
+    forward,
+    is_segment_ids,
+    lm_logits,
+    positions_from_mask,
+    prefix_ends,
+)
 from rlver_jax.parallel.rules import constrain
 from rlver_jax.rl.losses import logprobs_and_entropy
 from rlver_jax.rl.optim import cond_or_zeros
@@ -24,13 +32,30 @@ from rlver_jax.rl.optim import cond_or_zeros
 Array = jax.Array
 Params = Any
 _BT = ("batch", "seq")
-__all__ = ["TARGET_BLOCK", "critic_values", "policy_outputs", "shift_right", "vocab_block"]
+__all__ = ["TARGET_BLOCK", "align_to_targets", "critic_values", "policy_outputs", "shift_right"]
+__all__ += ["vocab_block"]
 TARGET_BLOCK = 64  # target positions per vocabulary-projection block (see policy_outputs)
 
 
 def shift_right(x: Array) -> Array:
     """``out[:, t] = x[:, t - 1]``, ``out[:, 0] = 0``: position ``t - 1`` -> token ``t``."""
     return jnp.pad(x[:, :-1], ((0, 0), (1, 0)) + ((0, 0),) * (x.ndim - 2))
+
+
+def align_to_targets(x: Array, token_mask: Array) -> Array:
+    """Per-position outputs ``x`` ``[B, T, ..]`` moved to the token they predict: ``out[:, t] =
+    x[:, parent(t)]`` with ``parent(t) = t - 1`` (:func:`shift_right`), except that a packed
+    member's first token after a shared prefix takes the prefix's last position
+    (:func:`rlver_jax.models.transformer.prefix_ends`); ``out[:, 0] = 0``."""
+    if not is_segment_ids(token_mask):
+        return shift_right(x)
+    idx = jnp.arange(token_mask.shape[1], dtype=jnp.int32)
+    before = jnp.pad(token_mask[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    ends = prefix_ends(token_mask)
+    parent = jnp.where((token_mask != before) & (ends >= 0), ends, idx - 1)  # -1 at t = 0
+    index = jnp.maximum(parent, 0).reshape(*parent.shape, *(1,) * (x.ndim - 2))
+    out = jnp.take_along_axis(x, index, axis=1)
+    return jnp.where((parent >= 0).reshape(index.shape), out, jnp.zeros((), x.dtype))
 
 
 def vocab_block(seq_len: int) -> int:
@@ -55,7 +80,7 @@ def policy_outputs(
     hidden, _ = forward(
         params, tokens, positions_from_mask(token_mask), token_mask, mcfg, return_hidden=True
     )
-    hidden = shift_right(hidden)  # hidden[:, t] now predicts tokens[:, t]
+    hidden = align_to_targets(hidden, token_mask)  # hidden[:, t] now predicts tokens[:, t]
     T = tokens.shape[1]
     if needed is None or vocab_block(T) == T:
         head = _head_params(params, mcfg)
@@ -138,4 +163,4 @@ def critic_values(params: Params, tokens: Array, token_mask: Array, mcfg: ModelC
     """Token-aligned critic values ``[B, T]``: ``values[t] = V(position t - 1)``."""
     tokens, token_mask = constrain(tokens, _BT), constrain(token_mask, _BT)
     v = value_head.value_forward(params, tokens, positions_from_mask(token_mask), token_mask, mcfg)
-    return shift_right(v.astype(jnp.float32))
+    return align_to_targets(v.astype(jnp.float32), token_mask)

@@ -335,7 +335,10 @@ class LearnerConfig:
     ``pack_sequences``: pack each mini-batch's samples several to a row and skip the empty
     micro-batches (:mod:`rlver_jax.rl.packing`; RLVER's verl runs use dynamic batch size to the
     same end); it saves compute in whole micro-batches, so pair it with a ``micro_batch_size``
-    below ``mini_batch_size``. It needs ``loss_agg="token-mean"``.
+    below ``mini_batch_size``. It needs ``loss_agg="token-mean"``. ``share_prefixes`` (with
+    ``pack_sequences``): the samples of a group in one mini-batch hold their common prompt once
+    per packed row (:mod:`rlver_jax.rl.packing`), so the forward and backward compute it once
+    instead of once per sample; the update is the same.
     """
 
     algorithm: Literal["ppo", "grpo"] = "ppo"
@@ -371,6 +374,7 @@ class LearnerConfig:
     grpo_eps: float = 1e-6
     seq_buckets: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384)
     pack_sequences: bool = False
+    share_prefixes: bool = False
 
     def __post_init__(self) -> None:
         if self.advantage_estimator is None:
@@ -420,6 +424,11 @@ class LearnerConfig:
                 "pack_sequences",
                 lambda: not self.pack_sequences or self.loss_agg == "token-mean",
                 "needs loss_agg='token-mean' (a packed row holds several sequences)",
+            ),
+            (
+                "share_prefixes",
+                lambda: not self.share_prefixes or self.pack_sequences,
+                "needs pack_sequences: true (shared prefixes live in packed rows)",
             ),
             ("critic_mask", lambda: self.critic_mask in ("policy", "response"), "policy|response"),
             ("temperature", lambda: self.temperature > 0, pos),

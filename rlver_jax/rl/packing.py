@@ -22,6 +22,21 @@ dynamic batch size with padding removed; ours keeps every shape static (no recom
 Token-level math that runs along a row (GAE) runs unpacked: pack -> forward (old logprobs,
 values) -> unpack -> advantages -> pack -> train step. Per-sequence loss aggregation would need
 per-segment sums, so packing takes ``loss_agg="token-mean"`` (RLVER's and verl's default).
+
+**Shared prefixes** (``share`` = :class:`Share`): the samples of a GRPO group start with the same
+prompt, so a packed row can hold that prefix once, followed by each member's own tokens (the
+layout of PrefixGrouper, arXiv 2506.05433)::
+
+    [ prompt (segment p) | rest of sample 1 (segment s1) | rest of sample 2 (segment s2) | ...]
+
+A member's tokens see the prefix and themselves (``token_mask = s | p << PREFIX_SHIFT``,
+decoded by :func:`rlver_jax.models.transformer.segment_parts`), their positions continue from
+the prefix's length, and the first of them is predicted from the prefix's last position
+(:func:`rlver_jax.rl.model_outputs.align_to_targets`). Every token of every sample therefore sees
+exactly what it saw alone, and the forward computes the prefix once per row instead of once
+per member; its gradient is the sum of the members' (what autodiff of the shared activations
+gives). A prefix stops before the first loss token of every member, so each loss / value token
+still appears exactly once.
 """
 
 from __future__ import annotations
@@ -33,12 +48,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlver_jax.models.transformer import PREFIX_SHIFT
 from rlver_jax.rl.optim import strided_split
 
 Array = jax.Array
 
-__all__ = ["Packing", "best_row_length", "filled_rows", "pack", "packed_rows", "plan_packing"]
-__all__ += ["unpack"]
+__all__ = ["PREFIX_SHIFT", "Packing", "Share", "best_row_length", "filled_rows", "pack"]
+__all__ += ["packed_rows", "plan_packing", "unpack"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Share:
+    """What prefix sharing needs of a padded batch (host arrays): ``tokens``, ``loss_mask``
+    ``[N, T]`` and ``group_ids`` ``[N]``: samples of a group in one mini-batch share their
+    longest common prefix that precedes every member's first loss token."""
+
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    group_ids: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class _Item:
+    """What first-fit packs: ``members`` (sample indices) sharing their first ``prefix``
+    tokens (0: a lone sample), ``length`` tokens in all."""
+
+    members: tuple[int, ...]
+    prefix: int
+    length: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,23 +107,81 @@ def _first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]
     return bins
 
 
+def _common_prefix(share: Share, members: list[int], lengths: np.ndarray) -> int:
+    """Tokens that all ``members`` share, stopping before any member's first loss token."""
+    first = share.tokens[members[0]]
+    limit = min(int(lengths[m]) for m in members)
+    for m in members:
+        loss = np.flatnonzero(share.loss_mask[m])
+        limit = min(limit, int(loss[0]) if loss.size else limit)
+        diff = np.flatnonzero(share.tokens[m, :limit] != first[:limit])
+        limit = int(diff[0]) if diff.size else limit
+    return limit
+
+
+def _item(members: list[int], prefix: int, lengths: np.ndarray) -> _Item:
+    """``members`` behind one copy of their first ``prefix`` tokens (a lone sample: none)."""
+    if len(members) == 1:
+        return _Item((members[0],), 0, int(lengths[members[0]]))
+    return _Item(tuple(members), prefix, prefix + sum(int(lengths[m]) - prefix for m in members))
+
+
+def _items(
+    rows: np.ndarray, lengths: np.ndarray, share: Share | None, capacity: int
+) -> list[_Item]:
+    """The samples of one mini-batch (``rows``) as packing items: each alone, or with
+    ``share`` the members of a group behind their common prefix, split into items that fit
+    ``capacity`` tokens. Zero-length samples are dropped."""
+    real = [int(r) for r in rows if lengths[r] > 0]
+    if share is None:
+        return [_item([r], 0, lengths) for r in real]
+    groups: dict[int, list[int]] = {}
+    for r in real:
+        groups.setdefault(int(share.group_ids[r]), []).append(r)
+    items = []
+    for members in groups.values():
+        prefix = _common_prefix(share, members, lengths) if len(members) > 1 else 0
+        if prefix == 0:
+            items += [_item([m], 0, lengths) for m in members]
+            continue
+        chunk: list[int] = []
+        for m in members:  # a new item (with its own copy of the prefix) when this one is full
+            if chunk and _item([*chunk, m], prefix, lengths).length > capacity:
+                items.append(_item(chunk, prefix, lengths))
+                chunk = []
+            chunk.append(m)
+        items.append(_item(chunk, prefix, lengths))
+    return items
+
+
+def _bins(items: list[_Item], capacity: int) -> list[list[_Item]]:
+    """:func:`_first_fit_decreasing` over items."""
+    lengths = np.array([it.length for it in items], np.int64)
+    return [[items[i] for i in b] for b in _first_fit_decreasing(lengths, capacity)]
+
+
 def _layout(n: int, n_mini: int, n_micro: int) -> np.ndarray:
     """``[n_mini, rows]``: each mini-batch's row indices, in micro-batch order."""
     return np.asarray(strided_split(np.arange(n), n_mini, n_micro)).reshape(n_mini, -1)
 
 
-def packed_rows(lengths: np.ndarray, n_mini: int, n_micro: int, seq_len: int) -> int:
+def packed_rows(
+    lengths: np.ndarray, n_mini: int, n_micro: int, seq_len: int, share: Share | None = None
+) -> int:
     """Rows the train step computes on once samples of ``lengths`` are packed into rows of
     ``seq_len`` (:func:`plan_packing`): per mini-batch, the micro-batches up to its last bin.
     Equals ``filled_rows(plan_packing(...).segment_ids, ...)`` without building the layout."""
     lengths = np.asarray(lengths)
     layout = _layout(len(lengths), n_mini, n_micro)
     m = layout.shape[1] // n_micro
-    bins = (len(_first_fit_decreasing(lengths[rows], seq_len)) for rows in layout)
+    bins = (len(_bins(_items(rows, lengths, share, seq_len), seq_len)) for rows in layout)
     return sum(-(-b // m) * m for b in bins)
 
 
-def best_row_length(lengths: np.ndarray, n_mini: int, n_micro: int, buckets: Sequence[int]) -> int:
+def best_row_length(
+    lengths: np.ndarray, n_mini: int, n_micro: int, buckets: Sequence[int],
+    share: Share | None = None,
+) -> int:  # fmt: skip
     """The bucket (``>=`` the longest sample) whose packing computes the fewest tokens,
     ``packed_rows x T``; ties go to the shorter rows (less attention per token)."""
     lengths = np.asarray(lengths)
@@ -94,38 +189,59 @@ def best_row_length(lengths: np.ndarray, n_mini: int, n_micro: int, buckets: Seq
     fits = [b for b in buckets if b >= longest]
     if not fits:
         raise ValueError(f"sequence length {longest} exceeds the largest bucket {max(buckets)}")
-    return min(fits, key=lambda b: (packed_rows(lengths, n_mini, n_micro, b) * b, b))
+    rows = lambda b: packed_rows(lengths, n_mini, n_micro, b, share)
+    return min(fits, key=lambda b: (rows(b) * b, b))
 
 
-def plan_packing(token_mask: np.ndarray, n_mini: int, n_micro: int) -> Packing:
+def plan_packing(
+    token_mask: np.ndarray, n_mini: int, n_micro: int, share: Share | None = None
+) -> Packing:
     """Pack the right-padded rows of ``token_mask`` ``[N, T]`` (real tokens a prefix of each row).
 
     Mini-batch ``k`` and its micro-batches are the learner's strided split
     (:func:`~rlver_jax.rl.optim.strided_split` with ``(n_mini, n_micro)``); the samples of
     mini-batch ``k`` are packed into the rows of mini-batch ``k``, the fullest bins in the first
-    micro-batches, so empty rows gather in the last ones.
+    micro-batches, so empty rows gather in the last ones. ``share``: groups share their common
+    prefix (module docs).
     """
     mask = np.asarray(token_mask, bool)
     n, t = mask.shape
     lengths = mask.sum(axis=1)
     if np.any(mask.cumsum(axis=1)[np.arange(n), np.maximum(lengths - 1, 0)] != lengths):
         raise ValueError("plan_packing needs right-padded rows (real tokens first)")
+    if share is not None and t >= 1 << PREFIX_SHIFT:
+        raise ValueError(f"prefix sharing needs rows under {1 << PREFIX_SHIFT} tokens, not {t}")
     layout = _layout(n, n_mini, n_micro)
     empty = n * t
     gather = np.full((n, t), empty, np.int64)
     scatter = np.full((n, t), empty, np.int64)
-    segment_ids = np.zeros((n, t), np.int32)
+    segment_ids = np.zeros((n, t), np.int64)
     for rows in layout:  # rows of one mini-batch, in micro-batch order
-        for row, members in zip(rows, _first_fit_decreasing(lengths[rows], t), strict=False):
-            offset = 0
-            for seg, member in enumerate(members, start=1):
-                sample, length = rows[member], int(lengths[rows[member]])
-                span = slice(offset, offset + length)
-                gather[row, span] = sample * t + np.arange(length)
-                scatter[sample, 1:length] = row * t + offset + np.arange(1, length)
-                segment_ids[row, span] = seg
-                offset += length
-    return Packing(gather.astype(np.int32), scatter.astype(np.int32), segment_ids)
+        for row, items in zip(rows, _bins(_items(rows, lengths, share, t), t), strict=False):
+            offset, seg = 0, 0
+            for item in items:
+                p, prefix_seg = item.prefix, 0
+                if p:  # the shared prefix, read from the first member; every member maps to it
+                    seg += 1
+                    prefix_seg = seg
+                    gather[row, offset : offset + p] = item.members[0] * t + np.arange(p)
+                    segment_ids[row, offset : offset + p] = seg
+                    for member in item.members:
+                        scatter[member, 1:p] = row * t + offset + np.arange(1, p)
+                    offset += p
+                for member in item.members:
+                    length = int(lengths[member])
+                    if length == p:
+                        continue  # all of it is the prefix
+                    seg += 1
+                    span = slice(offset, offset + length - p)
+                    gather[row, span] = member * t + np.arange(p, length)
+                    scatter[member, max(p, 1) : length] = row * t + np.arange(
+                        offset + max(p, 1) - p, offset + length - p
+                    )
+                    segment_ids[row, span] = seg | prefix_seg << PREFIX_SHIFT
+                    offset += length - p
+    return Packing(gather.astype(np.int32), scatter.astype(np.int32), segment_ids.astype(np.int32))
 
 
 def _take_flat(x: Array, index: Array) -> Array:
