@@ -112,3 +112,40 @@ def test_peer_speedup_is_above_one_when_ours_is_faster() -> None:
     ]
     best = peer_bench._best(steps)
     assert best == {"sample_s": 2.0, "sample_tok_s": 5.0}  # the first (compiling) step ignored
+
+
+def test_peer_learner_packs_each_group_behind_one_prompt() -> None:
+    """Our side of the peer step: with ``share_prefixes`` each group of rows becomes one packed
+    row holding its prompt once, all in the first micro-batch (the empty ones are skipped)."""
+    import numpy as np
+
+    from rlver_jax.models.config import ModelConfig
+    from rlver_jax.rl.learner import Learner
+    from rlver_jax.trajectories import Trajectories
+
+    shape = peer_bench.Shape(**peer_bench.TINY | {"prompts": 2, "group": 3})
+    T, rows = shape.prompt_len + shape.new_tokens, shape.rows
+    tokens = np.concatenate(
+        [np.asarray(peer_bench.prompt_ids(shape), np.int32), np.full((rows, shape.new_tokens), 7)],
+        axis=1,
+    )
+    loss = np.arange(T)[None].repeat(rows, 0) >= shape.prompt_len
+    traj = Trajectories(
+        tokens=tokens, token_mask=np.ones((rows, T), bool), loss_mask=loss,
+        sampler_logprobs=np.zeros((rows, T), np.float32), rewards=np.zeros((rows, T), np.float32),
+        scores=np.arange(rows, dtype=np.float32), format_ok=np.ones(rows, bool),
+        group_ids=np.arange(rows, dtype=np.int32) // shape.group,
+        dialogue_ids=np.arange(rows, dtype=np.int32),
+    )  # fmt: skip
+    mcfg = ModelConfig(
+        family="llama", vocab_size=shape.vocab, hidden_size=8, intermediate_size=8,
+        num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8,
+    )  # fmt: skip
+    shared = Learner(mcfg, peer_bench.peer_learner_config(shape))
+    padded = shared.pad(traj)
+    assert padded.seq_len == shape.prompt_len + shape.group * shape.new_tokens
+    seg = shared.plan_packing(padded).segment_ids
+    assert (seg != 0).sum() == rows * T - (shape.group - 1) * shape.prompts * shape.prompt_len
+    assert (seg != 0).any(axis=1).sum() == shape.prompts == shared.filled_rows(padded)
+    plain = Learner(mcfg, peer_bench.peer_learner_config(shape, share_prefixes=False))
+    assert plain.pad(traj).seq_len == T and plain.filled_rows(plain.pad(traj)) == rows

@@ -9,7 +9,9 @@ embeddings, q/k/v biases) with random weights.
 
 - rlver_jax: :class:`~rlver_jax.sampling.Sampler` + :meth:`Learner.update` (GRPO, one
   mini-batch: on-policy, so no compute_old forward, as in tunix); ``trainstep_tok`` is the
-  train step alone.
+  train step alone. By default each group's rows are packed behind one copy of their shared
+  prompt (``share_prefixes``, :func:`peer_learner_config`; the same update, fewer tokens
+  computed); ``--no-share-prefixes`` trains on the padded rows as tunix does.
 - tunix: ``tunix.models.qwen2.model.Qwen2`` + ``RLCluster`` (vanilla rollout: tunix's
   ``Sampler``) + ``GRPOLearner.train``; sampling = ``RLCluster.generate``, training =
   ``RLCluster.update_actor`` (run to completion: the params are blocked on). With
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import time
 from typing import Any
@@ -101,14 +104,33 @@ def _rates(
     }  # fmt: skip
 
 
-def bench_rlver(shape: Shape, steps: int) -> dict[str, Any]:
+def peer_learner_config(shape: Shape, share_prefixes: bool = True) -> Any:
+    """Our GRPO learner for the peer step. ``share_prefixes``: each group's rows packed into
+    one row behind one copy of their prompt (:mod:`rlver_jax.rl.packing`; rows of ``prompt +
+    group x new_tokens`` tokens, all in the first micro-batch: the empty ones are skipped);
+    the update is the same as on ``rows`` padded rows (tested), computed on fewer tokens."""
+    from rlver_jax.rl.optim import LearnerConfig
+
+    s, T = shape, shape.prompt_len + shape.new_tokens
+    layout: dict[str, Any] = {"micro_batch_size": s.rows, "seq_buckets": (T,)}
+    if share_prefixes:
+        grouped = s.prompt_len + s.group * s.new_tokens
+        layout = {"micro_batch_size": s.prompts, "seq_buckets": (T, grouped),
+                  "pack_sequences": True, "share_prefixes": True}  # fmt: skip
+    return LearnerConfig(
+        algorithm="grpo", kl_coef=0.0, entropy_coef=0.0, mini_batch_size=s.rows,
+        actor_lr=1e-6, actor_warmup_ratio=0.0, clip_low=0.2, clip_high=0.2,
+        loss_agg="token-mean", **layout,
+    )  # fmt: skip
+
+
+def bench_rlver(shape: Shape, steps: int, share_prefixes: bool = True) -> dict[str, Any]:
     """``steps`` GRPO steps with rlver_jax's Sampler and Learner; the best warm step."""
     from rlver_jax.bench.common import timed_update
     from rlver_jax.models.config import ModelConfig
     from rlver_jax.models.transformer import init_params
     from rlver_jax.parallel.compile_count import count_compiles
     from rlver_jax.rl.learner import Learner
-    from rlver_jax.rl.optim import LearnerConfig
     from rlver_jax.sampling import Sampler, SamplerConfig
     from rlver_jax.trajectories import Trajectories
 
@@ -123,12 +145,7 @@ def bench_rlver(shape: Shape, steps: int) -> dict[str, Any]:
         prompt_buckets=(s.prompt_len,), batch_buckets=(s.rows,), new_token_buckets=(s.new_tokens,)
     )
     sampler = Sampler(cfg, pad_id=0, sampler_config=buckets)
-    lcfg = LearnerConfig(
-        algorithm="grpo", kl_coef=0.0, entropy_coef=0.0, mini_batch_size=s.rows,
-        micro_batch_size=s.rows, seq_buckets=(T,), actor_lr=1e-6, actor_warmup_ratio=0.0,
-        clip_low=0.2, clip_high=0.2, loss_agg="token-mean",
-    )  # fmt: skip
-    learner = Learner(cfg, lcfg)
+    learner = Learner(cfg, peer_learner_config(s, share_prefixes))
     params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
     state = learner.init_state(params, jax.random.key_data(jax.random.key(0)))
     prompts = prompt_ids(s)
@@ -302,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
         ap.add_argument(flag, type=type(field.default), default=field.default)
     ap.add_argument("--steps", type=int, default=3, help="GRPO steps per tool; first compiles")
     ap.add_argument("--tiny", action="store_true", help="a minuscule shape (tests)")
+    ap.add_argument(
+        "--no-share-prefixes", dest="share_prefixes", action="store_false",
+        help="train on the rows padded one sample each (no packing behind a shared prompt)",
+    )  # fmt: skip
     ap.add_argument("--json", dest="json_path", help="also write the rows to this JSON file")
     return ap
 
@@ -326,10 +347,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             flush=True,
         )
         raise SystemExit(EXIT_NO_TUNIX)
-    print(f"shape: {shape}", flush=True)
+    print(
+        f"shape: {shape}; rlver_jax shares each group's prompt: {args.share_prefixes}", flush=True
+    )
     print(header(COLUMNS), flush=True)
     rows = []
-    for bench in (bench_rlver, bench_tunix):
+    for bench in (functools.partial(bench_rlver, share_prefixes=args.share_prefixes), bench_tunix):
         rows.append(bench(shape, args.steps))
         print(format_row(COLUMNS, rows[-1]), flush=True)
     rows.append({"tool": "speedup", "dtype": shape.dtype, "rows": shape.rows} | speedup(*rows))

@@ -213,19 +213,23 @@ def accumulate_gradients(
     with ``loss`` and every ``aux`` leaf summed over micro-batches.
 
     ``active`` (``[n_micro]`` bool): micro-batches where it is False are not computed
-    (``lax.cond``) and add zeros; exact when their objective, gradient and aux are zero, as for
-    a micro-batch without loss tokens (padding rows, the empty rows of a packed batch).
+    (``lax.cond``) and leave the sums as they are; exact when their objective, gradient and aux
+    are zero, as for a micro-batch without loss tokens (padding rows, the empty rows of a
+    packed batch).
     """
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     first = jax.tree.map(lambda x: x[0], micro_batches)
     out_shape = jax.eval_shape(grad_fn, params, first, count)
 
-    def body(carry: tuple[PyTree, Array, PyTree], xs: tuple[PyTree, Array]) -> tuple[Any, None]:
+    def add(carry: tuple[PyTree, Array, PyTree], micro: PyTree) -> tuple[PyTree, Array, PyTree]:
         g_acc, l_acc, a_acc = carry
-        micro, on = xs
-        (loss, aux), grads = cond_or_zeros(on, grad_fn, params, micro, count)
+        (loss, aux), grads = grad_fn(params, micro, count)
         g_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), g_acc, grads)
-        return (g_acc, l_acc + loss, jax.tree.map(jnp.add, a_acc, aux)), None
+        return g_acc, l_acc + loss, jax.tree.map(jnp.add, a_acc, aux)
+
+    def body(carry: tuple[PyTree, Array, PyTree], xs: tuple[PyTree, Array]) -> tuple[Any, None]:
+        micro, on = xs  # a skipped micro-batch leaves the sums as they are (no zeros added)
+        return jax.lax.cond(on, add, lambda c, _: c, carry, micro), None
 
     (loss0, aux0), _ = out_shape
     init = (
