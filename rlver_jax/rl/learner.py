@@ -212,7 +212,7 @@ class Learner:
         lengths = np.asarray(traj.token_mask).sum(axis=1)
         longest = max(int(lengths.max()), 1)  # the columns past it are padding in every row
         trimmed = jax.tree.map(lambda x: np.asarray(x)[:, :longest] if np.ndim(x) == 2 else x, traj)
-        share = self._share(trimmed.pad_to(n_pad, longest))
+        share = self._share(trimmed)  # indexed by the real rows only
         seq_len = packing_lib.best_row_length(
             np.pad(lengths, (0, n_pad - n)), *self._split_sizes(n_pad), self.cfg.seq_buckets, share
         )
