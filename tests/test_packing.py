@@ -130,31 +130,41 @@ def test_packed_forward_equals_each_sample_alone(params: Any) -> None:
 
 @pytest.mark.parametrize(
     "algo,extra",
-    [("ppo", {}), ("grpo", {"kl_coef": 0.01, "kl_kind": "k3"})],  # critic + GAE / reference
-)
-def test_packed_update_equals_the_padded_update(
+    [("ppo", {"critic_mask": "response"}), ("grpo", {"kl_coef": 0.01, "kl_kind": "k3"})],
+)  # critic + GAE (values from the first policy token on) / reference KL
+def test_packed_updates_equal_the_padded_update(
     params: Any, algo: str, extra: dict[str, Any]
 ) -> None:
+    """Padded rows, packed rows, and packed rows with each group's prompt shared: two steps
+    each on batches whose groups share 4-9-token prompts, the same params and metrics."""
     results = []
-    for pack in (False, True):
+    for pack, share in ((False, False), (True, False), (True, True)):
         cfg = LearnerConfig(
             algorithm=algo, mini_batch_size=8, micro_batch_size=2, ppo_epochs=2,
-            pack_sequences=pack, **BASE, **extra,
+            pack_sequences=pack, share_prefixes=share, **BASE, **extra,
         )  # fmt: skip
         learner = Learner(MCFG, cfg, compiler_options=FAST)
         state = learner.init_state(params, jax.random.key_data(jax.random.key(1)))
         for step in range(2):
-            state, metrics = learner.update(state, make_traj(10 + step))
+            state, metrics = learner.update(state, shared_traj(10 + step))
         results.append((jax.device_get(state), metrics, learner))
-    (padded, m_pad, _), (packed, m_packed, learner) = results
-    models = (padded.policy, padded.critic), (packed.policy, packed.critic)  # critic: PPO
-    for a, b in zip(jax.tree.leaves(models[0]), jax.tree.leaves(models[1]), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=0)
-    for key in ("actor/pg_loss", "actor/entropy", "actor/grad_norm", "rollout/logprob_gap_mean"):
-        assert m_packed[key] == pytest.approx(m_pad[key], rel=1e-4, abs=1e-6), key
-    assert m_packed["skipped"] == 0.0
-    filled = learner.filled_rows(learner.pad(make_traj(11)))
-    assert filled < N  # the packed train step computes on fewer rows
+    (padded, m_pad, _), *packed_runs = results
+    keys = ["actor/pg_loss", "actor/entropy", "actor/grad_norm", "rollout/logprob_gap_mean"]
+    keys += ["critic/vf_loss"] if algo == "ppo" else []
+    for packed, m_packed, _ in packed_runs:
+        models = (padded.policy, padded.critic), (packed.policy, packed.critic)  # critic: PPO
+        for a, b in zip(jax.tree.leaves(models[0]), jax.tree.leaves(models[1]), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=0)
+        for key in keys:
+            assert m_packed[key] == pytest.approx(m_pad[key], rel=1e-4, abs=1e-6), key
+        assert m_packed["skipped"] == 0.0
+    batch = shared_traj(11)
+    (_, _, plain), (_, _, shared) = packed_runs
+    computed = [
+        int((lr.plan_packing(lr.pad(batch)).segment_ids != 0).sum()) for lr in (plain, shared)
+    ]
+    assert plain.filled_rows(plain.pad(batch)) < N  # packing computes on fewer rows
+    assert computed[1] < computed[0] == int(np.asarray(batch.token_mask).sum())  # prompts once
 
 
 def test_packed_updates_do_not_recompile(params: Any) -> None:
@@ -252,33 +262,6 @@ def test_shared_prefix_forward_equals_each_sample_alone(params: Any) -> None:
     for got, want in ((packed, alone), (packed_ent, alone_ent)):
         got = np.asarray(packing.unpack(got, p.scatter))
         np.testing.assert_allclose(got, np.where(mask, np.asarray(want), 0.0), atol=2e-5, rtol=0)
-
-
-@pytest.mark.parametrize("algo", ["ppo", "grpo"])
-def test_shared_prefix_update_equals_the_padded_update(params: Any, algo: str) -> None:
-    results = []
-    for pack, share in ((False, False), (True, True)):
-        cfg = LearnerConfig(
-            algorithm=algo, mini_batch_size=8, micro_batch_size=2, ppo_epochs=2,
-            pack_sequences=pack, share_prefixes=share, critic_mask="response", **BASE,
-        )  # fmt: skip
-        learner = Learner(MCFG, cfg, compiler_options=FAST)
-        state = learner.init_state(params, jax.random.key_data(jax.random.key(1)))
-        for step in range(2):
-            state, metrics = learner.update(state, shared_traj(10 + step))
-        results.append((jax.device_get(state), metrics, learner))
-    (padded, m_pad, _), (shared, m_shared, learner) = results
-    models = (padded.policy, padded.critic), (shared.policy, shared.critic)
-    for a, b in zip(jax.tree.leaves(models[0]), jax.tree.leaves(models[1]), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=0)
-    for key in ("actor/pg_loss", "actor/entropy", "actor/grad_norm", "rollout/logprob_gap_mean"):
-        assert m_shared[key] == pytest.approx(m_pad[key], rel=1e-4, abs=1e-6), key
-    if algo == "ppo":
-        assert m_shared["critic/vf_loss"] == pytest.approx(m_pad["critic/vf_loss"], rel=1e-4)
-    padded_traj = learner.pad(shared_traj(11))
-    share = learner._share(padded_traj)
-    tokens = int((learner.plan_packing(padded_traj).segment_ids != 0).sum())
-    assert share is not None and tokens < int(np.asarray(padded_traj.token_mask).sum())
 
 
 def test_share_prefixes_needs_packing() -> None:
