@@ -267,3 +267,7 @@ def test_shared_prefix_forward_equals_each_sample_alone(params: Any) -> None:
 def test_share_prefixes_needs_packing() -> None:
     with pytest.raises(LearnerConfigError, match="share_prefixes"):
         LearnerConfig(share_prefixes=True)
+    long = np.ones((1, 1 << 15), bool)
+    share = packing.Share(long.astype(np.int32), ~long, np.zeros(1, np.int32))
+    with pytest.raises(ValueError, match="prefix sharing needs rows under 32768 tokens"):
+        packing.plan_packing(long, 1, 1, share)

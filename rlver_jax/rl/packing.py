@@ -209,8 +209,10 @@ def plan_packing(
     lengths = mask.sum(axis=1)
     if np.any(mask.cumsum(axis=1)[np.arange(n), np.maximum(lengths - 1, 0)] != lengths):
         raise ValueError("plan_packing needs right-padded rows (real tokens first)")
-    if share is not None and t >= 1 << PREFIX_SHIFT:
-        raise ValueError(f"prefix sharing needs rows under {1 << PREFIX_SHIFT} tokens, not {t}")
+    if share is not None and t >= 1 << (31 - PREFIX_SHIFT):  # prefix ids shifted into an int32
+        raise ValueError(
+            f"prefix sharing needs rows under {1 << (31 - PREFIX_SHIFT)} tokens, not {t}"
+        )
     layout = _layout(n, n_mini, n_micro)
     empty = n * t
     gather = np.full((n, t), empty, np.int64)
