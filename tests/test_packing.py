@@ -160,9 +160,7 @@ def test_packed_updates_equal_the_padded_update(
         assert m_packed["skipped"] == 0.0
     batch = shared_traj(11)
     (_, _, plain), (_, _, shared) = packed_runs
-    computed = [
-        int((lr.plan_packing(lr.pad(batch)).segment_ids != 0).sum()) for lr in (plain, shared)
-    ]
+    computed = [lr.laid_out_tokens(lr.pad(batch)) for lr in (plain, shared)]
     assert plain.filled_rows(plain.pad(batch)) < N  # packing computes on fewer rows
     assert computed[1] < computed[0] == int(np.asarray(batch.token_mask).sum())  # prompts once
 

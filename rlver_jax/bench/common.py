@@ -20,7 +20,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Columns = Sequence[tuple[str, str]]
 CELL = 12
@@ -102,7 +101,8 @@ def timed_update(
     """:meth:`Learner.update` with each phase timed (its ``timings`` hook). Returns ``(state,
     metrics, timings)``; ``timings`` holds ``pad_s``, ``old_s`` (0 when the step is on-policy),
     ``adv_s``, ``train_s``, ``fetch_s``, ``device_s = old_s + adv_s + train_s``, ``total_s``,
-    and the padded batch's ``rows``, ``seq``, ``real_tokens``, ``filled_rows`` (rows the train
+    and the padded batch's ``rows``, ``seq``, ``real_tokens`` (the tokens its layout holds:
+    :meth:`Learner.laid_out_tokens`, a shared prompt once), ``filled_rows`` (rows the train
     step computes on: :meth:`Learner.filled_rows`) and
     ``pad_frac = 1 - real_tokens / (filled_rows * seq)``."""
     timings: dict[str, float] = {}
@@ -111,7 +111,7 @@ def timed_update(
     total = time.perf_counter() - t0
     padded = learner.pad(traj, num_samples)
     rows, seq = (int(x) for x in padded.tokens.shape)
-    real, filled = int(np.asarray(padded.token_mask).sum()), learner.filled_rows(padded)
+    real, filled = learner.laid_out_tokens(padded), learner.filled_rows(padded)
     timings |= {
         "device_s": timings["old_s"] + timings["adv_s"] + timings["train_s"], "total_s": total,
         "rows": float(rows), "seq": float(seq), "real_tokens": float(real),

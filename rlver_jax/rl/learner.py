@@ -247,6 +247,13 @@ class Learner:
             return packing_lib.packed_rows(lengths, *split, traj.seq_len, self._share(traj))
         return packing_lib.filled_rows(traj.token_mask, *split)
 
+    def laid_out_tokens(self, traj: Trajectories) -> int:
+        """Token slots of a padded batch that the train step fills: its real tokens, less the
+        prompt copies that ``share_prefixes`` holds once (the packed layout's tokens)."""
+        if self.cfg.share_prefixes:
+            return int(np.count_nonzero(self.plan_packing(traj).segment_ids))
+        return int(np.count_nonzero(np.asarray(traj.token_mask)))
+
     def _relayout(self, name: str, tree: Any, index: Any, segment_ids: Any = None) -> Any:
         """Every ``[N, T]`` leaf of ``tree`` gathered through ``index`` (``Packing.gather`` packs,
         ``Packing.scatter`` unpacks); ``segment_ids`` replace ``token_mask`` when packing."""
