@@ -342,7 +342,8 @@ class LearnerConfig:
     below ``mini_batch_size``. It needs ``loss_agg="token-mean"``. ``share_prefixes`` (with
     ``pack_sequences``): the samples of a group in one mini-batch hold their common prompt once
     per packed row (:mod:`rlver_jax.rl.packing`), so the forward and backward compute it once
-    instead of once per sample; the update is the same.
+    instead of once per sample; the update is the same. It pays where whole prompts repeat
+    (single-turn GRPO groups); on RLVER's per-turn rows it only lengthens them (README).
     """
 
     algorithm: Literal["ppo", "grpo"] = "ppo"
