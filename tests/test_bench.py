@@ -149,3 +149,17 @@ def test_peer_learner_packs_each_group_behind_one_prompt() -> None:
     assert (seg != 0).any(axis=1).sum() == shape.prompts == shared.filled_rows(padded)
     plain = Learner(mcfg, peer_bench.peer_learner_config(shape, share_prefixes=False))
     assert plain.pad(traj).seq_len == T and plain.filled_rows(plain.pad(traj)) == rows
+
+
+def test_train_bench_models_by_name() -> None:
+    """`bench train --model qwen2.5-0.5b` (the GPU benchmark) is Qwen2.5-0.5B's shape: its
+    published 494,032,768 parameters; an unknown name fails before any work."""
+    cfg = train_bench.model_config("qwen2.5-0.5b")
+    assert (cfg.family, cfg.num_layers, cfg.hidden_size, cfg.num_kv_heads) == ("qwen2", 24, 896, 2)
+    assert cfg.attention_bias and cfg.tie_word_embeddings
+    assert cfg.num_params() == 494_032_768
+    assert train_bench.model_config("smollm2") is train_bench.SMOLLM2_135M
+    with pytest.raises(ValueError, match="unknown --model 'qwen9'"):
+        cli.main(["bench", "train", "--model", "qwen9"])
+    with pytest.raises(ValueError, match="--weights smollm2 needs --model smollm2"):
+        train_bench.model_and_params("qwen2.5-0.5b", "smollm2", "float32", "float32", "none")

@@ -5,7 +5,9 @@ compute_advantages, train_step; one mini-batch, so on-policy: compute_old is ski
 learner's docs) on a synthetic batch of ``batch x seq_len`` tokens, all real
 (no padding), the second half of each row being policy tokens (the loss mask). The model is
 SmolLM2-135M's shape with random weights (``--weights smollm2`` loads the real ones; the
-speed is the same) or a minuscule model (``--tiny``, for tests). Per compute dtype it prints:
+speed is the same), another known shape with random weights (``--model qwen2.5-0.5b``: the GPU
+benchmark, see the README) or a minuscule model (``--tiny``, for tests). Per compute dtype
+it prints:
 
 - compile_s: trace + lower + compile seconds of the first step (jax's monitoring events);
 - step_s (best of the warm steps), old_s / train_s: its compute_old and train_step parts;
@@ -107,19 +109,35 @@ def synthetic_batch(cfg: ModelConfig, batch: int, seq_len: int, seed: int = 0) -
     )  # fmt: skip
 
 
+def model_config(model: str) -> ModelConfig:
+    """The shape of ``model``: "smollm2" (SmolLM2-135M), "tiny", or a checkpoint name that
+    ``rlver-jax plan`` knows (e.g. "qwen2.5-0.5b": the GPU benchmark's shape)."""
+    if model in ("smollm2", "tiny"):
+        return SMOLLM2_135M if model == "smollm2" else TINY
+    from rlver_jax.plan_cli import KNOWN_HF_CONFIGS
+
+    if model not in KNOWN_HF_CONFIGS:
+        known = ", ".join(["smollm2", "tiny", *KNOWN_HF_CONFIGS])
+        raise ValueError(f"unknown --model {model!r}; known: {known}")
+    return ModelConfig.from_hf_dict(KNOWN_HF_CONFIGS[model], source=model)
+
+
 def model_and_params(
     model: str, weights: str, dtype: str, param_dtype: str, remat: str
 ) -> tuple[ModelConfig, Any]:
-    """(config, params): SmolLM2-135M's shape or the tiny one, random or real weights."""
+    """(config, params): the shape of :func:`model_config` with random weights, or
+    SmolLM2-135M's real ones (``weights="smollm2"``, only with that model)."""
     runtime = {"dtype": dtype, "param_dtype": param_dtype, "remat": remat}
-    if model == "smollm2" and weights == "smollm2":
+    if weights == "smollm2":
+        if model != "smollm2":
+            raise ValueError(f"--weights smollm2 needs --model smollm2, not {model!r}")
         from rlver_jax.models import default_model
 
         params, cfg, _ = default_model.load_default_model(**runtime)
         return cfg, params
     from rlver_jax.models.transformer import init_params
 
-    cfg = (SMOLLM2_135M if model == "smollm2" else TINY).replace(**runtime)
+    cfg = model_config(model).replace(**runtime)
     return cfg, jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
 
 
@@ -181,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--weights", default="random", choices=["random", "smollm2"])
     ap.add_argument("--tiny", action="store_true", help="a minuscule model (tests)")
     ap.add_argument(
+        "--model", default="smollm2",
+        help="smollm2 (SmolLM2-135M), or a shape `rlver-jax plan` knows, e.g. qwen2.5-0.5b "
+        "(random weights; the GPU benchmark: --model qwen2.5-0.5b --dtypes bfloat16)",
+    )  # fmt: skip
+    ap.add_argument(
         "--fast-compile", action="store_true",
         help="XLA backend optimisation level 0 (tests: fast compiles, slow steps; not for MFU)",
     )  # fmt: skip
@@ -192,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Parse flags, measure the matmul peaks, run every dtype, print the table; returns rows."""
     args = build_parser().parse_args(argv)
-    model = "tiny" if args.tiny else "smollm2"
+    model = "tiny" if args.tiny else args.model
+    model_config(model)  # an unknown name fails here, before any work
     dtypes = [d for d in args.dtypes.split(",") if d]
     print(machine_line(f"bench train: GRPO learner step, {model}, {args.batch} x {args.seq_len}"))
     peaks = {d: matmul_peak(d, args.peak_n) for d in dtypes}
