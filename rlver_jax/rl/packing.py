@@ -126,26 +126,33 @@ def _item(members: list[int], prefix: int, lengths: np.ndarray) -> _Item:
     return _Item(tuple(members), prefix, prefix + sum(int(lengths[m]) - prefix for m in members))
 
 
-def _items(
-    rows: np.ndarray, lengths: np.ndarray, share: Share | None, capacity: int
-) -> list[_Item]:
-    """The samples of one mini-batch (``rows``) as packing items: each alone, or with
-    ``share`` the members of a group behind their common prefix, split into items that fit
-    ``capacity`` tokens. Zero-length samples are dropped."""
+_Group = tuple[list[int], int]  # (members, shared prefix length; 0: nothing shared)
+
+
+def _groups(rows: np.ndarray, lengths: np.ndarray, share: Share | None) -> list[_Group]:
+    """The samples of one mini-batch (``rows``) grouped for packing: each alone, or with
+    ``share`` the members of a group with their common prefix. Zero-length samples are dropped.
+    Independent of the row length, so :func:`best_row_length` finds prefixes once."""
     real = [int(r) for r in rows if lengths[r] > 0]
     if share is None:
-        return [_item([r], 0, lengths) for r in real]
-    groups: dict[int, list[int]] = {}
+        return [([r], 0) for r in real]
+    by_id: dict[int, list[int]] = {}
     for r in real:
-        groups.setdefault(int(share.group_ids[r]), []).append(r)
-    items = []
-    for members in groups.values():
+        by_id.setdefault(int(share.group_ids[r]), []).append(r)
+    out: list[_Group] = []
+    for members in by_id.values():
         prefix = _common_prefix(share, members, lengths) if len(members) > 1 else 0
-        if prefix == 0:
-            items += [_item([m], 0, lengths) for m in members]
-            continue
+        out += [(members, prefix)] if prefix else [([m], 0) for m in members]
+    return out
+
+
+def _items(groups: list[_Group], lengths: np.ndarray, capacity: int) -> list[_Item]:
+    """Packing items of ``groups``: a group sharing a prefix is split into items that fit
+    ``capacity`` tokens, each with its own copy of the prefix."""
+    items = []
+    for members, prefix in groups:
         chunk: list[int] = []
-        for m in members:  # a new item (with its own copy of the prefix) when this one is full
+        for m in members:  # a new item when this one is full
             if chunk and _item([*chunk, m], prefix, lengths).length > capacity:
                 items.append(_item(chunk, prefix, lengths))
                 chunk = []
@@ -172,9 +179,20 @@ def packed_rows(
     ``seq_len`` (:func:`plan_packing`): per mini-batch, the micro-batches up to its last bin.
     Equals ``filled_rows(plan_packing(...).segment_ids, ...)`` without building the layout."""
     lengths = np.asarray(lengths)
+    return _packed_rows(_mini_batch_groups(lengths, n_mini, n_micro, share), lengths, seq_len)
+
+
+def _mini_batch_groups(
+    lengths: np.ndarray, n_mini: int, n_micro: int, share: Share | None
+) -> tuple[list[list[_Group]], int]:
+    """(each mini-batch's :func:`_groups`, rows per micro-batch)."""
     layout = _layout(len(lengths), n_mini, n_micro)
-    m = layout.shape[1] // n_micro
-    bins = (len(_bins(_items(rows, lengths, share, seq_len), seq_len)) for rows in layout)
+    return [_groups(rows, lengths, share) for rows in layout], layout.shape[1] // n_micro
+
+
+def _packed_rows(grouped: tuple[list[list[_Group]], int], lengths: np.ndarray, seq_len: int) -> int:
+    groups, m = grouped
+    bins = (len(_bins(_items(g, lengths, seq_len), seq_len)) for g in groups)
     return sum(-(-b // m) * m for b in bins)
 
 
@@ -189,8 +207,8 @@ def best_row_length(
     fits = [b for b in buckets if b >= longest]
     if not fits:
         raise ValueError(f"sequence length {longest} exceeds the largest bucket {max(buckets)}")
-    rows = lambda b: packed_rows(lengths, n_mini, n_micro, b, share)
-    return min(fits, key=lambda b: (rows(b) * b, b))
+    grouped = _mini_batch_groups(lengths, n_mini, n_micro, share)  # prefixes found once
+    return min(fits, key=lambda b: (_packed_rows(grouped, lengths, b) * b, b))
 
 
 def plan_packing(
@@ -219,7 +237,8 @@ def plan_packing(
     scatter = np.full((n, t), empty, np.int64)
     segment_ids = np.zeros((n, t), np.int64)
     for rows in layout:  # rows of one mini-batch, in micro-batch order
-        for row, items in zip(rows, _bins(_items(rows, lengths, share, t), t), strict=False):
+        items_of_rows = _bins(_items(_groups(rows, lengths, share), lengths, t), t)
+        for row, items in zip(rows, items_of_rows, strict=False):
             offset, seg = 0, 0
             for item in items:
                 p, prefix_seg = item.prefix, 0
