@@ -208,6 +208,16 @@ def _prefix_lookup(table: jax.Array, prefix: jax.Array) -> jax.Array:
     return jnp.take_along_axis(table, prefix, axis=-1)
 
 
+def _indices(seg: jax.Array) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(seg.shape[-1], dtype=jnp.int32), seg.shape)
+
+
+def _segment_starts(seg: jax.Array) -> jax.Array:
+    """True at the first token of each segment (and at ``t = 0``)."""
+    before = jnp.pad(seg[..., :-1], [(0, 0)] * (seg.ndim - 1) + [(1, 0)], constant_values=-1)
+    return seg != before
+
+
 def positions_from_mask(token_mask: jax.Array) -> jax.Array:
     """Positions 0, 1, ... counted over real tokens only (left padding gets position 0). With
     segment ids (`is_segment_ids`), positions restart at each segment: ``t - start(segment)``,
@@ -215,21 +225,21 @@ def positions_from_mask(token_mask: jax.Array) -> jax.Array:
     if not is_segment_ids(token_mask):
         return jnp.maximum(jnp.cumsum(token_mask.astype(jnp.int32), axis=-1) - 1, 0)
     seg, prefix = segment_parts(token_mask)
-    idx = jnp.broadcast_to(jnp.arange(seg.shape[-1], dtype=jnp.int32), seg.shape)
-    before = jnp.pad(seg[..., :-1], [(0, 0)] * (seg.ndim - 1) + [(1, 0)], constant_values=-1)
-    start = jax.lax.cummax(jnp.where(seg != before, idx, 0), axis=seg.ndim - 1)
+    idx = _indices(seg)
+    start = jax.lax.cummax(jnp.where(_segment_starts(seg), idx, 0), axis=seg.ndim - 1)
     lengths = _per_segment(seg, jnp.ones_like(seg), 0, "add")
     offset = jnp.where(prefix > 0, _prefix_lookup(lengths, prefix), 0)
     return jnp.where(seg > 0, idx - start + offset, 0)
 
 
-def prefix_ends(token_mask: jax.Array) -> jax.Array:
-    """Per token of packed segment ids: the last position of its shared prefix segment (-1:
-    none). A member's first token is predicted from there (`rlver_jax.rl.model_outputs`)."""
+def predecessors(token_mask: jax.Array) -> jax.Array:
+    """Per token of packed segment ids: the position whose output predicts it, ``t - 1``,
+    except the first token of a member behind a shared prefix (`segment_parts`), which is
+    predicted from the prefix's last position; -1 at ``t = 0``."""
     seg, prefix = segment_parts(token_mask)
-    idx = jnp.broadcast_to(jnp.arange(seg.shape[-1], dtype=jnp.int32), seg.shape)
-    ends = _per_segment(seg, idx, -1, "max")
-    return jnp.where(prefix > 0, _prefix_lookup(ends, prefix), -1)
+    idx = _indices(seg)
+    ends = _prefix_lookup(_per_segment(seg, idx, -1, "max"), prefix)  # each segment's last slot
+    return jnp.where(_segment_starts(seg) & (prefix > 0), ends, idx - 1)
 
 
 def attention_mask(token_mask: jax.Array) -> jax.Array:

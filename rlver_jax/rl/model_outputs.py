@@ -23,7 +23,7 @@ from rlver_jax.models.transformer import (
     is_segment_ids,
     lm_logits,
     positions_from_mask,
-    prefix_ends,
+    predecessors,
 )
 from rlver_jax.parallel.rules import constrain
 from rlver_jax.rl.losses import logprobs_and_entropy
@@ -46,13 +46,10 @@ def align_to_targets(x: Array, token_mask: Array) -> Array:
     """Per-position outputs ``x`` ``[B, T, ..]`` moved to the token they predict: ``out[:, t] =
     x[:, parent(t)]`` with ``parent(t) = t - 1`` (:func:`shift_right`), except that a packed
     member's first token after a shared prefix takes the prefix's last position
-    (:func:`rlver_jax.models.transformer.prefix_ends`); ``out[:, 0] = 0``."""
+    (:func:`rlver_jax.models.transformer.predecessors`); ``out[:, 0] = 0``."""
     if not is_segment_ids(token_mask):
         return shift_right(x)
-    idx = jnp.arange(token_mask.shape[1], dtype=jnp.int32)
-    before = jnp.pad(token_mask[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
-    ends = prefix_ends(token_mask)
-    parent = jnp.where((token_mask != before) & (ends >= 0), ends, idx - 1)  # -1 at t = 0
+    parent = predecessors(token_mask)  # -1 at t = 0
     index = jnp.maximum(parent, 0).reshape(*parent.shape, *(1,) * (x.ndim - 2))
     out = jnp.take_along_axis(x, index, axis=1)
     return jnp.where((parent >= 0).reshape(index.shape), out, jnp.zeros((), x.dtype))
