@@ -130,9 +130,11 @@ def bench_jax(
 
     prompt_len, new_tokens, repeats = args.prompt_len, args.new_tokens, args.repeats
     config, params = load_weights(args.model, args.weights, dtype)
+    unroll = {"auto": None, "on": True, "off": False}[args.unroll_decode]
     buckets = SamplerConfig(
-        prompt_buckets=(prompt_len,), batch_buckets=tuple(batches), new_token_buckets=(new_tokens,)
-    )
+        prompt_buckets=(prompt_len,), batch_buckets=tuple(batches),
+        new_token_buckets=(new_tokens,), unroll_decode=unroll,
+    )  # fmt: skip
     sampler = Sampler(config, pad_id=0, sampler_config=buckets, time_phases=True)
     rows = []
     rng = np.random.default_rng(0)
@@ -159,7 +161,7 @@ def bench_jax(
             "decode_tok_s": b * steps / best["decode_s"],
             "e2e_tok_s": b * new_tokens / (best["prefill_s"] + best["decode_s"]),
             "bound_ms": bound, "x_bound": ms / bound, "rss_peak_mb": rss_peak_mb(),
-            "dev_peak_mb": device_peak_mb(),
+            "dev_peak_mb": device_peak_mb(), "unroll_decode": sampler.unroll_decode,
         })  # fmt: skip
         print(_format_row(rows[-1]), flush=True)
     return rows
@@ -235,6 +237,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     )  # fmt: skip
     ap.add_argument("--model", default="smollm2", help="a shape `bench train --model` knows")
     ap.add_argument("--torch-device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument(
+        "--unroll-decode", default="auto", choices=["auto", "on", "off"],
+        help="SamplerConfig.unroll_decode (auto: the sampler's own choice for the backend)",
+    )  # fmt: skip
     ap.add_argument("--json", dest="json_path", help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b]
@@ -247,7 +253,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     bw = copy_bandwidth()
     print(
         f"{args.model} ({args.weights} weights), greedy, prompt {args.prompt_len}, "
-        f"{args.new_tokens} new tokens; jax {jax.__version__} on "
+        f"{args.new_tokens} new tokens, unroll_decode {args.unroll_decode}; "
+        f"jax {jax.__version__} on "
         f"{jax.devices()[0].device_kind} x{jax.device_count()}, torch on {device}, "
         f"{os.cpu_count()} CPUs; measured copy bandwidth {bw / 1e9:.1f} GB/s (read+write); "
         f"load average {os.getloadavg()[0]:.1f}",
