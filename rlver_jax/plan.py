@@ -23,8 +23,8 @@ Phases (their transients never overlap; the peak is resident + the largest phase
   rollout  policy sampler | LLM-user sampler | LLM-user judge, one at a time:
              KV cache      2 x L x B' x (P + N) x K' x Dh x b   (B: batch bucket rounded to a
                            multiple of data x fsdp, P / N: prompt / new-token buckets)
-             prefill       m x P x [(2 D + H' Dh + 2 K' Dh + F') x b + H' x S x a], S = P,
-                           a = 4 + b (+ 4 when b < 4)
+             prefill       m x [P x (2 D + H' Dh + 2 K' Dh + F') x b + Pq x H' x S x a],
+                           S = P, a = 4 + b (+ 4 when b < 4), Pq = min(P, attention_block)
                            (the sampler's prefill attends over the prompt block alone,
                            `forward(empty_cache=True)`; the judge's over S = P + C slots)
              judge         22 x the prompt cache (the prompt cache and its 21 candidate copies,
@@ -37,7 +37,9 @@ Phases (their transients never overlap; the peak is resident + the largest phase
            (+ the embedding's dense fp32 gradient, V x D x 4 / shards, for the critic; the
            actor's blocked vocabulary projection accumulates its own in place) + activations of a
            micro-batch of m rows x T tokens (T: the learner's sequence bucket):
-             layer(m, T, S) = m x T x [(8 D + 3 H' Dh + 3 K' Dh + 6 F') x b + H' x S x (4 + b)]
+             layer(m, T, S) = m x [T x (8 D + 3 H' Dh + 3 K' Dh + 6 F') x b
+                                   + Tq x H' x S x (4 + b)], Tq = min(T, attention_block)
+                              (blocked attention: one block's scores at a time, none saved)
              logits(m, T)   = 5 x m x block x V' x 4 (fp32 logits, log-softmax, softmax for the
                                                       entropy and their gradients; actor only)
              remat none: L x layer + logits
@@ -212,19 +214,35 @@ def gathered_bytes(
 
 
 # --------------------------------------------------------------------------- formulas
+def attention_rows(c: ModelConfig, T: int) -> int:
+    """Queries whose scores exist at once: T, or `attention_block` when T is longer (the
+    blocks of `transformer._attention`)."""
+    return T if not c.attention_block or c.attention_block >= T else c.attention_block
+
+
+def score_bytes(c: ModelConfig, rows: int, T: int, S: int, mesh: AbstractMesh) -> int:
+    """f32 scores and the probabilities of one attention block: rows x Tq x H' x S x (4 + b)."""
+    b, H = np.dtype(c.dtype).itemsize, split(c.num_heads, "act_heads", mesh)
+    return rows * attention_rows(c, T) * H * S * (4 + b)
+
+
 def layer_bytes(c: ModelConfig, rows: int, T: int, S: int, mesh: AbstractMesh) -> int:
     """Activations of one layer for `rows` local rows of T queries over S keys (no remat)."""
     b = np.dtype(c.dtype).itemsize
     H, K = split(c.num_heads, "act_heads", mesh), split(c.num_kv_heads, "act_kv_heads", mesh)
     F, Dh = split(c.intermediate_size, "act_mlp", mesh), c.head_dim
     linear = (C_EMBED * c.hidden_size + C_Q * H * Dh + C_KV * K * Dh + C_MLP * F) * b
-    return rows * T * (linear + H * S * (4 + b))
+    return rows * T * linear + score_bytes(c, rows, T, S, mesh)
 
 
 def saved_bytes(c: ModelConfig, rows: int, T: int, mesh: AbstractMesh) -> int:
-    """What a remat policy keeps for the backward pass of all L layers."""
+    """What a remat policy keeps for the backward pass of all L layers (blocked attention
+    keeps no scores: each block recomputes its own, one block at a time)."""
     b, L, D = np.dtype(c.dtype).itemsize, c.num_layers, c.hidden_size
     if c.remat == "none":
+        if attention_rows(c, T) < T:
+            scores = score_bytes(c, rows, T, T, mesh)
+            return L * (layer_bytes(c, rows, T, T, mesh) - scores) + scores
         return L * layer_bytes(c, rows, T, T, mesh)
     if c.remat == "full":
         return L * rows * T * D * b
@@ -310,15 +328,16 @@ def _models(
 
 def prefill_bytes(c: ModelConfig, rows: int, P: int, S: int, mesh: AbstractMesh) -> int:
     """One layer of a forward-only prefill of P tokens over S cache slots:
-    rows x P x [(2 D + H' Dh + 2 K' Dh + F') x b + H' x S x a], a = 4 + b (+ 4 when b < 4):
-    f32 scores, masked in place, the probabilities, and their f32 copy before a cast to a
-    narrower dtype (attention as two batched GEMMs, `transformer._attention`)."""
+    rows x [P x (2 D + H' Dh + 2 K' Dh + F') x b + Pq x H' x S x a], a = 4 + b (+ 4 when
+    b < 4): f32 scores, masked in place, the probabilities, and their f32 copy before a cast
+    to a narrower dtype (attention as two batched GEMMs, `transformer._attention`), for the
+    Pq = min(P, attention_block) queries attended at once."""
     b = np.dtype(c.dtype).itemsize
     H, K = split(c.num_heads, "act_heads", mesh), split(c.num_kv_heads, "act_kv_heads", mesh)
     F = split(c.intermediate_size, "act_mlp", mesh)
     linear = (2 * c.hidden_size + (H + 2 * K) * c.head_dim + F) * b
     a = 4 + b + (4 if b < 4 else 0)
-    return rows * P * (linear + H * S * a)
+    return rows * P * linear + rows * attention_rows(c, P) * H * S * a
 
 
 def decode_weight_bytes(c: ModelConfig, mesh: AbstractMesh) -> int:

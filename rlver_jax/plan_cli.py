@@ -214,6 +214,9 @@ def candidate_fixes(run: RunConfig, mesh: dict[str, int]) -> list[list[str]]:
     for key in ("param_dtype", "dtype"):
         if getattr(m, key) == "float32":
             fixes.append([f"model.{key}=bfloat16"])
+    for block in (512, 256, 128):  # fewer queries' scores at a time (0: all of them)
+        if not m.attention_block or m.attention_block > block:
+            fixes.append([f"model.attention_block={block}"])
     dp, micro = mesh["data"] * mesh["fsdp"], lc.micro_batch_size
     while micro % 2 == 0 and (micro // 2) % dp == 0:  # smaller, still split over all devices
         micro //= 2
@@ -278,10 +281,12 @@ def suggest_fixes(
 
 
 HINTS: dict[str, str] = {
-    "prefill": "a prefill holds H x P x (P + N) attention scores per row (no flash attention): "
-    "shorter prompts (rollout.max_prompt_tokens) or fewer sampler rows per device",
+    "prefill": "a prefill holds H x Pq x (P + N) attention scores per row, Pq = the queries of "
+    "one attention block (no flash attention): a smaller model.attention_block, shorter "
+    "prompts (rollout.max_prompt_tokens) or fewer sampler rows per device",
     "activations": "a micro-batch's activations: fewer rows per device, model.remat=full, "
-    "shorter sequences (T grows with max_prompt_tokens + max_reply_tokens)",
+    "a smaller model.attention_block, shorter sequences (T grows with max_prompt_tokens + "
+    "max_reply_tokens)",
     "forward": "the old-logprob pass: learner.forward_micro_batch_size or shorter sequences",
     "moments": "optimiser states: more devices on fsdp, or bf16 params",
     "params": "weights: more devices on fsdp (mesh.fsdp=-1), bf16 params",

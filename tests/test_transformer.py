@@ -359,3 +359,73 @@ def test_rope_gradient_is_the_inverse_rotation() -> None:
     # through a jitted, rematerialised use, as in the learner
     grad = jax.jit(jax.grad(jax.checkpoint(lambda x: (apply_rope(x, cos, sin) * g).sum())))(x)
     np.testing.assert_allclose(grad, ref_vjp(g)[0], atol=1e-5)
+
+
+def _blocked_case() -> tuple[ModelConfig, Any, jax.Array, jax.Array, jax.Array]:
+    """Tiny Qwen2 (biases) on two packed rows of 23 tokens: three samples, a shared-prefix
+    member (`segment_parts`: prefix id in the high bits) and trailing padding (segment 0)."""
+    config = ModelConfig(
+        family="qwen2", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=8, attention_bias=True,
+    )  # fmt: skip
+    params = init_params(config, jax.random.key(0))
+    row0 = [1] * 9 + [2] * 10 + [0] * 4
+    row1 = [3] * 6 + [4 | (3 << 16)] * 7 + [5] * 10
+    seg = jnp.asarray([row0, row1], jnp.int32)
+    tokens = jax.random.randint(jax.random.key(1), seg.shape, 0, 64)
+    return config, params, tokens, seg, positions_from_mask(seg)
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_blocked_attention_equals_whole(remat: str) -> None:
+    """`attention_block` splits the queries into checkpointed blocks (the last one padded):
+    logits and gradients equal the unblocked attention's, on packed rows with a shared prefix
+    and padding, and in a prefill into a KV cache."""
+    config, params, tokens, seg, pos = _blocked_case()
+
+    def loss(p: Any, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+        logits, _ = forward(p, tokens, pos, seg, cfg)
+        real = (seg > 0)[..., None]
+        return jnp.sum(jnp.where(real, jax.nn.log_softmax(logits), 0.0)[..., 3]), logits
+
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (l_whole, logits_whole), g_whole = grad(params, config.replace(attention_block=0, remat=remat))
+    for block in (4, 8, 23):  # 6 blocks (1 padded query), 3 blocks, one block (no split)
+        cfg = config.replace(attention_block=block, remat=remat)
+        (l_blk, logits_blk), g_blk = grad(params, cfg)
+        np.testing.assert_allclose(logits_blk, logits_whole, atol=1e-5)
+        np.testing.assert_allclose(l_blk, l_whole, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(g_blk), jax.tree.leaves(g_whole), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+    mask = jnp.ones((2, 16), bool).at[0, :5].set(False)  # left padding, into a 20-slot cache
+    outs = []
+    for block in (0, 4):
+        cfg = config.replace(attention_block=block)
+        cache = init_cache(cfg, 2, 20)
+        logits, _ = forward(
+            params, tokens[:, :16], positions_from_mask(mask), mask, cfg, cache, empty_cache=True
+        )
+        outs.append(np.asarray(logits)[:, 5:])
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
+
+
+def test_blocked_attention_keeps_fewer_bytes() -> None:
+    """The point of the blocks: a training step's compiled temporaries no longer hold every
+    layer's T x T scores (XLA's own memory analysis of the forward + backward program)."""
+    config, params, _, _, _ = _blocked_case()
+    T = 256
+    tokens = jnp.zeros((2, T), jnp.int32)
+    mask = jnp.ones((2, T), bool)
+    pos = positions_from_mask(mask)
+
+    def temp_bytes(block: int) -> int:
+        cfg = config.replace(attention_block=block)
+        loss = lambda p: jnp.mean(forward(p, tokens, pos, mask, cfg)[0])
+        compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    whole, blocked = temp_bytes(0), temp_bytes(32)
+    scores = 2 * config.num_heads * T * T * 4  # one layer's f32 scores
+    assert whole >= config.num_layers * scores  # every layer's scores kept for the backward
+    assert blocked < whole / 2, (blocked, whole)

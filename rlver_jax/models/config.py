@@ -2,8 +2,8 @@
 
 One frozen, hashable dataclass describes every supported family (Llama / SmolLM2, Qwen2 /
 Qwen2.5, Qwen3); it is a static argument of every jitted function, so it must stay hashable.
-Runtime choices (compute dtype, scan, remat) live beside the shape because they change the
-compiled program, not the weights.
+Runtime choices (compute dtype, scan, remat, attention blocks) live beside the shape because
+they change the compiled program, not the weights.
 """
 
 from __future__ import annotations
@@ -66,6 +66,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat: RematPolicy = "none"
+    # Queries per attention block: longer blocks are attended in blocks of this many queries,
+    # each under `jax.checkpoint`, so no T x T score matrix is ever whole (0: never blocked).
+    attention_block: int = 1024
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -75,6 +78,10 @@ class ModelConfig:
             )
         if self.remat not in ("none", "full", "dots"):
             raise ModelConfigError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
+        if not isinstance(self.attention_block, int) or self.attention_block < 0:
+            raise ModelConfigError(
+                f"attention_block must be an int >= 0 (0: unblocked), got {self.attention_block!r}"
+            )
         for key in ("dtype", "param_dtype"):
             if getattr(self, key) not in ("float32", "bfloat16", "float16"):
                 raise ModelConfigError(

@@ -27,7 +27,8 @@ Source = Literal["smollm2", "hf", "gguf", "random"]
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """Where a model comes from, and how it runs (dtype, scan over layers, remat)."""
+    """Where a model comes from, and how it runs (dtype, scan over layers, remat, attention
+    blocks)."""
 
     source: Source = "smollm2"
     path: str | None = None  # hf: checkpoint directory; gguf: file
@@ -35,6 +36,7 @@ class ModelSpec:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     scan_layers: bool = True
     remat: Literal["none", "full", "dots"] = "none"
+    attention_block: int = 1024  # queries per attention block (0: unblocked); see ModelConfig
     # source="random": the shape of a random-init model that uses the project's tiny tokenizer.
     family: Literal["llama", "qwen2", "qwen3"] = "qwen2"
     hidden_size: int = 64
@@ -58,6 +60,7 @@ class ModelSpec:
             "param_dtype": self.param_dtype,
             "scan_layers": self.scan_layers,
             "remat": self.remat,
+            "attention_block": self.attention_block,
         }
 
     def model_config(self) -> ModelConfig:
