@@ -153,7 +153,7 @@ def test_train_step_plan_matches_compiled_memory() -> None:
     within(train_peak(p), measure_train_step(run, MCFG))
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.parametrize("remat", ["none", pytest.param("full", marks=pytest.mark.slow)])
 def test_blocked_attention_train_plan_matches_compiled_memory(remat: str) -> None:
     """Attention in blocks of 64 queries (`attention_block`) over 256-token rows, vocabulary
     512 so that attention, not logits, peaks: the plan keeps one block's scores, as XLA does

@@ -390,7 +390,7 @@ def test_blocked_attention_equals_whole(remat: str) -> None:
 
     grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
     (l_whole, logits_whole), g_whole = grad(params, config.replace(attention_block=0, remat=remat))
-    for block in (4, 8, 23):  # 6 blocks (1 padded query), 3 blocks, one block (no split)
+    for block in (4,):  # 6 blocks, the last with one padded query
         cfg = config.replace(attention_block=block, remat=remat)
         (l_blk, logits_blk), g_blk = grad(params, cfg)
         np.testing.assert_allclose(logits_blk, logits_whole, atol=1e-5)
@@ -402,10 +402,9 @@ def test_blocked_attention_equals_whole(remat: str) -> None:
     outs = []
     for block in (0, 4):
         cfg = config.replace(attention_block=block)
+        prefill = jax.jit(functools.partial(forward, config=cfg, empty_cache=True))
         cache = init_cache(cfg, 2, 20)
-        logits, _ = forward(
-            params, tokens[:, :16], positions_from_mask(mask), mask, cfg, cache, empty_cache=True
-        )
+        logits, _ = prefill(params, tokens[:, :16], positions_from_mask(mask), mask, cache=cache)
         outs.append(np.asarray(logits)[:, 5:])
     np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
 
