@@ -121,13 +121,19 @@ def test_unrolled_and_scanned_decode_agree(sampler: Sampler, params: dict) -> No
 
 
 @pytest.mark.parametrize(
-    "mesh_cfg", [MeshConfig(data=2, fsdp=1, tensor=4), MeshConfig(data=1, fsdp=8, tensor=1)]
+    ("mesh_cfg", "block"),
+    [
+        (MeshConfig(data=2, fsdp=1, tensor=4), 1024),
+        (MeshConfig(data=1, fsdp=8, tensor=1), 1024),
+        (MeshConfig(data=2, fsdp=1, tensor=4), 4),  # the 16-token prefill in 4 query blocks
+    ],
 )
 def test_sharded_greedy_matches_one_device(
-    sampler: Sampler, params: dict, mesh_cfg: MeshConfig
+    sampler: Sampler, params: dict, mesh_cfg: MeshConfig, block: int
 ) -> None:
     ref = sampler(params, PROMPTS, max_new_tokens=12, temperature=0.0)
-    sharded = Sampler(CONFIG, mesh=make_mesh(mesh_cfg), pad_id=PAD, sampler_config=BUCKETS)
+    config = CONFIG.replace(attention_block=block)
+    sharded = Sampler(config, mesh=make_mesh(mesh_cfg), pad_id=PAD, sampler_config=BUCKETS)
     out = sharded(sharded.shard_params(params), PROMPTS, max_new_tokens=12, temperature=0.0)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-4)

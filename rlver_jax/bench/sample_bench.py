@@ -94,7 +94,8 @@ def hf_dir(model: str, weights: str, scratch: str) -> str:
 
 
 def torch_device(choice: str) -> str:
-    """ "cuda" where JAX runs on a GPU and torch sees one (``auto``), else what was asked."""
+    """Torch's device: "cuda" where JAX runs on a GPU and torch sees one (``auto``), else the
+    one asked for."""
     if choice != "auto":
         return choice
     import torch
