@@ -107,6 +107,8 @@ def bench_dtype(dtype: str, args: argparse.Namespace, peak: float, model: str) -
     from rlver_jax.rl.optim import LearnerConfig
 
     cfg, params = model_and_params(model, args.weights, dtype, args.param_dtype, args.remat)
+    if args.attention_block is not None:
+        cfg = cfg.replace(attention_block=args.attention_block)
     micro = args.micro_batch or args.batch
     lcfg = LearnerConfig(
         algorithm="grpo", kl_coef=0.0, mini_batch_size=args.batch, micro_batch_size=micro,
@@ -154,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes")
     ap.add_argument("--param-dtype", default="float32", help="master weights' dtype")
     ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    ap.add_argument(
+        "--attention-block", type=int, default=None,
+        help="model.attention_block: queries per attention block (0: unblocked; default: the "
+        "model config's, 1024)",
+    )  # fmt: skip
     ap.add_argument("--steps", type=int, default=3, help="steps per dtype; the first compiles")
     ap.add_argument("--weights", default="random", choices=["random", "smollm2"])
     ap.add_argument("--tiny", action="store_true", help="a minuscule model (tests)")
