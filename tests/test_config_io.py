@@ -80,3 +80,12 @@ def test_fixed_length_tuple_round_trip() -> None:
     assert from_dict(Pair, to_dict(cfg)) == cfg
     with pytest.raises(ConfigError, match="expected 2 items"):
         from_dict(Pair, {"betas": [0.8]})
+
+
+def test_bad_attention_block_is_refused_at_load() -> None:
+    """A negative `model.attention_block` fails when the config is read, naming the section."""
+    from rlver_jax.run_config import RunConfig
+
+    with pytest.raises(ConfigError, match="model: attention_block must be >= 0"):
+        from_dict(RunConfig, {"model": {"source": "random", "attention_block": -8}})
+    assert from_dict(RunConfig, {"model": {"attention_block": 256}}).model.attention_block == 256

@@ -52,6 +52,10 @@ class ModelSpec:
             raise ValueError(f"model.path is required when model.source is {self.source!r}")
         if self.source in ("hf", "gguf") and self.path and not Path(self.path).exists():
             raise ValueError(f"model.path {self.path!r} does not exist")
+        if self.attention_block < 0:
+            raise ValueError(
+                f"attention_block must be >= 0 (0: unblocked), not {self.attention_block}"
+            )
 
     @property
     def runtime(self) -> dict[str, Any]:
