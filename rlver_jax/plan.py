@@ -77,6 +77,7 @@ from rlver_jax.models.transformer import (
     is_logical_axes,
     param_logical_axes,
     param_shapes,
+    query_block,
 )
 from rlver_jax.models.value_head import value_logical_axes, value_param_shapes
 from rlver_jax.parallel.mesh import MESH_AXES
@@ -214,16 +215,10 @@ def gathered_bytes(
 
 
 # --------------------------------------------------------------------------- formulas
-def attention_rows(c: ModelConfig, T: int) -> int:
-    """Queries whose scores exist at once: T, or `attention_block` when T is longer (the
-    blocks of `transformer._attention`)."""
-    return T if not c.attention_block or c.attention_block >= T else c.attention_block
-
-
 def score_bytes(c: ModelConfig, rows: int, T: int, S: int, mesh: AbstractMesh) -> int:
     """f32 scores and the probabilities of one attention block: rows x Tq x H' x S x (4 + b)."""
     b, H = np.dtype(c.dtype).itemsize, split(c.num_heads, "act_heads", mesh)
-    return rows * attention_rows(c, T) * H * S * (4 + b)
+    return rows * query_block(c, T) * H * S * (4 + b)
 
 
 def layer_bytes(c: ModelConfig, rows: int, T: int, S: int, mesh: AbstractMesh) -> int:
@@ -240,7 +235,7 @@ def saved_bytes(c: ModelConfig, rows: int, T: int, mesh: AbstractMesh) -> int:
     keeps no scores: each block recomputes its own, one block at a time)."""
     b, L, D = np.dtype(c.dtype).itemsize, c.num_layers, c.hidden_size
     if c.remat == "none":
-        if attention_rows(c, T) < T:
+        if query_block(c, T) < T:
             scores = score_bytes(c, rows, T, T, mesh)
             return L * (layer_bytes(c, rows, T, T, mesh) - scores) + scores
         return L * layer_bytes(c, rows, T, T, mesh)
@@ -337,7 +332,7 @@ def prefill_bytes(c: ModelConfig, rows: int, P: int, S: int, mesh: AbstractMesh)
     F = split(c.intermediate_size, "act_mlp", mesh)
     linear = (2 * c.hidden_size + (H + 2 * K) * c.head_dim + F) * b
     a = 4 + b + (4 if b < 4 else 0)
-    return rows * P * linear + rows * attention_rows(c, P) * H * S * a
+    return rows * P * linear + rows * query_block(c, P) * H * S * a
 
 
 def decode_weight_bytes(c: ModelConfig, mesh: AbstractMesh) -> int:

@@ -256,6 +256,13 @@ def attention_mask(token_mask: jax.Array) -> jax.Array:
     return causal & visible & (key > 0)
 
 
+def query_block(config: ModelConfig, T: int) -> int:
+    """Queries of a T-query block whose scores `_attention` computes at once: T, or
+    ``config.attention_block`` when T is longer (0: never blocked)."""
+    block = config.attention_block
+    return T if not block or block >= T else block
+
+
 def _attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, config: ModelConfig
 ) -> jax.Array:
@@ -267,8 +274,9 @@ def _attention(
     block's, so scores take ``B H Tq S`` at a time instead of ``B H T S`` (309 GB -> a few GB
     per device for a 7B prefill of 8192 tokens). The last block is padded with fully masked
     queries, whose outputs are dropped."""
-    T, block = q.shape[1], config.attention_block
-    if not block or block >= T:
+    T = q.shape[1]
+    block = query_block(config, T)
+    if block == T:
         return _attention_block(q, k, v, mask, config)
     n = -(-T // block)
     pad = n * block - T
