@@ -89,3 +89,8 @@ def test_bad_attention_block_is_refused_at_load() -> None:
     with pytest.raises(ConfigError, match="model: attention_block must be >= 0"):
         from_dict(RunConfig, {"model": {"source": "random", "attention_block": -8}})
     assert from_dict(RunConfig, {"model": {"attention_block": 256}}).model.attention_block == 256
+    from rlver_jax.bench.models import TINY
+    from rlver_jax.models.config import ModelConfigError
+
+    with pytest.raises(ModelConfigError, match="attention_block must be >= 0, an int"):
+        TINY.replace(attention_block=1.5)  # the model config itself checks it the same way

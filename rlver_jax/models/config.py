@@ -29,6 +29,14 @@ class ModelConfigError(ValueError):
     """A model config that cannot be used; the message names the file and the key."""
 
 
+def check_attention_block(value: Any) -> None:
+    """`attention_block` is a query count >= 0 (0: attention is never blocked)."""
+    if not isinstance(value, int) or value < 0:
+        raise ModelConfigError(
+            f"attention_block must be >= 0, an int (0: unblocked), got {value!r}"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """RoPE frequency scaling (`rope_type` "linear" or "llama3", as in HF's config)."""
@@ -78,10 +86,7 @@ class ModelConfig:
             )
         if self.remat not in ("none", "full", "dots"):
             raise ModelConfigError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
-        if not isinstance(self.attention_block, int) or self.attention_block < 0:
-            raise ModelConfigError(
-                f"attention_block must be an int >= 0 (0: unblocked), got {self.attention_block!r}"
-            )
+        check_attention_block(self.attention_block)
         for key in ("dtype", "param_dtype"):
             if getattr(self, key) not in ("float32", "bfloat16", "float16"):
                 raise ModelConfigError(

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import jax
 
-from rlver_jax.models.config import ModelConfig
+from rlver_jax.models.config import ModelConfig, check_attention_block
 from rlver_jax.models.tokenizer import Tokenizer, check_compatible
 from rlver_jax.models.transformer import Params, init_params
 
@@ -52,10 +52,7 @@ class ModelSpec:
             raise ValueError(f"model.path is required when model.source is {self.source!r}")
         if self.source in ("hf", "gguf") and self.path and not Path(self.path).exists():
             raise ValueError(f"model.path {self.path!r} does not exist")
-        if self.attention_block < 0:
-            raise ValueError(
-                f"attention_block must be >= 0 (0: unblocked), not {self.attention_block}"
-            )
+        check_attention_block(self.attention_block)  # at config load, before any work
 
     @property
     def runtime(self) -> dict[str, Any]:
