@@ -1,10 +1,10 @@
-"""Helpers shared by `bench train`, `bench rollout` and `bench peer` (not by `bench sample`,
-whose own helpers -- `rss_peak_mb`, `device_peak_mb`, `copy_bandwidth` -- they import).
+"""Helpers shared by the benchmarks (`bench sample` uses the tables; its own helpers --
+`rss_peak_mb`, `device_peak_mb`, `copy_bandwidth` -- are imported by the others).
 
 - :func:`machine_line`: the header every benchmark prints first (jax version, backend, CPU
   count, load average, and a warning when the machine is busier than it has cores: timings
   taken then are not representative).
-- :func:`header` / :func:`format_row`: the fixed-width `" | "` tables of `bench sample`, for
+- :func:`header` / :func:`format_row`: the fixed-width `" | "` tables of every benchmark, for
   any column list.
 - :func:`matmul_peak`: the measured matmul peak that MFU is quoted against.
 - :func:`timed_update`: :meth:`Learner.update` split into its jitted phases, each timed to

@@ -35,20 +35,28 @@ def model_config(model: str) -> ModelConfig:
     return ModelConfig.from_hf_dict(KNOWN_HF_CONFIGS[model], source=model)
 
 
+def check_model(model: str, weights: str) -> ModelConfig:
+    """The shape of ``model`` (:func:`model_config`), after checking that ``weights`` fit it:
+    the benchmarks call this first, so a bad pair fails before any work."""
+    cfg = model_config(model)
+    if weights == "smollm2" and model != "smollm2":
+        raise ValueError(f"--weights smollm2 needs --model smollm2, not {model!r}")
+    return cfg
+
+
 def model_and_params(
     model: str, weights: str, dtype: str, param_dtype: str, remat: str
 ) -> tuple[ModelConfig, Any]:
     """(config, params): the shape of :func:`model_config` with random weights, or
     SmolLM2-135M's real ones (``weights="smollm2"``, only with that model)."""
     runtime = {"dtype": dtype, "param_dtype": param_dtype, "remat": remat}
+    shape = check_model(model, weights)
     if weights == "smollm2":
-        if model != "smollm2":
-            raise ValueError(f"--weights smollm2 needs --model smollm2, not {model!r}")
         from rlver_jax.models import default_model
 
         params, cfg, _ = default_model.load_default_model(**runtime)
         return cfg, params
     from rlver_jax.models.transformer import init_params
 
-    cfg = model_config(model).replace(**runtime)
+    cfg = shape.replace(**runtime)
     return cfg, jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))

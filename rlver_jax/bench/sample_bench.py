@@ -34,7 +34,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from rlver_jax.bench.models import model_and_params, model_config
+from rlver_jax.bench.common import format_row, header
+from rlver_jax.bench.models import check_model, model_and_params
 
 COLUMNS = (
     ("engine", "{}"), ("dtype", "{}"), ("batch", "{}"), ("compile_s", "{:.1f}"),
@@ -72,25 +73,15 @@ def _device_copy_bandwidth(nbytes: int, repeats: int) -> float:
     return 2 * nbytes / best
 
 
-def load_weights(model: str, weights: str, dtype: str) -> tuple[Any, Any]:
-    """(config, params) in ``dtype``: float32 weights (random or SmolLM2's) cast once, so the
-    torch copy exported from the float32 ones holds the same values."""
-    cfg, params = model_and_params(model, weights, "float32", "float32", "none")
-    return cfg.replace(dtype=dtype, param_dtype=dtype), jax.tree.map(
-        lambda x: x.astype(dtype), params
-    )
-
-
-def hf_dir(model: str, weights: str, scratch: str) -> str:
-    """An HF checkpoint of the benchmarked weights for torch: the cached export of SmolLM2, or
-    the random float32 weights of :func:`load_weights` written to ``scratch``."""
+def hf_dir(weights: str, config: Any, params: Any, scratch: str) -> str:
+    """An HF checkpoint of the benchmarked float32 weights for torch: SmolLM2's cached export,
+    or ``params`` (random) written to ``scratch``."""
     from rlver_jax.models import default_model
     from rlver_jax.models.hf_io import export_hf
 
     if weights == "smollm2":
         return str(default_model.default_hf_dir())
-    cfg, params = model_and_params(model, weights, "float32", "float32", "none")
-    return str(export_hf(params, cfg, scratch))
+    return str(export_hf(params, config, scratch))
 
 
 def torch_device(choice: str) -> str:
@@ -124,13 +115,16 @@ def step_bytes(config: Any, params: Any, batch: int, cache_len: int) -> int:
 
 
 def bench_jax(
-    dtype: str, batches: Sequence[int], args: argparse.Namespace, bw: float
-) -> list[dict[str, Any]]:
+    dtype: str, batches: Sequence[int], args: argparse.Namespace, bw: float,
+    config32: Any, params32: Any,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The JAX rows of ``dtype``: the float32 weights cast once, the same values torch loads."""
     from rlver_jax.parallel.compile_count import count_compiles
     from rlver_jax.sampling import Sampler, SamplerConfig
 
     prompt_len, new_tokens, repeats = args.prompt_len, args.new_tokens, args.repeats
-    config, params = load_weights(args.model, args.weights, dtype)
+    config = config32.replace(dtype=dtype, param_dtype=dtype)
+    params = jax.tree.map(lambda x: x.astype(dtype), params32)
     unroll = {"auto": None, "on": True, "off": False}[args.unroll_decode]
     buckets = SamplerConfig(
         prompt_buckets=(prompt_len,), batch_buckets=tuple(batches),
@@ -164,7 +158,7 @@ def bench_jax(
             "bound_ms": bound, "x_bound": ms / bound, "rss_peak_mb": rss_peak_mb(),
             "dev_peak_mb": device_peak_mb(), "unroll_decode": sampler.unroll_decode,
         })  # fmt: skip
-        print(_format_row(rows[-1]), flush=True)
+        print(format_row(COLUMNS, rows[-1]), flush=True)
     return rows
 
 
@@ -211,16 +205,8 @@ def bench_torch(
             "rss_peak_mb": rss_peak_mb(),
             "dev_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
         })  # fmt: skip
-        print(_format_row(rows[-1]), flush=True)
+        print(format_row(COLUMNS, rows[-1]), flush=True)
     return rows
-
-
-def _format_row(row: dict[str, Any]) -> str:
-    cells = []
-    for name, fmt in COLUMNS:
-        value = row.get(name)
-        cells.append("-" if value is None else fmt.format(value))
-    return " | ".join(f"{c:>12}" for c in cells)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -246,9 +232,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b]
     dtypes = [d for d in args.dtypes.split(",") if d]
-    model_config(args.model)  # an unknown name, or real weights of another shape, fail here
-    if args.weights == "smollm2" and args.model != "smollm2":
-        raise ValueError(f"--weights smollm2 needs --model smollm2, not {args.model!r}")
+    check_model(args.model, args.weights)  # an unknown name or a bad pair fails here
     device = "-" if args.skip_torch else torch_device(args.torch_device)
 
     bw = copy_bandwidth()
@@ -261,12 +245,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         f"load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
-    print(" | ".join(f"{name:>12}" for name, _ in COLUMNS), flush=True)
+    print(header(COLUMNS), flush=True)
+    config32, params32 = model_and_params(args.model, args.weights, "float32", "float32", "none")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as scratch:
-        checkpoint = None if args.skip_torch else hf_dir(args.model, args.weights, scratch)
+        checkpoint = None if args.skip_torch else hf_dir(args.weights, config32, params32, scratch)
         for dtype in dtypes:  # torch right after JAX, so each dtype's comparison completes early
-            rows += bench_jax(dtype, batches, args, bw)
+            rows += bench_jax(dtype, batches, args, bw, config32, params32)
             if checkpoint is not None:
                 rows += bench_torch(dtype, batches, args, checkpoint, device)
     torch_speed = {(r["dtype"], r["batch"]): r["e2e_tok_s"] for r in rows if r["engine"] == "torch"}
@@ -274,9 +259,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if r["engine"] == "jax" and (r["dtype"], r["batch"]) in torch_speed:
             r["vs_torch"] = r["e2e_tok_s"] / torch_speed[(r["dtype"], r["batch"])]
     print(f"\nsummary (load average now {os.getloadavg()[0]:.1f})", flush=True)
-    print(" | ".join(f"{name:>12}" for name, _ in COLUMNS))
+    print(header(COLUMNS))
     for r in rows:
-        print(_format_row(r))
+        print(format_row(COLUMNS, r))
     if args.json_path:
         meta = {"copy_bandwidth_bytes_s": bw, "prompt_len": args.prompt_len, "torch": device}
         with open(args.json_path, "w") as f:

@@ -49,7 +49,7 @@ from rlver_jax.bench.common import (
     matmul_peak,
     timed_update,
 )
-from rlver_jax.bench.models import model_and_params, model_config
+from rlver_jax.bench.models import check_model, model_and_params
 from rlver_jax.bench.sample_bench import device_peak_mb, rss_peak_mb
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.trajectories import Trajectories
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Parse flags, measure the matmul peaks, run every dtype, print the table; returns rows."""
     args = build_parser().parse_args(argv)
     model = "tiny" if args.tiny else args.model
-    model_config(model)  # an unknown name fails here, before any work
+    check_model(model, args.weights)  # an unknown name or a bad pair fails before any work
     dtypes = [d for d in args.dtypes.split(",") if d]
     print(machine_line(f"bench train: GRPO learner step, {model}, {args.batch} x {args.seq_len}"))
     peak_n = args.peak_n or (2048 if jax.default_backend() == "cpu" else 8192)
