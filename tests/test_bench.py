@@ -90,6 +90,16 @@ def test_sample_bench_random_weights_table(capsys: pytest.CaptureFixture[str]) -
         assert r["e2e_tok_s"] > 0 and r["bound_ms"] > 0 and r["vs_torch"] > 0
     printed = [r for r in parse_table(out) if r["engine"] == "jax"]
     assert len(printed) == 4  # as measured, then again in the summary
+    assert all(r["scan_layers"] for r in rows[:2])
+    # The GPU experiments' variant: the scanned-decode path over an unrolled layer loop.
+    looped = sample_bench.main(
+        [*argv, "--skip-torch", "--scan-layers", "off", "--unroll-decode", "off"]
+    )
+    assert "scan_layers off" in capsys.readouterr().out
+    assert [(r["batch"], r["scan_layers"], r["unroll_decode"]) for r in looped] == [
+        (1, False, False), (2, False, False),
+    ]  # fmt: skip
+    assert all(r["e2e_tok_s"] > 0 and "vs_torch" not in r for r in looped)
     with pytest.raises(ValueError, match="--weights smollm2 needs --model smollm2"):
         sample_bench.main(["--model", "tiny", "--skip-torch"])
     with pytest.raises(ValueError, match="unknown --model 'qwen9'"):

@@ -123,7 +123,7 @@ def bench_jax(
     from rlver_jax.sampling import Sampler, SamplerConfig
 
     prompt_len, new_tokens, repeats = args.prompt_len, args.new_tokens, args.repeats
-    config = config32.replace(dtype=dtype, param_dtype=dtype)
+    config = config32.replace(dtype=dtype, param_dtype=dtype, scan_layers=args.scan_layers == "on")
     params = jax.tree.map(lambda x: x.astype(dtype), params32)
     unroll = {"auto": None, "on": True, "off": False}[args.unroll_decode]
     buckets = SamplerConfig(
@@ -157,6 +157,7 @@ def bench_jax(
             "e2e_tok_s": b * new_tokens / (best["prefill_s"] + best["decode_s"]),
             "bound_ms": bound, "x_bound": ms / bound, "rss_peak_mb": rss_peak_mb(),
             "dev_peak_mb": device_peak_mb(), "unroll_decode": sampler.unroll_decode,
+            "scan_layers": config.scan_layers,
         })  # fmt: skip
         print(format_row(COLUMNS, rows[-1]), flush=True)
     return rows
@@ -228,6 +229,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "--unroll-decode", default="auto", choices=["auto", "on", "off"],
         help="SamplerConfig.unroll_decode (auto: the sampler's own choice for the backend)",
     )  # fmt: skip
+    ap.add_argument(
+        "--scan-layers", default="on", choices=["on", "off"],
+        help="ModelConfig.scan_layers of the prefill and the non-unrolled decode (off: a "
+        "Python loop over static slices of the stacked weights)",
+    )  # fmt: skip
     ap.add_argument("--json", dest="json_path", help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b]
@@ -238,7 +244,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     bw = copy_bandwidth()
     print(
         f"{args.model} ({args.weights} weights), greedy, prompt {args.prompt_len}, "
-        f"{args.new_tokens} new tokens, unroll_decode {args.unroll_decode}; "
+        f"{args.new_tokens} new tokens, unroll_decode {args.unroll_decode}, "
+        f"scan_layers {args.scan_layers}; "
         f"jax {jax.__version__} on "
         f"{jax.devices()[0].device_kind} x{jax.device_count()}, torch on {device}, "
         f"{os.cpu_count()} CPUs; measured copy bandwidth {bw / 1e9:.1f} GB/s (read+write); "
