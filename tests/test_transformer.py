@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rlver_jax.models.config import ModelConfig, ModelConfigError
-from rlver_jax.models.decode_step import decode_step, decode_weights
+from rlver_jax.models.decode_step import decode_step, decode_weights, one_query_attention
 from rlver_jax.models.kv_cache import init_cache, unstack_cache
 from rlver_jax.models.transformer import (
     apply_rope,
@@ -206,6 +206,35 @@ def test_decode_step_equals_forward_step(tie: bool, dtype: str) -> None:
                                    np.asarray(cache.k[i], np.float32), atol=atol)  # fmt: skip
         np.testing.assert_allclose(np.asarray(per_layer.v[i], np.float32),
                                    np.asarray(cache.v[i], np.float32), atol=atol)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_query_attention_equals_the_gemm_form(dtype: str) -> None:
+    """The decode step's multiply-reduce attention == `_attention`'s batched GEMMs for one
+    query per row over a cache with masked (left-padding, unwritten) slots."""
+    from rlver_jax.models.transformer import _attention
+
+    config = ModelConfig(
+        family="llama", vocab_size=8, hidden_size=24, intermediate_size=8, num_layers=1,
+        num_heads=6, num_kv_heads=2, head_dim=4, dtype=dtype,
+    )  # fmt: skip
+    rng = np.random.default_rng(3)
+    B, S, K, Dh = 3, 7, 2, 4
+    q, k, v = (jnp.asarray(rng.normal(size=s), dtype)
+               for s in ((B, 1, 6, Dh), (B, K, Dh, S), (B, K, S, Dh)))  # fmt: skip
+    mask = np.ones((B, 1, S), bool)
+    mask[0, 0, :2] = False  # left padding
+    mask[:, 0, 5:] = False  # slots not written yet
+    got = one_query_attention(q, k, v, jnp.asarray(mask), config)
+    ref = _attention(q, k, v, jnp.asarray(mask), config)
+    assert got.shape == ref.shape == (B, 1, 6, Dh) and got.dtype == ref.dtype
+    atol = 1e-6 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), atol=atol)
+    # a masked slot has no effect: change its value, the output stays
+    k2 = k.at[:, :, :, 6].set(100.0)
+    np.testing.assert_array_equal(
+        np.asarray(one_query_attention(q, k2, v, jnp.asarray(mask), config)), np.asarray(got)
+    )
 
 
 def test_forward_rejects_a_per_layer_cache() -> None:

@@ -32,7 +32,7 @@ from rlver_jax.parallel.rules import LogicalAxes, constrain
 
 Params = dict[str, Any]
 
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 # --------------------------------------------------------------------------- parameters
@@ -308,7 +308,7 @@ def _attention_block(
         q, k, (((3,), (2,)), batch), preferred_element_type=jnp.float32
     ).reshape(B, K, G, T, -1)
     scores = scores / math.sqrt(Dh)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B, K, G * T, -1)
     out = jax.lax.dot_general(probs, v, (((3,), (2,)), batch))  # [B, K, G*T, Dh]
     return out.reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
@@ -335,11 +335,13 @@ def finish_qkv(
 def attend(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     kv: tuple[jax.Array, jax.Array, jax.Array | int | None, jax.Array] | None,
-    config: ModelConfig,
+    config: ModelConfig, attention: Any = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:  # fmt: skip
     """Attention of q [B,T,H,Dh] over the block's k, v (cache layouts) or, with `kv` = (k cache,
     v cache, layer index, write slot), over the cache after writing the block into it: the
     caches of ALL layers with this layer's index, or this layer's own buffers with index None.
+    ``attention(q, k, v, mask, config)`` computes it (default `_attention`; the CPU decode step
+    passes its one-query form).
 
     Only the block's new slots are written, so XLA updates the cache in place instead of copying
     a layer's cache out and back at every decode step. Returns (attention output [B,T,H,Dh],
@@ -363,7 +365,8 @@ def attend(
     else:
         new_kv = (k, v)
     dtype = q.dtype
-    return _attention(q, k.astype(dtype), v.astype(dtype), mask, config), new_kv
+    out = (attention or _attention)(q, k.astype(dtype), v.astype(dtype), mask, config)
+    return out, new_kv
 
 
 def _layer(
