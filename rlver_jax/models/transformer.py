@@ -20,6 +20,7 @@ The model is a pure function of a params pytree:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -335,7 +336,7 @@ def finish_qkv(
 def attend(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     kv: tuple[jax.Array, jax.Array, jax.Array | int | None, jax.Array] | None,
-    config: ModelConfig, attention: Any = None,
+    config: ModelConfig, attention: Callable[..., jax.Array] | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:  # fmt: skip
     """Attention of q [B,T,H,Dh] over the block's k, v (cache layouts) or, with `kv` = (k cache,
     v cache, layer index, write slot), over the cache after writing the block into it: the
