@@ -7,10 +7,20 @@ the real benchmarks with one command each (see each module's docstring).
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from rlver_jax import cli
-from rlver_jax.bench import models, peer_bench, rollout_bench, sample_bench, train_bench
+from rlver_jax.bench import (
+    models,
+    peer_bench,
+    rollout_bench,
+    sample_bench,
+    thunk_profile,
+    train_bench,
+)
 from rlver_jax.bench.common import parse_table
 
 TINY_ROLLOUT = [
@@ -93,17 +103,51 @@ def test_sample_bench_random_weights_table(capsys: pytest.CaptureFixture[str]) -
     assert all(r["scan_layers"] for r in rows[:2])
     # The GPU experiments' variant: the scanned-decode path over an unrolled layer loop.
     looped = sample_bench.main(
-        [*argv, "--skip-torch", "--scan-layers", "off", "--unroll-decode", "off"]
+        [*argv, "--skip-torch", "--scan-layers", "off", "--unroll-decode", "off", "--profile"]
     )
-    assert "scan_layers off" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "scan_layers off" in out and "decode ops, float32 batch 2" in out
     assert [(r["batch"], r["scan_layers"], r["unroll_decode"]) for r in looped] == [
         (1, False, False), (2, False, False),
     ]  # fmt: skip
     assert all(r["e2e_tok_s"] > 0 and "vs_torch" not in r for r in looped)
+    for r in looped:  # --profile: the decode's ops from XLA's trace, costliest first
+        ms = [op["ms_per_step"] for op in r["decode_ops"]]
+        assert ms and ms == sorted(ms, reverse=True) and ms[0] > 0
     with pytest.raises(ValueError, match="--weights smollm2 needs --model smollm2"):
         sample_bench.main(["--model", "tiny", "--skip-torch"])
     with pytest.raises(ValueError, match="unknown --model 'qwen9'"):
         sample_bench.main(["--model", "qwen9", "--weights", "random", "--skip-torch"])
+
+
+def test_thunk_profile_groups_ops_by_shape(tmp_path: Path) -> None:
+    """Op events of one module summed per op, grouped by the shape the HLO dump gives them."""
+
+    def event(op: str, dur: float, module: str = "jit_decode") -> dict[str, Any]:
+        return {"ph": "X", "name": op, "dur": dur, "args": {"hlo_module": module, "hlo_op": op}}
+
+    events = [event("ynn_fusion.1", 300.0), event("ynn_fusion.2", 100.0),
+              event("ynn_fusion.1", 300.0), event("add_fusion", 50.0),
+              event("ynn_fusion.1", 999.0, module="jit_prefill"),
+              {"ph": "X", "name": "PjitFunction(decode)", "dur": 5000.0}]  # fmt: skip
+    times = thunk_profile.op_times(events, "jit_decode")
+    assert times == {
+        "ynn_fusion.1": (600.0, 2),
+        "ynn_fusion.2": (100.0, 1),
+        "add_fusion": (50.0, 1),
+    }
+    (tmp_path / "module_0010.jit_decode.cpu_after_optimizations.txt").write_text(
+        "  %ynn_fusion.1 = f32[1536,8]{1,0} fusion(%p0, %p1), kind=kCustom\n"
+        "  %ynn_fusion.2 = f32[1536,8]{1,0} fusion(%p2, %p1), kind=kCustom\n"
+    )
+    shapes = thunk_profile.hlo_shapes("jit_decode", str(tmp_path))
+    assert shapes == {"ynn_fusion.1": "f32[1536,8]{1,0}", "ynn_fusion.2": "f32[1536,8]{1,0}"}
+    rows = thunk_profile.top_ops(times, shapes, steps=2)
+    assert [(r["op"], r["ms_per_step"], r["runs_per_step"]) for r in rows] == [
+        ("f32[1536,8]{1,0} ynn_fusion", 0.35, 1.5), ("add_fusion", 0.025, 0.5),
+    ]  # fmt: skip
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+    assert thunk_profile.hlo_shapes("jit_decode", str(tmp_path / "none")) == {}
 
 
 @pytest.mark.slow  # long on 2 cores; run with -m slow

@@ -14,6 +14,9 @@ greedily on random prompts of a fixed length, for each batch size and dtype, and
   speed-up over them. On a GPU both sides run float32 matmuls in TF32 (JAX's default there;
   torch is set to match).
 
+`--profile` adds, per JAX row, the decode's costliest XLA ops from one more call under
+`jax.profiler` (`bench.thunk_profile`): where a step's time goes, op by op.
+
 Bandwidth bound: one decode step must read every weight and the whole KV cache (our attention
 reads all cache slots) once, so ms/step >= bytes / bandwidth, where bandwidth is MEASURED here
 as the best copy rate of a 512 MiB array (bytes read + bytes written per second): numpy's on
@@ -36,12 +39,18 @@ import numpy as np
 
 from rlver_jax.bench.common import format_row, header
 from rlver_jax.bench.models import check_model, model_and_params
+from rlver_jax.bench.thunk_profile import profile_call
 
 COLUMNS = (
     ("engine", "{}"), ("dtype", "{}"), ("batch", "{}"), ("compile_s", "{:.1f}"),
     ("prefill_ms", "{:.0f}"), ("ms_per_step", "{:.1f}"), ("decode_tok_s", "{:.1f}"),
     ("e2e_tok_s", "{:.1f}"), ("bound_ms", "{:.1f}"), ("x_bound", "{:.2f}"),
     ("vs_torch", "{:.2f}x"), ("rss_peak_mb", "{:.0f}"), ("dev_peak_mb", "{:.0f}"),
+)  # fmt: skip
+
+
+OP_COLUMNS = (  # the --profile table
+    ("op", "{}"), ("ms_per_step", "{:.2f}"), ("runs_per_step", "{:.1f}"), ("share", "{:.1%}"),
 )  # fmt: skip
 
 
@@ -160,6 +169,11 @@ def bench_jax(
             "scan_layers": config.scan_layers,
         })  # fmt: skip
         print(format_row(COLUMNS, rows[-1]), flush=True)
+        if args.profile:
+            rows[-1]["decode_ops"] = ops = profile_call(run, "jit_decode", int(steps))
+            print(f"  decode ops, {dtype} batch {b} (thunk time summed over threads):")
+            print("  " + header(OP_COLUMNS))
+            print("\n".join("  " + format_row(OP_COLUMNS, op) for op in ops), flush=True)
     return rows
 
 
@@ -233,6 +247,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "--scan-layers", default="on", choices=["on", "off"],
         help="ModelConfig.scan_layers of the prefill and the non-unrolled decode (off: a "
         "Python loop over static slices of the stacked weights)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--profile", action="store_true",
+        help="one more call per JAX row under jax.profiler: the decode's costliest XLA ops "
+        "(grouped by shape with XLA_FLAGS=--xla_dump_to=DIR --xla_dump_hlo_as_text)",
     )  # fmt: skip
     ap.add_argument("--json", dest="json_path", help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
