@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements issue #3 still needs, as ONE command that fits a 10-minute device call on
-# an H100 (about 7 minutes; each step has its own time limit, 560 s in all, so one hang cannot
-# eat the rest and the whole stays under the device tool's 600 s per call).
+# an H100 (each step has its own time limit, 560 s in all, so one hang cannot eat the rest and
+# the whole stays under the device tool's 600 s per call).
 # Run from the repository root on a machine whose python3 has jax[cuda], flax, transformers:
 #
 #     bash bench/gpu_checks.sh            # logs + JSON under $OUT (the device tool's folder)
