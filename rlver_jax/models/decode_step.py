@@ -14,8 +14,8 @@ Measured on the 2-core CPU (SwiGLU MLPs of SmolLM2, 30 layers): batch 8 65 -> 30
 
 Only the projections are feature-major; q/k/v biases, norms, RoPE and attention run on the
 row-major [B, 1, heads, head_dim] blocks through `transformer.finish_qkv` / `attend` (with
-`one_query_attention`, multiply-reduces over the cache), so the step computes what
-`transformer.forward` computes for one token per row (tested to 1e-5).
+`one_query_attention`: multiply-adds and a multiply-reduce over the cache), so the step
+computes what `transformer.forward` computes for one token per row (tested to 1e-5).
 """
 
 from __future__ import annotations
@@ -109,25 +109,40 @@ def one_query_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, config: ModelConfig
 ) -> jax.Array:
     """`transformer._attention` for one query per row, q [B,1,H,Dh] over the cache layouts
-    k [B,K,Dh,S], v [B,K,S,Dh] under mask [B,1,S], as two fused multiply-reduces instead of
-    batched GEMMs (query heads grouped by kv head, h = j G + g):
+    k [B,K,Dh,S], v [B,K,S,Dh] under mask [B,1,S], without batched GEMMs (query heads grouped
+    by kv head, h = j G + g):
 
-        scores[b,j,g,s] = sum_d q[b,j,g,d] k[b,j,d,s] / sqrt(Dh)     (masked slots: MASK_VALUE)
+        scores[b,j,g,s] = sum_d (q[b,j,g,d] / sqrt(Dh)) k[b,j,d,s]   (masked slots: MASK_VALUE)
         out[b,j,g,d]    = sum_s softmax_s(scores)[b,j,g,s] v[b,j,s,d]
 
     Both sums accumulate in float32. Why: the GEMM form multiplies a G-row (3 for SmolLM2)
-    matrix by each row's whole cache block, B*K tiny GEMMs per product per layer; XLA:CPU runs
-    the multiply-reduce as one streaming fusion over the cache. At batch 32 (cache 384) the
-    decode attention's thunk time fell from ~149 to ~90 ms per step; at batch 8 it is even."""
+    matrix by each row's whole cache block, B*K tiny GEMMs per product per layer. The output is
+    one fused multiply-reduce over the cache (XLA:CPU streams it). The scores are written as a
+    chain of Dh elementwise multiply-adds (`_sum_over_head_dim`), which XLA:CPU emits as one
+    loop vectorised over the slots s; as a multiply-reduce over d (a non-minor axis) it was
+    the slower half of the attention. The barrier keeps the chain out of the softmax's fusions, which would
+    otherwise recompute it once per reduction. Batch 8 on the 2-core CPU, cache 384
+    (`bench sample --batches 8 --dtypes float32`, interleaved with the multiply-reduce
+    scores): 80.2 / 83.9 against 90.5 / 96.4 ms per decode step; batches 1 and 32 unchanged;
+    the decode program compiles in ~5 s more (the chain is 30 x 64 ops)."""
     B, _, H, Dh = q.shape
     K, G = config.num_kv_heads, config.num_groups
     f32 = jnp.float32
-    qg = q.reshape(B, K, G, Dh, 1).astype(f32)
-    scores = jnp.sum(qg * k[:, :, None].astype(f32), axis=3) / math.sqrt(Dh)  # [B, K, G, S]
+    qg = q.reshape(B, K, G, Dh).astype(f32) / math.sqrt(Dh)
+    scores = _sum_over_head_dim(qg, k.astype(f32))  # [B, K, G, S]
     scores = jnp.where(mask[:, None, None, 0, :], scores, tfm.MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = jax.nn.softmax(jax.lax.optimization_barrier(scores), axis=-1).astype(v.dtype)
     out = jnp.sum(probs[..., None].astype(f32) * v[:, :, None].astype(f32), axis=3)
     return out.astype(q.dtype).reshape(B, 1, H, Dh)
+
+
+def _sum_over_head_dim(q: jax.Array, k: jax.Array) -> jax.Array:
+    """`sum_d q[b,j,g,d] k[b,j,d,s]` -> [B,K,G,S] as an unrolled chain of multiply-adds over d
+    (in order d = 0, 1, ...), for q [B,K,G,Dh] and k [B,K,Dh,S]."""
+    total = q[..., 0, None] * k[:, :, None, 0, :]
+    for d in range(1, q.shape[-1]):
+        total = total + q[..., d, None] * k[:, :, None, d, :]
+    return total
 
 
 def _layer(
