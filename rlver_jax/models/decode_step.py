@@ -120,11 +120,11 @@ def one_query_attention(
     one fused multiply-reduce over the cache (XLA:CPU streams it). The scores are written as a
     chain of Dh elementwise multiply-adds (`_sum_over_head_dim`), which XLA:CPU emits as one
     loop vectorised over the slots s; as a multiply-reduce over d (a non-minor axis) it was
-    the slower half of the attention. The barrier keeps the chain out of the softmax's fusions, which would
-    otherwise recompute it once per reduction. Batch 8 on the 2-core CPU, cache 384
-    (`bench sample --batches 8 --dtypes float32`, interleaved with the multiply-reduce
-    scores): 80.2 / 83.9 against 90.5 / 96.4 ms per decode step; batches 1 and 32 unchanged;
-    the decode program compiles in ~5 s more (the chain is 30 x 64 ops)."""
+    the slower half of the attention. The barrier keeps the chain out of the softmax's
+    fusions, which would otherwise recompute it once per reduction. Batch 8 on the 2-core CPU,
+    cache 384 (`bench sample --batches 8 --dtypes float32`, interleaved with the
+    multiply-reduce scores): 80.2 / 83.9 against 90.5 / 96.4 ms per decode step; batches 1 and
+    32 unchanged; the decode program compiles in ~5 s more (the chain is 30 x 64 ops)."""
     B, _, H, Dh = q.shape
     K, G = config.num_kv_heads, config.num_groups
     f32 = jnp.float32
