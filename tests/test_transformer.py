@@ -210,8 +210,9 @@ def test_decode_step_equals_forward_step(tie: bool, dtype: str) -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_one_query_attention_equals_the_gemm_form(dtype: str) -> None:
-    """The decode step's multiply-reduce attention == `_attention`'s batched GEMMs for one
-    query per row over a cache with masked (left-padding, unwritten) slots."""
+    """The decode step's one-query attention (multiply-add scores, multiply-reduce output) ==
+    `_attention`'s batched GEMMs for one query per row over a cache with masked (left-padding,
+    unwritten) slots."""
     from rlver_jax.models.transformer import _attention
 
     config = ModelConfig(

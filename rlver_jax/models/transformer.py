@@ -336,13 +336,13 @@ def finish_qkv(
 def attend(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     kv: tuple[jax.Array, jax.Array, jax.Array | int | None, jax.Array] | None,
-    config: ModelConfig, attention: Callable[..., jax.Array] | None = None,
+    config: ModelConfig, attention: Callable[..., jax.Array] = _attention,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:  # fmt: skip
     """Attention of q [B,T,H,Dh] over the block's k, v (cache layouts) or, with `kv` = (k cache,
     v cache, layer index, write slot), over the cache after writing the block into it: the
     caches of ALL layers with this layer's index, or this layer's own buffers with index None.
-    ``attention(q, k, v, mask, config)`` computes it (default `_attention`; the CPU decode step
-    passes its one-query form).
+    ``attention(q, k, v, mask, config)`` computes it (the CPU decode step passes its one-query
+    form).
 
     Only the block's new slots are written, so XLA updates the cache in place instead of copying
     a layer's cache out and back at every decode step. Returns (attention output [B,T,H,Dh],
@@ -366,8 +366,7 @@ def attend(
     else:
         new_kv = (k, v)
     dtype = q.dtype
-    out = (attention or _attention)(q, k.astype(dtype), v.astype(dtype), mask, config)
-    return out, new_kv
+    return attention(q, k.astype(dtype), v.astype(dtype), mask, config), new_kv
 
 
 def _layer(
