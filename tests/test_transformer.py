@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 
 from rlver_jax.models.config import ModelConfig, ModelConfigError
-from rlver_jax.models.decode_step import decode_step, decode_weights, one_query_attention
+from rlver_jax.models.decode_step import (
+    decode_step,
+    decode_weight_logical_axes,
+    decode_weights,
+    one_query_attention,
+)
 from rlver_jax.models.kv_cache import init_cache, unstack_cache
 from rlver_jax.models.transformer import (
     apply_rope,
@@ -22,6 +27,8 @@ from rlver_jax.models.transformer import (
     positions_from_mask,
     rope_tables,
 )
+from rlver_jax.parallel import MeshConfig, make_mesh
+from rlver_jax.parallel.rules import named_sharding
 from tests.hf_reference import params_from_torch, tiny_torch_model, torch_logits
 
 FAMILIES = ["llama", "qwen2", "qwen3"]
@@ -206,6 +213,44 @@ def test_decode_step_equals_forward_step(tie: bool, dtype: str) -> None:
                                    np.asarray(cache.k[i], np.float32), atol=atol)  # fmt: skip
         np.testing.assert_allclose(np.asarray(per_layer.v[i], np.float32),
                                    np.asarray(cache.v[i], np.float32), atol=atol)  # fmt: skip
+
+
+def test_decode_weights_group_fused_rows_by_what_is_sharded() -> None:
+    """`decode_weights` fuses q/k/v and gate/up into one matrix each; per kv head j its rows are
+    query heads jG..jG+G-1, key head j, value head j, and gate/up rows interleave per MLP unit,
+    so splitting the output axis over `tensor` hands each shard whole heads and whole units."""
+    config = ModelConfig(
+        family="llama", vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=4,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda s: rng.normal(size=s.shape).astype(np.float32), param_shapes(config)
+    )
+    K, G, Dh, D, F = 2, 2, 4, 16, 24
+    layer = decode_weights(params, config)["layers"][1]
+    wq = np.asarray(params["layers"]["wq"][1]).reshape(D, K * G, Dh)
+    wk = np.asarray(params["layers"]["wk"][1]).reshape(D, K, Dh)
+    wv = np.asarray(params["layers"]["wv"][1]).reshape(D, K, Dh)
+    qkv = np.asarray(layer["wqkv"]).reshape(K, G + 2, Dh, D)
+    for j in range(K):
+        for g in range(G):
+            np.testing.assert_array_equal(qkv[j, g], wq[:, j * G + g].T)
+        np.testing.assert_array_equal(qkv[j, G], wk[:, j].T)
+        np.testing.assert_array_equal(qkv[j, G + 1], wv[:, j].T)
+    gate_up = np.asarray(layer["w_gate_up"]).reshape(F, 2, D)
+    np.testing.assert_array_equal(gate_up[:, 0], np.asarray(params["layers"]["w_gate"][1]).T)
+    np.testing.assert_array_equal(gate_up[:, 1], np.asarray(params["layers"]["w_up"][1]).T)
+
+    mesh = make_mesh(MeshConfig(data=4, fsdp=1, tensor=2))
+    axes = decode_weight_logical_axes(config)["layers"][1]
+    for name, rows_per_shard in (("wqkv", (G + 2) * Dh), ("w_gate_up", F)):
+        sharding = named_sharding(axes[name], layer[name].shape, mesh)
+        assert sharding.spec[0] == "tensor"
+        starts = {
+            idx[0].start or 0 for idx in sharding.devices_indices_map(layer[name].shape).values()
+        }
+        assert starts == {0, rows_per_shard}  # shard t = kv head t / units t F/2 .. (t+1) F/2
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

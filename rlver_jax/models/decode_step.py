@@ -40,20 +40,31 @@ _ROW_MAJOR = ("bq", "bk", "bv", "q_norm", "k_norm")
 
 def decode_weights(params: Params, config: ModelConfig) -> Params:
     """Per-layer copies of the weights in the layouts `decode_step` reads (as many bytes as the
-    params' layers): matrices as [out, in], norm scales and biases as [features, 1] columns."""
+    params' layers): matrices as [out, in], norm scales and biases as [features, 1] columns.
+
+    Projections of the same input are one matrix, so a step runs one GEMM for q, k and v and one
+    for gate and up (at batch 1 on a GPU a step is mostly per-kernel latency, ~2 us for each of
+    ~15 kernels per layer). Their rows are grouped so that a split of the output axis over a mesh
+    axis stays aligned with what is sharded: `wqkv` [K (G+2) Dh, D] holds, per kv head j, the
+    rows of query heads jG..jG+G-1, then key head j, then value head j (sharded like kv heads);
+    `w_gate_up` [2F, D] interleaves gate row f and up row f (sharded like the MLP axis)."""
     H, K, Dh, D = config.num_heads, config.num_kv_heads, config.head_dim, config.hidden_size
+
+    G, F = config.num_groups, config.intermediate_size
 
     def layer(i: int) -> Params:
         p = jax.tree.map(lambda x: x[i], params["layers"])
+        qkv = (  # per kv head j: its G query heads, its key head, its value head
+            p["wq"].reshape(D, K, G * Dh),
+            p["wk"].reshape(D, K, Dh),
+            p["wv"].reshape(D, K, Dh),
+        )
         out = {
             "attn_norm": p["attn_norm"][:, None],
-            "wq": p["wq"].reshape(D, H * Dh).T,
-            "wk": p["wk"].reshape(D, K * Dh).T,
-            "wv": p["wv"].reshape(D, K * Dh).T,
+            "wqkv": jnp.concatenate(qkv, axis=2).reshape(D, K * (G + 2) * Dh).T,
             "wo": p["wo"].reshape(H * Dh, D).T,
             "mlp_norm": p["mlp_norm"][:, None],
-            "w_gate": p["w_gate"].T,
-            "w_up": p["w_up"].T,
+            "w_gate_up": jnp.stack([p["w_gate"], p["w_up"]], axis=2).reshape(D, 2 * F).T,
             "w_down": p["w_down"].T,
         }
         out |= {k: p[k] for k in _ROW_MAJOR if k in p}
@@ -73,13 +84,10 @@ def decode_weight_logical_axes(config: ModelConfig) -> Params:
     """Logical axis names of `decode_weights`' leaves (for their shardings on a mesh)."""
     layer: dict[str, LogicalAxes] = {
         "attn_norm": ("norm", None),
-        "wq": ("heads", "embed"),
-        "wk": ("kv_heads", "embed"),
-        "wv": ("kv_heads", "embed"),
+        "wqkv": ("kv_heads", "embed"),
         "wo": ("embed", "heads"),
         "mlp_norm": ("norm", None),
-        "w_gate": ("mlp", "embed"),
-        "w_up": ("mlp", "embed"),
+        "w_gate_up": ("mlp", "embed"),
         "w_down": ("embed", "mlp"),
     }
     stacked = tfm.param_logical_axes(config)["layers"]
@@ -95,9 +103,12 @@ def decode_weight_logical_axes(config: ModelConfig) -> Params:
 
 
 def _project(w: jax.Array, x: jax.Array) -> jax.Array:
-    """`w [F, D] @ x [D, B]` -> [F, B]. The barrier keeps XLA from folding a later transpose
-    into the dot, which would turn it back into the slow `x^T @ w^T` form."""
-    return jax.lax.optimization_barrier(jnp.dot(w.astype(x.dtype), x))
+    """`w [F, D] @ x [D, B]` -> [F, B]. On CPU a barrier keeps XLA from folding a later
+    transpose into the dot, which would turn it back into the slow `x^T @ w^T` form; GPUs and
+    TPUs take either form at full speed, and there the barrier would only stop XLA from fusing
+    neighbours into the GEMM (a residual add as its output operand, an elementwise prologue)."""
+    out = jnp.dot(w.astype(x.dtype), x)
+    return jax.lax.optimization_barrier(out) if jax.default_backend() == "cpu" else out
 
 
 def _to_rows(x: jax.Array, heads: int, head_dim: int) -> jax.Array:
@@ -151,10 +162,12 @@ def _layer(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:  # fmt: skip
     """`transformer._layer` for one token per row on a feature-major x [D, B]."""
     H, K, Dh, eps = config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps
+    G, B = config.num_groups, x.shape[1]
     y = tfm.rms_norm(x, p["attn_norm"], eps, axis=0)
-    q = _to_rows(_project(p["wq"], y), H, Dh)
-    k = _to_rows(_project(p["wk"], y), K, Dh)
-    v = _to_rows(_project(p["wv"], y), K, Dh)
+    qkv = _project(p["wqkv"], y).reshape(K, G + 2, Dh, B)  # see `decode_weights`
+    q = _to_rows(qkv[:, :G].reshape(H * Dh, B), H, Dh)
+    k = _to_rows(qkv[:, G].reshape(K * Dh, B), K, Dh)
+    v = _to_rows(qkv[:, G + 1].reshape(K * Dh, B), K, Dh)
     q, k, v = tfm.finish_qkv(q, k, v, p, cos, sin, config)
     kv = (k_cache, v_cache, None, start)
     attn, new_kv = tfm.attend(q, k, v, mask, kv, config, attention=one_query_attention)
@@ -162,7 +175,8 @@ def _layer(
     x = constrain(x, _COLS)
 
     y = tfm.rms_norm(x, p["mlp_norm"], eps, axis=0)
-    act = jax.nn.silu(_project(p["w_gate"], y)) * _project(p["w_up"], y)
+    gate_up = _project(p["w_gate_up"], y).reshape(-1, 2, B)  # rows f: (gate f, up f)
+    act = jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]
     x = x + _project(p["w_down"], constrain(act, ("act_mlp", "batch")))
     return constrain(x, _COLS), new_kv
 
