@@ -43,9 +43,15 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
+from rlver_jax.models import cpu_attention
 from rlver_jax.models import transformer as tfm
 from rlver_jax.models.config import ModelConfig
-from rlver_jax.models.decode_step import decode_step, decode_weight_logical_axes, decode_weights
+from rlver_jax.models.decode_step import (
+    decode_step,
+    decode_weight_logical_axes,
+    decode_weights,
+    one_query_attention,
+)
 from rlver_jax.models.kv_cache import KVCache, init_cache, unstack_cache
 from rlver_jax.models.transformer import Params
 from rlver_jax.parallel import mesh as mesh_lib
@@ -102,6 +108,10 @@ class SamplerConfig:
     every weight slice that a scanned matmul reads and row-major [batch, D] x [D, F] products
     run at a fraction of the matmul peak; the price is a longer compile and a per-layer
     copy of the weights, made once per params object and kept by the `Sampler`.
+    cpu_attention_kernel: the unrolled decode's attention as a compiled C++ kernel
+    (`models.cpu_attention`, built on first use with the system's compiler). None uses it where
+    it applies (an unrolled decode on one CPU device) and builds; True requires it (an error
+    where it does not apply or cannot be built); False keeps XLA's form.
     """
 
     prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -109,6 +119,7 @@ class SamplerConfig:
     new_token_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
     top_k_pool: int = 256
     unroll_decode: bool | None = None
+    cpu_attention_kernel: bool | None = None
 
 
 def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
@@ -287,7 +298,7 @@ def prefill(
 
 def decode(
     params: Params, state: DecodeState, *, config: ModelConfig, pool: int, pad_id: int,
-    unroll: bool,
+    unroll: bool, kernel: bool = False,
 ) -> DecodeState:  # fmt: skip
     """Sample, write, feed back: one `lax.while_loop` iteration per token until all rows stop.
     The last token is still fed through the model (unused logits): skipping that one forward
@@ -296,7 +307,8 @@ def decode(
     With `unroll` (`SamplerConfig.unroll_decode`) `params` are `decode_step.decode_weights`
     and each token runs `decode_step.decode_step`; the KV cache is split into per-layer buffers
     once here, outside the loop, and the returned state has no cache (nothing reads it after
-    decoding); otherwise the donated cache is updated in place.
+    decoding); otherwise the donated cache is updated in place. `kernel` runs the unrolled
+    step's attention as `cpu_attention`'s compiled kernel (`SamplerConfig.cpu_attention_kernel`).
     """
     if unroll:
         state = state.replace(cache=unstack_cache(state.cache))
@@ -313,7 +325,8 @@ def decode(
         tok = jnp.where(active, tok, pad_id)
         hit = active & jnp.any(tok[:, None] == s.settings.stop_ids[None, :], axis=-1)
         if unroll:
-            logits, cache = decode_step(params, tok, s.positions, s.cache, config)
+            attention = cpu_attention.one_query_attention if kernel else one_query_attention
+            logits, cache = decode_step(params, tok, s.positions, s.cache, config, attention)
         else:
             hidden, cache = tfm.forward(
                 params, tok[:, None], s.positions[:, None], ones, config, s.cache,
@@ -367,7 +380,7 @@ def _decode_weight_shardings(config: ModelConfig, mesh: Mesh, rules: Any) -> Any
 @functools.lru_cache(maxsize=256)
 def _jitted(
     config: ModelConfig, mesh: Mesh | None, rules: Any, pool: int, pad_id: int, unroll: bool,
-    B: int, P: int, N: int,
+    kernel: bool, B: int, P: int, N: int,
 ) -> tuple[Any, Any, Any]:  # fmt: skip
     """(prefill jit, decode jit, prefill input shardings) for the bucket (B, P, N).
 
@@ -375,7 +388,9 @@ def _jitted(
     prefix length F only changes prefill's input shapes (jit retraces it; decode is shared).
     """
     pre = functools.partial(prefill, config=config, cache_len=P + N, out_len=N, pad_id=pad_id)
-    dec = functools.partial(decode, config=config, pool=pool, pad_id=pad_id, unroll=unroll)
+    dec = functools.partial(
+        decode, config=config, pool=pool, pad_id=pad_id, unroll=unroll, kernel=kernel
+    )
     # The unrolled decode copies the cache into per-layer buffers: nothing to donate it to.
     donate = () if unroll else (1,)
     pre_opts = large_gemm_options(platform_of(mesh))
@@ -434,9 +449,29 @@ class Sampler:
         if unroll is None:
             unroll = platform_of(mesh) == "cpu"
         self.unroll_decode = bool(unroll)
+        self.attention_kernel = self._use_attention_kernel()
         self.last_timings: dict[str, float] = {}
         self._calls = 0
         self._per_layer: tuple[list[Any], Params] | None = None  # (params' leaves, weights)
+
+    def _use_attention_kernel(self) -> bool:
+        """`SamplerConfig.cpu_attention_kernel` resolved for this sampler (see there)."""
+        want, mesh = self.sampler_config.cpu_attention_kernel, self.mesh
+        devices = 1 if mesh is None else mesh.devices.size
+        applies = self.unroll_decode and platform_of(mesh) == "cpu" and devices == 1
+        if want and not applies:
+            raise ValueError(
+                "cpu_attention_kernel=True needs an unrolled decode on one CPU device (XLA "
+                "cannot partition the kernel's custom call); this sampler has unroll_decode="
+                f"{self.unroll_decode} on {platform_of(mesh)} with {devices} device(s)"
+            )
+        if want is False or not applies:
+            return False
+        if cpu_attention.available():
+            return True
+        if want:
+            raise RuntimeError("cpu_attention_kernel=True, but the kernel did not build (see log)")
+        return False
 
     def _decode_params(self, params: Params) -> Params:
         """`params` as the decode jit takes them. Unrolled: `decode_weights`, made once per
@@ -509,8 +544,9 @@ class Sampler:
         args = (prompt, mask, prefix, np.arange(B) < n, settings, np.int32(seed % 2**31))
         pool, rules = self.sampler_config.top_k_pool, self.rules
         jits = _jitted(
-            self.config, self.mesh, rules, pool, self.pad_id, self.unroll_decode, B, P, N
-        )
+            self.config, self.mesh, rules, pool, self.pad_id, self.unroll_decode,
+            self.attention_kernel, B, P, N,
+        )  # fmt: skip
         pre, dec, ins = jits
         ctx = contextlib.nullcontext() if self.mesh is None else axis_rules(self.mesh, rules)
         with ctx:

@@ -143,6 +143,7 @@ def bench_jax(
     buckets = SamplerConfig(
         prompt_buckets=(prompt_len,), batch_buckets=tuple(batches),
         new_token_buckets=(new_tokens,), unroll_decode=unroll,
+        cpu_attention_kernel={"auto": None, "on": True, "off": False}[args.cpu_attention_kernel],
     )  # fmt: skip
     sampler = Sampler(config, pad_id=0, sampler_config=buckets, time_phases=True)
     rows = []
@@ -171,7 +172,7 @@ def bench_jax(
             "e2e_tok_s": b * new_tokens / (best["prefill_s"] + best["decode_s"]),
             "bound_ms": bound, "x_bound": ms / bound, "rss_peak_mb": rss_peak_mb(),
             "dev_peak_mb": device_peak_mb(), "unroll_decode": sampler.unroll_decode,
-            "scan_layers": config.scan_layers,
+            "scan_layers": config.scan_layers, "attention_kernel": sampler.attention_kernel,
         })  # fmt: skip
         print(format_row(COLUMNS, rows[-1]), flush=True)
         if args.profile:
@@ -249,6 +250,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         help="SamplerConfig.unroll_decode (auto: the sampler's own choice for the backend)",
     )  # fmt: skip
     ap.add_argument(
+        "--cpu-attention-kernel", default="auto", choices=["auto", "on", "off"],
+        help="SamplerConfig.cpu_attention_kernel (auto: where it applies and builds)",
+    )  # fmt: skip
+    ap.add_argument(
         "--scan-layers", default="on", choices=["on", "off"],
         help="ModelConfig.scan_layers of the prefill and the non-unrolled decode (off: a "
         "Python loop over static slices of the stacked weights)",
@@ -269,7 +274,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(
         f"{args.model} ({args.weights} weights), greedy, prompt {args.prompt_len}, "
         f"{args.new_tokens} new tokens, unroll_decode {args.unroll_decode}, "
-        f"scan_layers {args.scan_layers}; "
+        f"scan_layers {args.scan_layers}, cpu_attention_kernel {args.cpu_attention_kernel}; "
         f"jax {jax.__version__} on "
         f"{jax.devices()[0].device_kind} x{jax.device_count()}, torch on {device}, "
         f"{os.cpu_count()} CPUs; measured copy bandwidth {bw / 1e9:.1f} GB/s (read+write); "

@@ -21,6 +21,7 @@ computes what `transformer.forward` computes for one token per row (tested to 1e
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -159,6 +160,7 @@ def _sum_over_head_dim(q: jax.Array, k: jax.Array) -> jax.Array:
 def _layer(
     x: jax.Array, p: Params, cos: jax.Array, sin: jax.Array, mask: jax.Array,
     k_cache: jax.Array, v_cache: jax.Array, start: jax.Array, config: ModelConfig,
+    attention: Callable[..., jax.Array],
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:  # fmt: skip
     """`transformer._layer` for one token per row on a feature-major x [D, B]."""
     H, K, Dh, eps = config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps
@@ -170,7 +172,7 @@ def _layer(
     v = _to_rows(qkv[:, G + 1].reshape(K * Dh, B), K, Dh)
     q, k, v = tfm.finish_qkv(q, k, v, p, cos, sin, config)
     kv = (k_cache, v_cache, None, start)
-    attn, new_kv = tfm.attend(q, k, v, mask, kv, config, attention=one_query_attention)
+    attn, new_kv = tfm.attend(q, k, v, mask, kv, config, attention=attention)
     x = x + _project(p["wo"], attn.reshape(x.shape[1], H * Dh).T)
     x = constrain(x, _COLS)
 
@@ -183,10 +185,11 @@ def _layer(
 
 def decode_step(
     weights: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache,
-    config: ModelConfig,
+    config: ModelConfig, attention: Callable[..., jax.Array] = one_query_attention,
 ) -> tuple[jax.Array, KVCache]:  # fmt: skip
     """Feed one token per row: tokens, positions [B] int; `cache` per layer
-    (`kv_cache.unstack_cache`), written at slot `cache.end`.
+    (`kv_cache.unstack_cache`), written at slot `cache.end`. ``attention(q, k, v, mask,
+    config)`` is `one_query_attention` or its compiled kernel (`cpu_attention`).
 
     Returns (next-token logits [B, V] float32, the updated cache).
     """
@@ -201,7 +204,9 @@ def decode_step(
     mask = (key_mask & (jnp.arange(cache.max_len) <= start)[None, :])[:, None, :]  # [B, 1, S]
     ks, vs = [], []
     for p, k_cache, v_cache in zip(weights["layers"], cache.k, cache.v, strict=True):
-        x, (k_cache, v_cache) = _layer(x, p, cos, sin, mask, k_cache, v_cache, start, config)
+        x, (k_cache, v_cache) = _layer(
+            x, p, cos, sin, mask, k_cache, v_cache, start, config, attention
+        )
         ks.append(k_cache)
         vs.append(v_cache)
     h = tfm.rms_norm(x, weights["final_norm"], config.rms_norm_eps, axis=0)

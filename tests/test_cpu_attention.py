@@ -1,0 +1,121 @@
+"""The compiled CPU attention kernel: parity with XLA's form, the sampler's use of it, its build."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlver_jax.models import cpu_attention
+from rlver_jax.models.config import ModelConfig
+from rlver_jax.models.decode_step import one_query_attention
+from rlver_jax.parallel import MeshConfig, make_mesh
+from rlver_jax.sampling import Sampler
+from tests.test_sampling import BUCKETS, CONFIG, PAD, PROMPTS, _params
+
+needs_compiler = pytest.mark.skipif(
+    shutil.which("g++") is None, reason="no C++ compiler: the sampler keeps XLA's attention"
+)
+
+
+def _case(B: int, K: int, G: int, S: int, dtype: str, seed: int = 0) -> tuple:
+    """q, k, v, mask [B,1,S] with left padding, an unwritten tail, a hole and (row 1) nothing."""
+    Dh = 16
+    rng = np.random.default_rng(seed)
+    config = ModelConfig(
+        family="llama", vocab_size=8, hidden_size=K * G * Dh, intermediate_size=8, num_layers=1,
+        num_heads=K * G, num_kv_heads=K, head_dim=Dh, dtype=dtype,
+    )  # fmt: skip
+    q = jnp.asarray(rng.normal(size=(B, 1, K * G, Dh)), dtype)
+    k = jnp.asarray(rng.normal(size=(B, K, Dh, S)) * 2, dtype)
+    v = jnp.asarray(rng.normal(size=(B, K, S, Dh)), dtype)
+    mask = np.ones((B, 1, S), bool)
+    mask[:, :, S - 5 :] = False  # slots not written yet
+    mask[0, :, :7] = False  # left padding
+    mask[-1, :, S // 2] = False  # a hole inside the span
+    if B > 1:
+        mask[1] = False  # no slot at all: XLA's softmax is uniform over every slot
+    return q, k, v, jnp.asarray(mask), config
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    ("dtype", "B", "K", "G", "S", "atol"),
+    [
+        ("float32", 3, 2, 3, 40, 2e-6),
+        ("float32", 1, 3, 1, 9, 2e-6),
+        ("float32", 16, 2, 2, 512, 2e-6),  # 16 MB of cache: split over threads
+        ("bfloat16", 3, 2, 3, 40, 2e-2),  # XLA's form rounds the probabilities to bf16 too
+    ],
+)
+def test_kernel_equals_xla_one_query_attention(
+    dtype: str, B: int, K: int, G: int, S: int, atol: float
+) -> None:
+    assert cpu_attention.available()
+    q, k, v, mask, config = _case(B, K, G, S, dtype)
+    want = jax.jit(lambda *a: one_query_attention(*a, config))(q, k, v, mask)
+    got = jax.jit(lambda *a: cpu_attention.one_query_attention(*a, config))(q, k, v, mask)
+    assert got.dtype == want.dtype == jnp.dtype(dtype)
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(want, np.float32), atol=atol, rtol=0
+    )
+
+
+@needs_compiler
+def test_kernel_rejects_other_cache_dtypes() -> None:
+    q, k, v, mask, config = _case(2, 2, 2, 8, "float32")
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        cpu_attention.one_query_attention(q, k.astype(jnp.float16), v.astype(jnp.float16), mask,
+                                          config)  # fmt: skip
+
+
+@needs_compiler
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_sampler_with_the_kernel_matches_xla_attention(temperature: float) -> None:
+    params = _params()
+    with_kernel = Sampler(CONFIG, pad_id=PAD, sampler_config=BUCKETS)
+    assert with_kernel.attention_kernel  # the default on one CPU device
+    xla = Sampler(
+        CONFIG, pad_id=PAD,
+        sampler_config=dataclasses.replace(BUCKETS, cpu_attention_kernel=False),
+    )  # fmt: skip
+    assert not xla.attention_kernel
+    a = with_kernel(params, PROMPTS, max_new_tokens=12, temperature=temperature, seed=3)
+    b = xla(params, PROMPTS, max_new_tokens=12, temperature=temperature, seed=3)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+def test_requiring_the_kernel_where_it_cannot_run_fails_early() -> None:
+    required = dataclasses.replace(BUCKETS, cpu_attention_kernel=True)
+    with pytest.raises(ValueError, match="one CPU device"):
+        Sampler(CONFIG, mesh=make_mesh(MeshConfig(data=2, fsdp=1, tensor=4)),
+                sampler_config=required)  # fmt: skip
+    with pytest.raises(ValueError, match="unroll_decode=False"):
+        Sampler(CONFIG, sampler_config=dataclasses.replace(required, unroll_decode=False))
+    sharded = Sampler(CONFIG, mesh=make_mesh(MeshConfig(data=8, fsdp=1, tensor=1)))
+    assert not sharded.attention_kernel  # auto: XLA's form where the kernel does not apply
+
+
+def test_build_errors_name_the_compiler(tmp_path) -> None:
+    with pytest.raises(
+        cpu_attention.KernelBuildError, match=re.escape("no C++ compiler 'no-such-cxx'")
+    ):
+        cpu_attention.build("no-such-cxx", tmp_path)
+    with pytest.raises(cpu_attention.KernelBuildError, match="failed"):
+        cpu_attention.build("false", tmp_path)  # a "compiler" that exits 1
+    assert not list((tmp_path / "kernels").glob("*.so"))
+
+
+@needs_compiler
+def test_build_is_cached_by_key(tmp_path) -> None:
+    first = cpu_attention.build(cache_dir=tmp_path)
+    stamp = first.stat().st_mtime_ns
+    again = cpu_attention.build(cache_dir=tmp_path)
+    assert again == first and again.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert first.parent == tmp_path / "kernels" and first.suffix == ".so"
