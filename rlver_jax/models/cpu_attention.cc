@@ -14,13 +14,15 @@
 // softmax's reductions, the output) and barely use a second core. Here each (row, kv head) pair
 // reads its k and v blocks once, only between its first and last unmasked slot (a decode step
 // leaves the cache's tail unwritten and a left-padded row its head), with the G queries of the
-// group sharing each read; pairs are split over the machine's cores. Every pair is computed by
-// one thread in a fixed order, so results do not depend on the thread count.
+// group sharing each read; pairs are shared out over XLA's CPU thread pool. Every pair is
+// computed by one thread in a fixed order, so results do not depend on the thread count.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -118,34 +120,50 @@ void AttendPair(const float* q, const T* k, const T* v, const bool* mask, float*
     for (int64_t d = 0; d < Dh; ++d) out[g * Dh + d] = acc[g * Dh + d] * inv[g];
 }
 
+// The (row, kv head) pairs of one call, handed out one at a time to the calling thread and to
+// helpers on XLA's own CPU thread pool. The caller never waits for a helper that has not
+// started (a pool may be busy, or as small as the caller alone): it takes pairs until none is
+// left, then waits only for pairs already taken. A helper that starts late finds none and
+// leaves; the shared state outlives the call for it.
 template <typename T>
-void AttendAll(const float* q, const T* k, const T* v, const bool* mask, float* out,
-               const Shape& s) {
-  // A thread per ~2 MB of cache: starting one costs ~0.1 ms on a busy machine (XLA's own
-  // workers hold the other cores), more than a batch-1 layer's whole attention.
-  const int64_t pairs = s.B * s.K;
-  const int64_t bytes = pairs * s.S * s.Dh * 2 * static_cast<int64_t>(sizeof(T));
-  const int64_t threads = std::max<int64_t>(
-      1, std::min<int64_t>({static_cast<int64_t>(std::thread::hardware_concurrency()), pairs,
-                            bytes / (2 << 20)}));
-  auto work = [&](int64_t first, int64_t last) {
-    std::vector<float> scratch(s.G * s.S + s.G * s.Dh);
-    for (int64_t p = first; p < last; ++p) {
+struct Job {
+  const float* q;
+  const T* k;
+  const T* v;
+  const bool* mask;
+  float* out;
+  Shape s;
+  int64_t pairs;
+  std::atomic<int64_t> next{0}, done{0};
+
+  void Work() {
+    std::vector<float> scratch;
+    for (int64_t p; (p = next.fetch_add(1, std::memory_order_relaxed)) < pairs;) {
+      scratch.resize(s.G * s.S + s.G * s.Dh);
       const int64_t b = p / s.K;
       AttendPair(q + p * s.G * s.Dh, k + p * s.Dh * s.S, v + p * s.S * s.Dh, mask + b * s.S,
                  out + p * s.G * s.Dh, s, scratch.data());
+      done.fetch_add(1, std::memory_order_release);
     }
-  };
-  std::vector<std::thread> helpers;
-  for (int64_t t = 1; t < threads; ++t)
-    helpers.emplace_back(work, pairs * t / threads, pairs * (t + 1) / threads);
-  work(0, pairs / threads);
-  for (auto& h : helpers) h.join();
+  }
+};
+
+template <typename T>
+void AttendAll(const float* q, const T* k, const T* v, const bool* mask, float* out,
+               const Shape& s, ffi::ThreadPool& pool) {
+  auto job = std::make_shared<Job<T>>();
+  job->q = q, job->k = k, job->v = v, job->mask = mask, job->out = out, job->s = s;
+  job->pairs = s.B * s.K;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), job->pairs) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job] { job->Work(); });
+  job->Work();
+  while (job->done.load(std::memory_order_acquire) < job->pairs) std::this_thread::yield();
 }
 
 template <ffi::DataType KV>
 ffi::Error OneQueryAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<KV> k, ffi::Buffer<KV> v,
-                             ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
+                             ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out,
+                             ffi::ThreadPool pool) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(),
              md = mask.dimensions(), od = out->dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 2 || od.size() != 4)
@@ -160,7 +178,7 @@ ffi::Error OneQueryAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<KV> k, ffi::Bu
                       "shapes must be q [B,K,G,Dh], k [B,K,Dh,S], v [B,K,S,Dh], mask [B,S]");
   using T = ffi::NativeType<KV>;
   AttendAll<T>(q.typed_data(), k.typed_data(), v.typed_data(), mask.typed_data(),
-               out->typed_data(), s);
+               out->typed_data(), s, pool);
   return ffi::Error::Success();
 }
 
@@ -172,7 +190,8 @@ ffi::Error OneQueryAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<KV> k, ffi::Bu
       .Arg<ffi::Buffer<KV>>()             \
       .Arg<ffi::Buffer<KV>>()             \
       .Arg<ffi::Buffer<ffi::PRED>>()      \
-      .Ret<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()       \
+      .Ctx<ffi::ThreadPool>()
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RlverOneQueryAttentionF32, OneQueryAttention<ffi::F32>,
                               RLVER_BIND(ffi::F32));
