@@ -49,6 +49,8 @@ COLUMNS = (
 )  # fmt: skip
 
 
+AUTO_ON_OFF = {"auto": None, "on": True, "off": False}  # tri-state flags -> config values
+
 OP_COLUMNS = (  # the --profile table
     ("op", "{}"), ("ms_per_step", "{:.2f}"), ("runs_per_step", "{:.1f}"), ("share", "{:.1%}"),
 )  # fmt: skip
@@ -139,11 +141,11 @@ def bench_jax(
     prompt_len, new_tokens, repeats = args.prompt_len, args.new_tokens, args.repeats
     config = config32.replace(dtype=dtype, param_dtype=dtype, scan_layers=args.scan_layers == "on")
     params = jax.tree.map(lambda x: x.astype(dtype), params32)
-    unroll = {"auto": None, "on": True, "off": False}[args.unroll_decode]
+    unroll = AUTO_ON_OFF[args.unroll_decode]
     buckets = SamplerConfig(
         prompt_buckets=(prompt_len,), batch_buckets=tuple(batches),
         new_token_buckets=(new_tokens,), unroll_decode=unroll,
-        cpu_attention_kernel={"auto": None, "on": True, "off": False}[args.cpu_attention_kernel],
+        cpu_attention_kernel=AUTO_ON_OFF[args.cpu_attention_kernel],
     )  # fmt: skip
     sampler = Sampler(config, pad_id=0, sampler_config=buckets, time_phases=True)
     rows = []
@@ -246,11 +248,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--model", default="smollm2", help="a shape `bench train --model` knows")
     ap.add_argument("--torch-device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument(
-        "--unroll-decode", default="auto", choices=["auto", "on", "off"],
+        "--unroll-decode", default="auto", choices=list(AUTO_ON_OFF),
         help="SamplerConfig.unroll_decode (auto: the sampler's own choice for the backend)",
     )  # fmt: skip
     ap.add_argument(
-        "--cpu-attention-kernel", default="auto", choices=["auto", "on", "off"],
+        "--cpu-attention-kernel", default="auto", choices=list(AUTO_ON_OFF),
         help="SamplerConfig.cpu_attention_kernel (auto: where it applies and builds)",
     )  # fmt: skip
     ap.add_argument(

@@ -66,7 +66,7 @@ struct Shape {
   int64_t B, K, G, Dh, S;
 };
 
-// One (row, kv head) pair. scratch: G * S + G * Dh floats.
+// One (row, kv head) pair. scratch: G * S + G * Dh + G floats.
 template <typename T>
 void AttendPair(const float* q, const T* k, const T* v, const bool* mask, float* out,
                 const Shape& s, float* scratch) {
@@ -79,6 +79,7 @@ void AttendPair(const float* q, const T* k, const T* v, const bool* mask, float*
   const int64_t n = hi - lo;
   float* scores = scratch;       // [G, n]
   float* acc = scratch + G * n;  // [G, Dh]
+  float* inv = acc + G * Dh;     // [G]: 1 / the softmax's sum
   std::fill(scores, scores + G * n, 0.0f);
   for (int64_t d = 0; d < Dh; ++d) {
     const T* kd = k + d * S + lo;
@@ -89,7 +90,6 @@ void AttendPair(const float* q, const T* k, const T* v, const bool* mask, float*
       for (int64_t i = 0; i < n; ++i) sg[i] += qv * ToFloat(kd[i]);
     }
   }
-  std::vector<float> inv(G);
   for (int64_t g = 0; g < G; ++g) {
     float* sg = scores + g * n;
     float top = -std::numeric_limits<float>::infinity();
@@ -137,9 +137,8 @@ struct Job {
   std::atomic<int64_t> next{0}, done{0};
 
   void Work() {
-    std::vector<float> scratch;
+    std::vector<float> scratch(s.G * s.S + s.G * s.Dh + s.G);
     for (int64_t p; (p = next.fetch_add(1, std::memory_order_relaxed)) < pairs;) {
-      scratch.resize(s.G * s.S + s.G * s.Dh);
       const int64_t b = p / s.K;
       AttendPair(q + p * s.G * s.Dh, k + p * s.Dh * s.S, v + p * s.S * s.Dh, mask + b * s.S,
                  out + p * s.G * s.Dh, s, scratch.data());

@@ -25,7 +25,6 @@ import ctypes
 import functools
 import hashlib
 import logging
-import math
 import os
 import platform
 import shutil
@@ -38,6 +37,7 @@ import jax.numpy as jnp
 import jaxlib
 
 from rlver_jax.models.config import ModelConfig
+from rlver_jax.models.decode_step import grouped_query
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +108,10 @@ def one_query_attention(
     the FFI kernel; call `available()` first. q [B,1,H,Dh]; k [B,K,Dh,S] and v [B,K,S,Dh] in
     float32 or bfloat16; mask [B,1,S]."""
     B, _, H, Dh = q.shape
-    K, G = config.num_kv_heads, config.num_groups
     if jnp.dtype(k.dtype) not in _TARGETS or k.dtype != v.dtype:
         raise TypeError(f"the CPU attention kernel takes float32 or bfloat16 caches, not {k.dtype}")
-    qg = q.reshape(B, K, G, Dh).astype(jnp.float32) / math.sqrt(Dh)
+    qg = grouped_query(q, config)
     call = jax.ffi.ffi_call(
-        _TARGETS[jnp.dtype(k.dtype)][0], jax.ShapeDtypeStruct((B, K, G, Dh), jnp.float32)
+        _TARGETS[jnp.dtype(k.dtype)][0], jax.ShapeDtypeStruct(qg.shape, qg.dtype)
     )
     return call(qg, k, v, mask[:, 0, :]).astype(q.dtype).reshape(B, 1, H, Dh)

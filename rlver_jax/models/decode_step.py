@@ -138,14 +138,20 @@ def one_query_attention(
     multiply-reduce scores): 80.2 / 83.9 against 90.5 / 96.4 ms per decode step; batches 1 and
     32 unchanged; the decode program compiles in ~5 s more (the chain is 30 x 64 ops)."""
     B, _, H, Dh = q.shape
-    K, G = config.num_kv_heads, config.num_groups
     f32 = jnp.float32
-    qg = q.reshape(B, K, G, Dh).astype(f32) / math.sqrt(Dh)
-    scores = _sum_over_head_dim(qg, k.astype(f32))  # [B, K, G, S]
+    scores = _sum_over_head_dim(grouped_query(q, config), k.astype(f32))  # [B, K, G, S]
     scores = jnp.where(mask[:, None, None, 0, :], scores, tfm.MASK_VALUE)
     probs = jax.nn.softmax(jax.lax.optimization_barrier(scores), axis=-1).astype(v.dtype)
     out = jnp.sum(probs[..., None].astype(f32) * v[:, :, None].astype(f32), axis=3)
     return out.astype(q.dtype).reshape(B, 1, H, Dh)
+
+
+def grouped_query(q: jax.Array, config: ModelConfig) -> jax.Array:
+    """q [B,1,H,Dh] -> [B,K,G,Dh] float32 scaled by 1/sqrt(Dh): query heads grouped by their kv
+    head (h = j G + g), as both forms of the one-query attention take them."""
+    B, _, _, Dh = q.shape
+    grouped = q.reshape(B, config.num_kv_heads, config.num_groups, Dh)
+    return grouped.astype(jnp.float32) / math.sqrt(Dh)
 
 
 def _sum_over_head_dim(q: jax.Array, k: jax.Array) -> jax.Array:
