@@ -43,7 +43,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
-from rlver_jax.models import cpu_attention
+from rlver_jax.models import cpu_attention, cpu_kernels
 from rlver_jax.models import transformer as tfm
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.decode_step import (
@@ -51,6 +51,7 @@ from rlver_jax.models.decode_step import (
     decode_weight_logical_axes,
     decode_weights,
     one_query_attention,
+    packable_config,
 )
 from rlver_jax.models.kv_cache import KVCache, init_cache, unstack_cache
 from rlver_jax.models.transformer import Params
@@ -110,9 +111,12 @@ class SamplerConfig:
     run at a fraction of the matmul peak; the price is a longer compile and a per-layer
     copy of the weights, made once per params object and kept by the `Sampler`.
     cpu_attention_kernel: the unrolled decode's attention as a compiled C++ kernel
-    (`models.cpu_attention`, built on first use with the system's compiler). None uses it where
-    it applies (an unrolled decode on one CPU device) and builds; True requires it (an error
-    where it does not apply or cannot be built); False keeps XLA's form.
+    (`models.cpu_attention`, built on first use with the system's compiler by
+    `models.cpu_kernels`). None uses it where it applies (an unrolled decode on one CPU device)
+    and builds; True requires it (an error where it does not apply or cannot be built); False
+    keeps XLA's form.
+    cpu_matmul_kernel: the same for the unrolled decode's projections (`models.cpu_matmul`,
+    weights packed once per params; it also needs `decode_step.packable_config`).
     """
 
     prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -121,6 +125,7 @@ class SamplerConfig:
     top_k_pool: int = 256
     unroll_decode: bool | None = None
     cpu_attention_kernel: bool | None = None
+    cpu_matmul_kernel: bool | None = None
 
 
 def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
@@ -194,7 +199,8 @@ def decode(
     and each token runs `decode_step.decode_step`; the KV cache is split into per-layer buffers
     once here, outside the loop, and the returned state has no cache (nothing reads it after
     decoding); otherwise the donated cache is updated in place. `kernel` runs the unrolled
-    step's attention as `cpu_attention`'s compiled kernel (`SamplerConfig.cpu_attention_kernel`).
+    step's attention as `cpu_attention`'s compiled kernel (`SamplerConfig.cpu_attention_kernel`);
+    packed weights (`decode_weights(..., packed=True)`) run its projections as `cpu_matmul`'s.
     """
     if unroll:
         state = state.replace(cache=unstack_cache(state.cache))
@@ -238,35 +244,38 @@ def decode(
 
 
 @functools.lru_cache(maxsize=32)
-def _decode_weights_jit(config: ModelConfig, mesh: Mesh | None, rules: Any) -> Any:
+def _decode_weights_jit(config: ModelConfig, mesh: Mesh | None, rules: Any, packed: bool) -> Any:
     """Jitted `decode_weights` without the embedding (placed like the decode jit expects its
     params): the caller adds the params' own embedding, which a jit output would copy."""
 
     def fn(params: Params) -> Params:
-        weights = decode_weights(params, config)
+        weights = decode_weights(params, config, packed)
         del weights["embed"]
         return weights
 
     if mesh is None:
         return jax.jit(fn)
     shardings = mesh_lib.param_shardings(config, mesh, rules)
-    out = dict(_decode_weight_shardings(config, mesh, rules))
+    out = dict(_decode_weight_shardings(config, mesh, rules, packed))
     del out["embed"]
     return jax.jit(fn, in_shardings=(shardings,), out_shardings=out)
 
 
-def _decode_weight_shardings(config: ModelConfig, mesh: Mesh, rules: Any) -> Any:
-    """Shardings of `decode_weights` from their logical axes."""
+def _decode_weight_shardings(config: ModelConfig, mesh: Mesh, rules: Any, packed: bool) -> Any:
+    """Shardings of `decode_weights` from their logical axes (packed weights only exist on a
+    one-device mesh: replicated)."""
     shapes = jax.eval_shape(
-        functools.partial(decode_weights, config=config), tfm.param_shapes(config)
+        functools.partial(decode_weights, config=config, packed=packed), tfm.param_shapes(config)
     )
+    if packed:
+        return jax.tree.map(lambda _: mesh_lib.replicated(mesh), shapes)
     return tree_shardings(decode_weight_logical_axes(config), shapes, mesh, rules)
 
 
 @functools.lru_cache(maxsize=256)
 def _jitted(
     config: ModelConfig, mesh: Mesh | None, rules: Any, pool: int, pad_id: int, unroll: bool,
-    kernel: bool, B: int, P: int, N: int,
+    kernel: bool, packed: bool, B: int, P: int, N: int,
 ) -> tuple[Any, Any, Any]:  # fmt: skip
     """(prefill jit, decode jit, prefill input shardings) for the bucket (B, P, N).
 
@@ -286,7 +295,7 @@ def _jitted(
     grid, out = (mesh_lib.batch_sharding(mesh, (B, n), rules) for n in (P, N))
     ins = (grid, grid, rep, row, Settings(row, row, row, rep, rep), rep)
     params = mesh_lib.param_shardings(config, mesh, rules)
-    dec_params = _decode_weight_shardings(config, mesh, rules) if unroll else params
+    dec_params = _decode_weight_shardings(config, mesh, rules, packed) if unroll else params
     state = DecodeState(
         cache=mesh_lib.cache_shardings(
             jax.eval_shape(lambda: init_cache(config, B, P + N)), mesh, rules
@@ -335,28 +344,34 @@ class Sampler:
         if unroll is None:
             unroll = platform_of(mesh) == "cpu"
         self.unroll_decode = bool(unroll)
-        self.attention_kernel = self._use_attention_kernel()
+        self.attention_kernel = self._use_kernel("cpu_attention_kernel", True)
+        self.matmul_kernel = self._use_kernel("cpu_matmul_kernel", packable_config(config))
         self.last_timings: dict[str, float] = {}
         self._calls = 0
         self._per_layer: tuple[list[Any], Params] | None = None  # (params' leaves, weights)
 
-    def _use_attention_kernel(self) -> bool:
-        """`SamplerConfig.cpu_attention_kernel` resolved for this sampler (see there)."""
-        want, mesh = self.sampler_config.cpu_attention_kernel, self.mesh
+    def _use_kernel(self, option: str, shape_ok: bool) -> bool:
+        """`SamplerConfig.<option>` (a CPU kernel) resolved for this sampler (see there)."""
+        want, mesh = getattr(self.sampler_config, option), self.mesh
         devices = 1 if mesh is None else mesh.devices.size
         applies = self.unroll_decode and platform_of(mesh) == "cpu" and devices == 1
         if want and not applies:
             raise ValueError(
-                "cpu_attention_kernel=True needs an unrolled decode on one CPU device (XLA "
-                "cannot partition the kernel's custom call); this sampler has unroll_decode="
+                f"{option}=True needs an unrolled decode on one CPU device (XLA cannot "
+                "partition the kernel's custom call); this sampler has unroll_decode="
                 f"{self.unroll_decode} on {platform_of(mesh)} with {devices} device(s)"
             )
-        if want is False or not applies:
+        if want and not shape_ok:
+            raise ValueError(
+                f"{option}=True needs float32 or bfloat16 weights whose projections and "
+                "vocabulary are multiples of 16 (decode_step.packable_config)"
+            )
+        if want is False or not applies or not shape_ok:
             return False
-        if cpu_attention.available():
+        if cpu_kernels.available():
             return True
         if want:
-            raise RuntimeError("cpu_attention_kernel=True, but the kernel did not build (see log)")
+            raise RuntimeError(f"{option}=True, but the CPU kernels did not build (see log)")
         return False
 
     def _decode_params(self, params: Params) -> Params:
@@ -373,7 +388,8 @@ class Sampler:
             or any(a is not b for a, b in zip(cached[0], leaves, strict=True))
         ):
             self._per_layer = None  # drop the old copy before making the new one
-            weights = _decode_weights_jit(self.config, self.mesh, self.rules)(params)
+            make = _decode_weights_jit(self.config, self.mesh, self.rules, self.matmul_kernel)
+            weights = make(params)
             cached = self._per_layer = (leaves, {**weights, "embed": params["embed"]})
         return cached[1]
 
@@ -431,7 +447,7 @@ class Sampler:
         pool, rules = self.sampler_config.top_k_pool, self.rules
         jits = _jitted(
             self.config, self.mesh, rules, pool, self.pad_id, self.unroll_decode,
-            self.attention_kernel, B, P, N,
+            self.attention_kernel, self.matmul_kernel, B, P, N,
         )  # fmt: skip
         pre, dec, ins = jits
         ctx = contextlib.nullcontext() if self.mesh is None else axis_rules(self.mesh, rules)

@@ -1,4 +1,5 @@
-"""The compiled CPU attention kernel: parity with XLA's form, the sampler's use of it, its build."""
+"""The compiled CPU attention kernel: parity with XLA's form, the sampler's use of it; the CPU
+kernels' build (`cpu_kernels`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlver_jax.models import cpu_attention
+from rlver_jax.models import cpu_attention, cpu_kernels
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.decode_step import one_query_attention
 from rlver_jax.parallel import MeshConfig, make_mesh
@@ -56,7 +57,7 @@ def _case(B: int, K: int, G: int, S: int, dtype: str, seed: int = 0) -> tuple:
 def test_kernel_equals_xla_one_query_attention(
     dtype: str, B: int, K: int, G: int, S: int, atol: float
 ) -> None:
-    assert cpu_attention.available()
+    assert cpu_kernels.available()
     q, k, v, mask, config = _case(B, K, G, S, dtype)
     want = jax.jit(lambda *a: one_query_attention(*a, config))(q, k, v, mask)
     got = jax.jit(lambda *a: cpu_attention.one_query_attention(*a, config))(q, k, v, mask)
@@ -78,11 +79,12 @@ def test_kernel_rejects_other_cache_dtypes() -> None:
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_sampler_with_the_kernel_matches_xla_attention(temperature: float) -> None:
     params = _params()
-    with_kernel = Sampler(CONFIG, pad_id=PAD, sampler_config=BUCKETS)
+    xla_matmul = dataclasses.replace(BUCKETS, cpu_matmul_kernel=False)  # only attention differs
+    with_kernel = Sampler(CONFIG, pad_id=PAD, sampler_config=xla_matmul)
     assert with_kernel.attention_kernel  # the default on one CPU device
     xla = Sampler(
         CONFIG, pad_id=PAD,
-        sampler_config=dataclasses.replace(BUCKETS, cpu_attention_kernel=False),
+        sampler_config=dataclasses.replace(xla_matmul, cpu_attention_kernel=False),
     )  # fmt: skip
     assert not xla.attention_kernel
     a = with_kernel(params, PROMPTS, max_new_tokens=12, temperature=temperature, seed=3)
@@ -104,18 +106,18 @@ def test_requiring_the_kernel_where_it_cannot_run_fails_early() -> None:
 
 def test_build_errors_name_the_compiler(tmp_path) -> None:
     with pytest.raises(
-        cpu_attention.KernelBuildError, match=re.escape("no C++ compiler 'no-such-cxx'")
+        cpu_kernels.KernelBuildError, match=re.escape("no C++ compiler 'no-such-cxx'")
     ):
-        cpu_attention.build("no-such-cxx", tmp_path)
-    with pytest.raises(cpu_attention.KernelBuildError, match="failed"):
-        cpu_attention.build("false", tmp_path)  # a "compiler" that exits 1
+        cpu_kernels.build("no-such-cxx", tmp_path)
+    with pytest.raises(cpu_kernels.KernelBuildError, match="failed"):
+        cpu_kernels.build("false", tmp_path)  # a "compiler" that exits 1
     assert not list((tmp_path / "kernels").glob("*.so"))
 
 
 @needs_compiler
 def test_build_is_cached_by_key(tmp_path) -> None:
-    first = cpu_attention.build(cache_dir=tmp_path)
+    first = cpu_kernels.build(cache_dir=tmp_path)
     stamp = first.stat().st_mtime_ns
-    again = cpu_attention.build(cache_dir=tmp_path)
+    again = cpu_kernels.build(cache_dir=tmp_path)
     assert again == first and again.stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert first.parent == tmp_path / "kernels" and first.suffix == ".so"

@@ -146,6 +146,7 @@ def bench_jax(
         prompt_buckets=(prompt_len,), batch_buckets=tuple(batches),
         new_token_buckets=(new_tokens,), unroll_decode=unroll,
         cpu_attention_kernel=AUTO_ON_OFF[args.cpu_attention_kernel],
+        cpu_matmul_kernel=AUTO_ON_OFF[args.cpu_matmul_kernel],
     )  # fmt: skip
     sampler = Sampler(config, pad_id=0, sampler_config=buckets, time_phases=True)
     rows = []
@@ -256,6 +257,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         help="SamplerConfig.cpu_attention_kernel (auto: where it applies and builds)",
     )  # fmt: skip
     ap.add_argument(
+        "--cpu-matmul-kernel", default="auto", choices=list(AUTO_ON_OFF),
+        help="SamplerConfig.cpu_matmul_kernel (auto: where it applies and builds)",
+    )  # fmt: skip
+    ap.add_argument(
         "--scan-layers", default="on", choices=["on", "off"],
         help="ModelConfig.scan_layers of the prefill and the non-unrolled decode (off: a "
         "Python loop over static slices of the stacked weights)",
@@ -276,7 +281,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(
         f"{args.model} ({args.weights} weights), greedy, prompt {args.prompt_len}, "
         f"{args.new_tokens} new tokens, unroll_decode {args.unroll_decode}, "
-        f"scan_layers {args.scan_layers}, cpu_attention_kernel {args.cpu_attention_kernel}; "
+        f"scan_layers {args.scan_layers}, cpu_attention_kernel {args.cpu_attention_kernel}, "
+        f"cpu_matmul_kernel {args.cpu_matmul_kernel}; "
         f"jax {jax.__version__} on "
         f"{jax.devices()[0].device_kind} x{jax.device_count()}, torch on {device}, "
         f"{os.cpu_count()} CPUs; measured copy bandwidth {bw / 1e9:.1f} GB/s (read+write); "

@@ -1,5 +1,5 @@
 // One-query attention over a KV cache on the CPU, as an XLA FFI custom call (see
-// cpu_attention.py, which builds and registers this file). Layouts are `KVCache`'s:
+// cpu_attention.py, which calls it; cpu_kernels.py builds this file). Layouts are `KVCache`'s:
 //
 //   q    [B, K, G, Dh] float32, already scaled by 1/sqrt(Dh); query head h = j G + g
 //   k    [B, K, Dh, S] float32 or bfloat16
@@ -17,15 +17,13 @@
 // group sharing each read; pairs are shared out over XLA's CPU thread pool. Every pair is
 // computed by one thread in a fixed order, so results do not depend on the thread count.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -120,43 +118,17 @@ void AttendPair(const float* q, const T* k, const T* v, const bool* mask, float*
     for (int64_t d = 0; d < Dh; ++d) out[g * Dh + d] = acc[g * Dh + d] * inv[g];
 }
 
-// The (row, kv head) pairs of one call, handed out one at a time to the calling thread and to
-// helpers on XLA's own CPU thread pool. The caller never waits for a helper that has not
-// started (a pool may be busy, or as small as the caller alone): it takes pairs until none is
-// left, then waits only for pairs already taken. A helper that starts late finds none and
-// leaves; the shared state outlives the call for it.
-template <typename T>
-struct Job {
-  const float* q;
-  const T* k;
-  const T* v;
-  const bool* mask;
-  float* out;
-  Shape s;
-  int64_t pairs;
-  std::atomic<int64_t> next{0}, done{0};
-
-  void Work() {
-    std::vector<float> scratch(s.G * s.S + s.G * s.Dh + s.G);
-    for (int64_t p; (p = next.fetch_add(1, std::memory_order_relaxed)) < pairs;) {
-      const int64_t b = p / s.K;
-      AttendPair(q + p * s.G * s.Dh, k + p * s.Dh * s.S, v + p * s.S * s.Dh, mask + b * s.S,
-                 out + p * s.G * s.Dh, s, scratch.data());
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 template <typename T>
 void AttendAll(const float* q, const T* k, const T* v, const bool* mask, float* out,
                const Shape& s, ffi::ThreadPool& pool) {
-  auto job = std::make_shared<Job<T>>();
-  job->q = q, job->k = k, job->v = v, job->mask = mask, job->out = out, job->s = s;
-  job->pairs = s.B * s.K;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), job->pairs) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  while (job->done.load(std::memory_order_acquire) < job->pairs) std::this_thread::yield();
+  auto make_worker = [&] {
+    return [&, scratch = std::vector<float>(s.G * s.S + s.G * s.Dh + s.G)](int64_t p) mutable {
+      const int64_t b = p / s.K;
+      AttendPair(q + p * s.G * s.Dh, k + p * s.Dh * s.S, v + p * s.S * s.Dh, mask + b * s.S,
+                 out + p * s.G * s.Dh, s, scratch.data());
+    };
+  };
+  rlver::ParallelFor(s.B * s.K, pool, make_worker);
 }
 
 template <ffi::DataType KV>

@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from rlver_jax.models import cpu_matmul
 from rlver_jax.models import transformer as tfm
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.kv_cache import KVCache
@@ -39,9 +40,15 @@ _COLS = ("act_embed", "batch")  # a feature-major hidden state [D, B]
 _ROW_MAJOR = ("bq", "bk", "bv", "q_norm", "k_norm")
 
 
-def decode_weights(params: Params, config: ModelConfig) -> Params:
+_MATRICES = ("wqkv", "wo", "w_gate_up", "w_down")
+
+
+def decode_weights(params: Params, config: ModelConfig, packed: bool = False) -> Params:
     """Per-layer copies of the weights in the layouts `decode_step` reads (as many bytes as the
     params' layers): matrices as [out, in], norm scales and biases as [features, 1] columns.
+    `packed` stores the matrices and the output head (`lm_head`, tied or not) as
+    `cpu_matmul.pack` tiles [out/16, in, 16] for the CPU projection kernel (one more copy of a
+    tied embedding; see `packable_config`).
 
     Projections of the same input are one matrix, so a step runs one GEMM for q, k and v and one
     for gate and up (at batch 1 on a GPU a step is mostly per-kernel latency, ~2 us for each of
@@ -71,14 +78,25 @@ def decode_weights(params: Params, config: ModelConfig) -> Params:
         out |= {k: p[k] for k in _ROW_MAJOR if k in p}
         return out
 
-    weights: Params = {
-        "embed": params["embed"],
-        "final_norm": params["final_norm"][:, None],
-        "layers": tuple(layer(i) for i in range(config.num_layers)),
-    }
-    if not config.tie_word_embeddings:
-        weights["lm_head"] = params["lm_head"].T  # [V, D], like a tied embedding
+    layers = tuple(layer(i) for i in range(config.num_layers))
+    weights: Params = {"embed": params["embed"], "final_norm": params["final_norm"][:, None]}
+    head = params["embed"] if config.tie_word_embeddings else params["lm_head"].T  # [V, D]
+    if packed:
+        pack = cpu_matmul.pack
+        layers = tuple(p | {k: pack(p[k]) for k in _MATRICES} for p in layers)
+        weights["lm_head"] = pack(head)
+    elif not config.tie_word_embeddings:
+        weights["lm_head"] = head
+    weights["layers"] = layers
     return weights
+
+
+def packable_config(config: ModelConfig) -> bool:
+    """Whether `decode_weights(..., packed=True)` applies: every matrix's output size (and the
+    vocabulary) a multiple of the kernel's 16-column tiles, weights in float32 or bfloat16."""
+    K, G, Dh = config.num_kv_heads, config.num_groups, config.head_dim
+    outs = (K * (G + 2) * Dh, config.hidden_size, 2 * config.intermediate_size, config.vocab_size)
+    return all(cpu_matmul.packable((n, 1), config.param_dtype) for n in outs)
 
 
 def decode_weight_logical_axes(config: ModelConfig) -> Params:
@@ -104,10 +122,14 @@ def decode_weight_logical_axes(config: ModelConfig) -> Params:
 
 
 def _project(w: jax.Array, x: jax.Array) -> jax.Array:
-    """`w [F, D] @ x [D, B]` -> [F, B]. On CPU a barrier keeps XLA from folding a later
-    transpose into the dot, which would turn it back into the slow `x^T @ w^T` form; GPUs and
-    TPUs take either form at full speed, and there the barrier would only stop XLA from fusing
-    neighbours into the GEMM (a residual add as its output operand, an elementwise prologue)."""
+    """`w [F, D] @ x [D, B]` -> [F, B]; a packed w (`decode_weights(..., packed=True)`) goes
+    through the CPU kernel, `cpu_matmul.project`. On CPU a barrier keeps XLA from folding a
+    later transpose into the dot, which would turn it back into the slow `x^T @ w^T` form; GPUs
+    and TPUs take either form at full speed, and there the barrier would only stop XLA from
+    fusing neighbours into the GEMM (a residual add as its output operand, an elementwise
+    prologue)."""
+    if w.ndim == 3:
+        return cpu_matmul.project(w, x).astype(x.dtype)
     out = jnp.dot(w.astype(x.dtype), x)
     return jax.lax.optimization_barrier(out) if jax.default_backend() == "cpu" else out
 
@@ -216,8 +238,11 @@ def decode_step(
         ks.append(k_cache)
         vs.append(v_cache)
     h = tfm.rms_norm(x, weights["final_norm"], config.rms_norm_eps, axis=0)
-    head = weights["embed"] if config.tie_word_embeddings else weights["lm_head"]
-    logits = jnp.dot(head.astype(dtype), h, preferred_element_type=jnp.float32)  # [V, B]
+    head = weights.get("lm_head", weights["embed"])
+    if head.ndim == 3:  # packed
+        logits = cpu_matmul.project(head, h)
+    else:
+        logits = jnp.dot(head.astype(dtype), h, preferred_element_type=jnp.float32)  # [V, B]
     logits = constrain(jax.lax.optimization_barrier(logits).T, ("batch", "act_vocab"))
     new_cache = cache.replace(k=tuple(ks), v=tuple(vs), key_mask=key_mask, end=start + 1)
     return logits, new_cache

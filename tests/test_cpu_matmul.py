@@ -1,0 +1,149 @@
+"""The compiled CPU projection kernel: the packed layout, parity with numpy, the packed decode
+step against the unpacked one, and the sampler's use of it."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlver_jax.models import cpu_kernels, cpu_matmul
+from rlver_jax.models.config import ModelConfig
+from rlver_jax.models.decode_step import decode_step, decode_weights, packable_config
+from rlver_jax.models.kv_cache import init_cache, unstack_cache
+from rlver_jax.models.transformer import forward, param_shapes
+from rlver_jax.parallel import MeshConfig, make_mesh
+from rlver_jax.sampling import Sampler
+from tests.test_sampling import BUCKETS, CONFIG, PAD, PROMPTS, _params
+
+needs_compiler = pytest.mark.skipif(
+    shutil.which("g++") is None, reason="no C++ compiler: the sampler keeps XLA's projections"
+)
+
+
+def test_pack_layout_and_rows() -> None:
+    w = jnp.arange(32 * 5, dtype=jnp.float32).reshape(32, 5)
+    packed = np.asarray(cpu_matmul.pack(w))
+    assert packed.shape == (2, 5, 16)
+    for t, d, c in [(0, 0, 0), (1, 3, 7), (1, 4, 15), (0, 2, 9)]:
+        assert packed[t, d, c] == w[16 * t + c, d]
+    ids = jnp.asarray([0, 17, 31, 16, 5])
+    np.testing.assert_array_equal(cpu_matmul.take_rows(cpu_matmul.pack(w), ids), w[ids])
+
+
+def test_pack_and_project_reject_what_the_kernel_cannot_take() -> None:
+    with pytest.raises(ValueError, match=r"shape \(24, 5\)"):
+        cpu_matmul.pack(jnp.zeros((24, 5)))  # 24 rows: not whole 16-row tiles
+    with pytest.raises(ValueError, match="float16"):
+        cpu_matmul.pack(jnp.zeros((16, 5), jnp.float16))
+    with pytest.raises(ValueError, match="does not multiply"):
+        cpu_matmul.project(cpu_matmul.pack(jnp.zeros((16, 5))), jnp.zeros((6, 2)))
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    ("F", "D", "B"),
+    [
+        (16, 7, 1),
+        (48, 300, 2),
+        (160, 1030, 5),  # D spans several 16 KB weight blocks (float32 256 rows, bf16 512)
+        (64, 96, 8),  # two register tiles of 4 rows
+        (32, 40, 13),  # 5 + 4 + 4 rows
+        (4096, 64, 32),  # many tiles: shared between threads
+        (4096, 576, 1),
+    ],
+)
+def test_project_equals_numpy(dtype: str, F: int, D: int, B: int) -> None:
+    """out = w @ x accumulated in float32 (bf16 weights widened exactly), to float32 rounding."""
+    assert cpu_kernels.available()
+    rng = np.random.default_rng(F + D + B)
+    w = jnp.asarray(rng.normal(size=(F, D)), dtype)
+    x = jnp.asarray(rng.normal(size=(D, B)), jnp.float32)
+    got = jax.jit(cpu_matmul.project)(cpu_matmul.pack(w), x)
+    want = np.asarray(w, np.float64) @ np.asarray(x, np.float64)
+    assert got.shape == (F, B) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-6 * D)
+    again = jax.jit(cpu_matmul.project)(cpu_matmul.pack(w), x)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(got))  # a fixed order per output
+
+
+def _random_params(config: ModelConfig, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape), config.param_dtype),
+        param_shapes(config),
+    )
+
+
+@needs_compiler
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_decode_step_equals_unpacked(tie: bool, dtype: str) -> None:
+    """`decode_step` over packed weights (projections and head through the kernel) == over the
+    plain ones (XLA's dots): logits and the cache it writes, to float32 / bf16 rounding."""
+    config = dataclasses.replace(
+        CONFIG, tie_word_embeddings=tie, dtype=dtype, param_dtype=dtype, attention_bias=True
+    )
+    assert packable_config(config) and cpu_kernels.available()
+    params = _random_params(config, seed=int(tie))
+    B, P = 3, 6
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(1, config.vocab_size, (B, P + 2)))
+    pos = jnp.broadcast_to(jnp.arange(P + 2), (B, P + 2))
+    _, cache = forward(params, tokens[:, :P], pos[:, :P], jnp.ones((B, P), bool), config,
+                       init_cache(config, B, P + 4))  # fmt: skip
+    plain, packed = decode_weights(params, config), decode_weights(params, config, packed=True)
+    assert packed["layers"][0]["wqkv"].ndim == 3 and packed["lm_head"].ndim == 3
+    step = jax.jit(lambda w, t, p, c: decode_step(w, t, p, c, config))
+    a_cache = b_cache = unstack_cache(cache)
+    atol = 2e-5 if dtype == "float32" else 0.1
+    for t in (P, P + 1):
+        a, a_cache = step(plain, tokens[:, t], pos[:, t], a_cache)
+        b, b_cache = step(packed, tokens[:, t], pos[:, t], b_cache)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=atol, rtol=0)
+    for i in range(config.num_layers):
+        np.testing.assert_allclose(np.asarray(b_cache.k[i], np.float32),
+                                   np.asarray(a_cache.k[i], np.float32), atol=atol)  # fmt: skip
+
+
+def test_packable_config() -> None:
+    assert packable_config(CONFIG)
+    assert not packable_config(dataclasses.replace(CONFIG, vocab_size=120))
+    assert not packable_config(dataclasses.replace(CONFIG, intermediate_size=100))
+    assert not packable_config(dataclasses.replace(CONFIG, param_dtype="float16"))
+
+
+@needs_compiler
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_sampler_with_the_kernel_matches_xla_projections(temperature: float) -> None:
+    params = _params()
+    xla_attention = dataclasses.replace(BUCKETS, cpu_attention_kernel=False)  # only this differs
+    with_kernel = Sampler(CONFIG, pad_id=PAD, sampler_config=xla_attention)
+    assert with_kernel.matmul_kernel  # the default on one CPU device
+    xla = Sampler(
+        CONFIG, pad_id=PAD,
+        sampler_config=dataclasses.replace(xla_attention, cpu_matmul_kernel=False),
+    )  # fmt: skip
+    assert not xla.matmul_kernel
+    a = with_kernel(params, PROMPTS, max_new_tokens=12, temperature=temperature, seed=3)
+    b = xla(params, PROMPTS, max_new_tokens=12, temperature=temperature, seed=3)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+def test_requiring_the_kernel_where_it_cannot_run_fails_early() -> None:
+    required = dataclasses.replace(BUCKETS, cpu_matmul_kernel=True)
+    with pytest.raises(ValueError, match="one CPU device"):
+        Sampler(CONFIG, mesh=make_mesh(MeshConfig(data=2, fsdp=1, tensor=4)),
+                sampler_config=required)  # fmt: skip
+    odd = dataclasses.replace(CONFIG, vocab_size=120)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        Sampler(odd, sampler_config=required)
+    assert not Sampler(odd, sampler_config=BUCKETS).matmul_kernel  # auto: XLA's dots
+    sharded = Sampler(CONFIG, mesh=make_mesh(MeshConfig(data=8, fsdp=1, tensor=1)))
+    assert not sharded.matmul_kernel
