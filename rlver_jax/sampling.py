@@ -53,7 +53,7 @@ from rlver_jax.models.decode_step import (
     one_query_attention,
     packable_config,
 )
-from rlver_jax.models.kv_cache import KVCache, init_cache, unstack_cache
+from rlver_jax.models.kv_cache import KVCache, as_bits, init_cache, unstack_cache
 from rlver_jax.models.transformer import Params
 from rlver_jax.parallel import mesh as mesh_lib
 from rlver_jax.parallel.compiler_options import large_gemm_options, platform_of
@@ -197,13 +197,14 @@ def decode(
 
     With `unroll` (`SamplerConfig.unroll_decode`) `params` are `decode_step.decode_weights`
     and each token runs `decode_step.decode_step`; the KV cache is split into per-layer buffers
-    once here, outside the loop, and the returned state has no cache (nothing reads it after
-    decoding); otherwise the donated cache is updated in place. `kernel` runs the unrolled
-    step's attention as `cpu_attention`'s compiled kernel (`SamplerConfig.cpu_attention_kernel`);
-    packed weights (`decode_weights(..., packed=True)`) run its projections as `cpu_matmul`'s.
+    (bf16 ones held as bits, `kv_cache.as_bits`) once here, outside the loop, and the returned
+    state has no cache (nothing reads it after decoding); otherwise the donated cache is updated
+    in place. `kernel` runs the unrolled step's attention as `cpu_attention`'s compiled kernel
+    (`SamplerConfig.cpu_attention_kernel`); packed weights (`decode_weights(..., packed=True)`)
+    run its projections as `cpu_matmul`'s.
     """
     if unroll:
-        state = state.replace(cache=unstack_cache(state.cache))
+        state = state.replace(cache=as_bits(unstack_cache(state.cache)))
     B = state.logits.shape[0]
     ones = jnp.ones((B, 1), bool)
 

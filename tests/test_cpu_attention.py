@@ -14,7 +14,9 @@ import pytest
 
 from rlver_jax.models import cpu_attention, cpu_kernels
 from rlver_jax.models.config import ModelConfig
-from rlver_jax.models.decode_step import one_query_attention
+from rlver_jax.models.decode_step import decode_step, decode_weights, one_query_attention
+from rlver_jax.models.kv_cache import as_bits, cache_values, init_cache, unstack_cache
+from rlver_jax.models.transformer import forward
 from rlver_jax.parallel import MeshConfig, make_mesh
 from rlver_jax.sampling import Sampler
 from tests.test_sampling import BUCKETS, CONFIG, PAD, PROMPTS, _params
@@ -121,3 +123,31 @@ def test_build_is_cached_by_key(tmp_path) -> None:
     again = cpu_kernels.build(cache_dir=tmp_path)
     assert again == first and again.stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert first.parent == tmp_path / "kernels" and first.suffix == ".so"
+
+
+@needs_compiler
+def test_bf16_cache_held_as_bits_decodes_the_same() -> None:
+    """A bf16 per-layer cache held as uint16 bits (`as_bits`, the sampler's form: XLA:CPU writes
+    integer slots in place) gives the same logits and cache as the bf16 cache, with XLA's
+    attention and with the kernel."""
+    config = dataclasses.replace(CONFIG, dtype="bfloat16", param_dtype="bfloat16")
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), _params())
+    B, P = 2, 5
+    tokens = jnp.asarray(np.random.default_rng(0).integers(1, config.vocab_size, (B, P + 2)))
+    pos = jnp.broadcast_to(jnp.arange(P + 2), (B, P + 2))
+    _, cache = forward(params, tokens[:, :P], pos[:, :P], jnp.ones((B, P), bool), config,
+                       init_cache(config, B, P + 4))  # fmt: skip
+    weights = decode_weights(params, config)
+    plain = unstack_cache(cache)
+    bits = as_bits(plain)
+    assert bits.k[0].dtype == jnp.uint16 and plain.k[0].dtype == jnp.bfloat16
+    for attention in (one_query_attention, cpu_attention.one_query_attention):
+        step = jax.jit(lambda w, t, p, c, a=attention: decode_step(w, t, p, c, config, a))
+        a_cache, b_cache = plain, bits
+        for t in (P, P + 1):
+            a, a_cache = step(weights, tokens[:, t], pos[:, t], a_cache)
+            b, b_cache = step(weights, tokens[:, t], pos[:, t], b_cache)
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        for i in range(config.num_layers):
+            np.testing.assert_array_equal(cache_values(b_cache.k[i]), a_cache.k[i])
+            np.testing.assert_array_equal(cache_values(b_cache.v[i]), a_cache.v[i])

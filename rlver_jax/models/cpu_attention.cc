@@ -168,3 +168,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RlverOneQueryAttentionF32, OneQueryAttention<ffi::
                               RLVER_BIND(ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RlverOneQueryAttentionBF16, OneQueryAttention<ffi::BF16>,
                               RLVER_BIND(ffi::BF16));
+// A bf16 cache held as its uint16 bits (`kv_cache.as_bits`): the same code.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RlverOneQueryAttentionBF16Bits, OneQueryAttention<ffi::U16>,
+                              RLVER_BIND(ffi::U16));

@@ -10,8 +10,8 @@ file's header). The `Sampler` uses it for an unrolled decode on one CPU device
 (`SamplerConfig.cpu_attention_kernel`); on a mesh the XLA form stays, since XLA cannot
 partition a custom call.
 
-The kernel is built by `cpu_kernels` (on first use, with the system's C++ compiler); call
-`cpu_kernels.available()` first, and keep the XLA form where it is False.
+The kernel is built by `cpu_kernels` (on first use, with the system's C++ compiler); callers
+check `cpu_kernels.available()` and keep the XLA form where it is False.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rlver_jax.models import cpu_kernels
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.decode_step import grouped_query
 
 _TARGETS = {  # k/v dtype -> FFI target name (cpu_kernels.TARGETS)
     jnp.dtype(jnp.float32): "rlver_one_query_attention_f32",
     jnp.dtype(jnp.bfloat16): "rlver_one_query_attention_bf16",
+    jnp.dtype(jnp.uint16): "rlver_one_query_attention_bf16_bits",  # kv_cache.as_bits
 }
 
 
@@ -36,7 +38,10 @@ def one_query_attention(
     mask [B,1,S]."""
     B, _, H, Dh = q.shape
     if jnp.dtype(k.dtype) not in _TARGETS or k.dtype != v.dtype:
-        raise TypeError(f"the CPU attention kernel takes float32 or bfloat16 caches, not {k.dtype}")
+        raise TypeError(
+            f"the CPU attention kernel takes float32 or bfloat16 (bits) caches, not {k.dtype}"
+        )
+    cpu_kernels.require()
     qg = grouped_query(q, config)
     call = jax.ffi.ffi_call(_TARGETS[jnp.dtype(k.dtype)], jax.ShapeDtypeStruct(qg.shape, qg.dtype))
     return call(qg, k, v, mask[:, 0, :]).astype(q.dtype).reshape(B, 1, H, Dh)

@@ -37,6 +37,7 @@ HEADERS = (_HERE / "cpu_parallel.h",)
 TARGETS = {  # FFI target name -> handler symbol in the library
     "rlver_one_query_attention_f32": "RlverOneQueryAttentionF32",
     "rlver_one_query_attention_bf16": "RlverOneQueryAttentionBF16",
+    "rlver_one_query_attention_bf16_bits": "RlverOneQueryAttentionBF16Bits",
     "rlver_packed_matmul_f32": "RlverPackedMatmulF32",
     "rlver_packed_matmul_bf16": "RlverPackedMatmulBF16",
 }
@@ -93,3 +94,10 @@ def available() -> bool:
         handler = jax.ffi.pycapsule(getattr(library, symbol))
         jax.ffi.register_ffi_target(name, handler, platform="cpu")
     return True
+
+
+def require() -> None:
+    """Register the kernels before a call that uses them; a clear error where they cannot be
+    built (callers that can fall back check `available()` first)."""
+    if not available():
+        raise KernelBuildError("the CPU decode kernels could not be built (the log says why)")

@@ -6,13 +6,16 @@
 Why (the .cc file's header has the figures): XLA:CPU's GEMM repacks the weight at every call
 and, for bfloat16 weights, streams float32 copies of them; the kernel streams the packed
 weights once per step in their own dtype. The `Sampler` uses it for an unrolled decode on one
-CPU device (`SamplerConfig.cpu_matmul_kernel`); call `cpu_kernels.available()` first.
+CPU device (`SamplerConfig.cpu_matmul_kernel`) where `cpu_kernels.available()`; a call
+where the kernels cannot be built raises `cpu_kernels.KernelBuildError`.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from rlver_jax.models import cpu_kernels
 
 COLS = 16  # a packed tile's columns (cpu_matmul.cc's kCols)
 _TARGETS = {
@@ -39,6 +42,7 @@ def project(packed: jax.Array, x: jax.Array) -> jax.Array:
     tiles, D, cols = packed.shape
     if cols != COLS or x.ndim != 2 or x.shape[0] != D:
         raise ValueError(f"packed {packed.shape} does not multiply x {x.shape}")
+    cpu_kernels.require()
     out = jax.ShapeDtypeStruct((tiles * COLS, x.shape[1]), jnp.float32)
     call = jax.ffi.ffi_call(_TARGETS[jnp.dtype(packed.dtype)], out)
     return call(packed, x.astype(jnp.float32))

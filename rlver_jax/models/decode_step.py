@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from rlver_jax.models import cpu_matmul
 from rlver_jax.models import transformer as tfm
 from rlver_jax.models.config import ModelConfig
-from rlver_jax.models.kv_cache import KVCache
+from rlver_jax.models.kv_cache import KVCache, cache_values, write_slot
 from rlver_jax.parallel.rules import LogicalAxes, constrain
 
 Params = dict[str, Any]
@@ -161,6 +161,7 @@ def one_query_attention(
     32 unchanged; the decode program compiles in ~5 s more (the chain is 30 x 64 ops)."""
     B, _, H, Dh = q.shape
     f32 = jnp.float32
+    k, v = cache_values(k), cache_values(v)
     scores = _sum_over_head_dim(grouped_query(q, config), k.astype(f32))  # [B, K, G, S]
     scores = jnp.where(mask[:, None, None, 0, :], scores, tfm.MASK_VALUE)
     probs = jax.nn.softmax(jax.lax.optimization_barrier(scores), axis=-1).astype(v.dtype)
@@ -198,9 +199,9 @@ def _layer(
     q = _to_rows(qkv[:, :G].reshape(H * Dh, B), H, Dh)
     k = _to_rows(qkv[:, G].reshape(K * Dh, B), K, Dh)
     v = _to_rows(qkv[:, G + 1].reshape(K * Dh, B), K, Dh)
-    q, k, v = tfm.finish_qkv(q, k, v, p, cos, sin, config)
-    kv = (k_cache, v_cache, None, start)
-    attn, new_kv = tfm.attend(q, k, v, mask, kv, config, attention=attention)
+    q, k, v = tfm.finish_qkv(q, k, v, p, cos, sin, config)  # k [B,K,Dh,1], v [B,K,1,Dh]
+    k_cache, v_cache = write_slot(k_cache, k, 3, start), write_slot(v_cache, v, 2, start)
+    attn = attention(q, k_cache, v_cache, mask, config)
     x = x + _project(p["wo"], attn.reshape(x.shape[1], H * Dh).T)
     x = constrain(x, _COLS)
 
@@ -208,7 +209,7 @@ def _layer(
     gate_up = _project(p["w_gate_up"], y).reshape(-1, 2, B)  # rows f: (gate f, up f)
     act = jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]
     x = x + _project(p["w_down"], constrain(act, ("act_mlp", "batch")))
-    return constrain(x, _COLS), new_kv
+    return constrain(x, _COLS), (k_cache, v_cache)
 
 
 def decode_step(
@@ -217,7 +218,8 @@ def decode_step(
 ) -> tuple[jax.Array, KVCache]:  # fmt: skip
     """Feed one token per row: tokens, positions [B] int; `cache` per layer
     (`kv_cache.unstack_cache`), written at slot `cache.end`. ``attention(q, k, v, mask,
-    config)`` is `one_query_attention` or its compiled kernel (`cpu_attention`).
+    config)`` is `one_query_attention` or its compiled kernel (`cpu_attention`); it gets the
+    cache buffers as they are held (bf16 ones possibly as bits, `kv_cache.as_bits`).
 
     Returns (next-token logits [B, V] float32, the updated cache).
     """

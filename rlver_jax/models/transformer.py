@@ -335,33 +335,24 @@ def finish_qkv(
 
 def attend(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-    kv: tuple[jax.Array, jax.Array, jax.Array | int | None, jax.Array] | None,
+    kv: tuple[jax.Array, jax.Array, jax.Array | int, jax.Array] | None,
     config: ModelConfig, attention: Callable[..., jax.Array] = _attention,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:  # fmt: skip
     """Attention of q [B,T,H,Dh] over the block's k, v (cache layouts) or, with `kv` = (k cache,
-    v cache, layer index, write slot), over the cache after writing the block into it: the
-    caches of ALL layers with this layer's index, or this layer's own buffers with index None.
-    ``attention(q, k, v, mask, config)`` computes it (the CPU decode step passes its one-query
-    form).
+    v cache, layer index, write slot), over the stacked caches of all layers after writing the
+    block into this layer's. ``attention(q, k, v, mask, config)`` computes it (the CPU decode
+    step, which writes its per-layer buffers itself, passes its one-query form).
 
     Only the block's new slots are written, so XLA updates the cache in place instead of copying
     a layer's cache out and back at every decode step. Returns (attention output [B,T,H,Dh],
     the updated (k, v) caches, or without a cache the block's own (k, v))."""
     if kv is not None:
         k_cache, v_cache, layer, start = kv
-        if layer is None:  # this layer's own buffers
-            k = k_cache = jax.lax.dynamic_update_slice(
-                k_cache, k.astype(k_cache.dtype), (0, 0, 0, start)
-            )
-            v = v_cache = jax.lax.dynamic_update_slice(
-                v_cache, v.astype(v_cache.dtype), (0, 0, start, 0)
-            )
-        else:  # all layers stacked: write in place, then read this layer back
-            k_at, v_at = (layer, 0, 0, 0, start), (layer, 0, 0, start, 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), k_at)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), v_at)
-            k = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False)
-            v = jax.lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False)
+        k_at, v_at = (layer, 0, 0, 0, start), (layer, 0, 0, start, 0)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), k_at)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), v_at)
+        k = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False)
+        v = jax.lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False)
         new_kv = (k_cache, v_cache)
     else:
         new_kv = (k, v)
@@ -375,7 +366,7 @@ def _layer(
     cos: jax.Array,
     sin: jax.Array,
     mask: jax.Array,
-    kv: tuple[jax.Array, jax.Array, jax.Array | int | None, jax.Array] | None,
+    kv: tuple[jax.Array, jax.Array, jax.Array | int, jax.Array] | None,
     config: ModelConfig,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One pre-norm block; `kv` and the returned (k, v) as in `attend`."""
