@@ -21,114 +21,255 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
+#include <utility>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_parallel.h"
+#include "cpu_simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using rlver::kLanes;
+using rlver::Load;
+using rlver::Store;
+using rlver::ToFloat;
+using rlver::Vec;
+typedef int32_t VecI __attribute__((vector_size(kLanes * sizeof(int32_t))));
+typedef uint8_t Bytes __attribute__((vector_size(kLanes)));
+
 constexpr float kMaskValue = -0.7f * std::numeric_limits<float>::max();
 
-inline float ToFloat(float x) { return x; }
-inline float ToFloat(uint16_t x) {  // bfloat16: the high half of a float32
-  uint32_t bits = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
 // exp(x) for x <= 0 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r;
-// ~1 ulp), written so that the compiler vectorises it.
-inline float ExpNonPositive(float x) {
-  x = std::max(x, -87.0f);  // exp(-87) ~ 1.6e-38: the softmax weight of a masked slot is ~0
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
+// ~1 ulp) on eight lanes; n is x log2(e) rounded to nearest by the 1.5 * 2^23 trick.
+inline Vec ExpNonPositive(Vec x) {
+  const Vec floor_x = Vec{} - 87.0f;  // exp(-87) ~ 1.6e-38: the weight of a masked slot is ~0
+  x = x < floor_x ? floor_x : x;
+  const Vec n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  Vec r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  Vec p = Vec{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const float e = p * r * r + r + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  float scale;
+  const Vec e = p * r * r + r + 1.0f;
+  const VecI bits = (__builtin_convertvector(n, VecI) + 127) << 23;
+  Vec scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return e * scale;
 }
+
+inline float ExpNonPositive(float x) { return ExpNonPositive(Vec{} + x)[0]; }
+
+// Row i of scores over the span [lo, lo + n) of a row's mask: masked slots (all of them when
+// `none`) become kMaskValue, then exp(score - max) in place; returns 1 / their sum.
+inline float SoftmaxRow(float* sg, const bool* mask, int64_t n, bool none) {
+  const Vec masked = Vec{} + kMaskValue;
+  Vec top = Vec{} - std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    Bytes m;
+    std::memcpy(&m, mask + i, sizeof m);
+    const VecI keep = __builtin_convertvector(m, VecI) != 0;
+    Vec sc = Load(sg + i);
+    sc = (keep & !none) ? sc : masked;
+    Store(sg + i, sc);
+    top = top > sc ? top : sc;
+  }
+  float best = -std::numeric_limits<float>::infinity();
+  for (int l = 0; l < kLanes; ++l) best = std::max(best, top[l]);
+  for (; i < n; ++i) {
+    sg[i] = (none || !mask[i]) ? kMaskValue : sg[i];
+    best = std::max(best, sg[i]);
+  }
+  Vec sum = {};
+  for (i = 0; i + kLanes <= n; i += kLanes) {
+    const Vec e = ExpNonPositive(Load(sg + i) - best);
+    Store(sg + i, e);
+    sum += e;
+  }
+  float total = 0.0f;
+  for (int l = 0; l < kLanes; ++l) total += sum[l];
+  for (; i < n; ++i) total += sg[i] = ExpNonPositive(sg[i] - best);
+  return 1.0f / total;
+}
+
+// Cache lines of the next pair's k and v spans, fetched a few at a time from inside this pair's
+// loops so that streaming them overlaps this pair's arithmetic (one thread reads ~10 GB/s on
+// its own when it waits for each line; the arithmetic of a pair takes about as long as its
+// reads).
+struct Prefetcher {
+  const char* at = nullptr;  // next line of the current range
+  const char* end = nullptr;
+  const char* next_begin = nullptr;  // the second range
+  const char* next_end = nullptr;
+
+  void Step() {
+    for (int j = 0; j < 2; ++j) {
+      if (at >= end) {
+        if (next_begin == nullptr) return;
+        at = next_begin, end = next_end, next_begin = nullptr;
+      }
+      __builtin_prefetch(at);
+      at += 64;
+    }
+  }
+};
 
 struct Shape {
   int64_t B, K, G, Dh, S;
 };
 
-// One (row, kv head) pair. scratch: G * S + G * Dh + G floats.
+// Scores of GB queries q [GB, Dh] over slots k[:, 0..n) (row stride S) into scores [GB, n]:
+// scores[g, i] = sum_d q[g, d] k[d, i], d in order. Rows of k are taken four at a time over the
+// whole span, so the cache streams row by row and each score is loaded and stored once per
+// four multiply-adds (one per row: the stores would otherwise bound the loop).
+template <int GB, typename T>
+void Scores(const float* q, const T* k, int64_t n, int64_t S, int64_t Dh, float* scores,
+            Prefetcher& pf) {
+  std::fill(scores, scores + GB * n, 0.0f);
+  int64_t d = 0;
+  for (; d + 4 <= Dh; d += 4) {
+    float qd[GB][4];
+    for (int g = 0; g < GB; ++g)
+      for (int r = 0; r < 4; ++r) qd[g][r] = q[g * Dh + d + r];
+    const T* k0 = k + d * S;
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      pf.Step();
+      const Vec a = Load(k0 + i), b = Load(k0 + S + i), c = Load(k0 + 2 * S + i),
+                e = Load(k0 + 3 * S + i);
+      for (int g = 0; g < GB; ++g) {
+        Vec sc = Load(scores + g * n + i);
+        sc += a * qd[g][0];
+        sc += b * qd[g][1];
+        sc += c * qd[g][2];
+        sc += e * qd[g][3];
+        Store(scores + g * n + i, sc);
+      }
+    }
+    for (; i < n; ++i)
+      for (int g = 0; g < GB; ++g)
+        for (int r = 0; r < 4; ++r) scores[g * n + i] += qd[g][r] * ToFloat(k0[r * S + i]);
+  }
+  for (; d < Dh; ++d)
+    for (int64_t i = 0; i < n; ++i)
+      for (int g = 0; g < GB; ++g) scores[g * n + i] += q[g * Dh + d] * ToFloat(k[d * S + i]);
+}
+
+// out[g, c0 + c] = inv[g] sum_i p[g, i] v[i, c0 + c] for GB queries and VB vectors of columns,
+// i in order; v [n, Dh] from the first span slot, p [GB, n] (row stride n).
+template <int GB, int VB, typename T>
+void OutputBlock(const float* p, const T* v, int64_t n, int64_t Dh, int64_t c0,
+                 const float* inv, float* out, Prefetcher& pf) {
+  Vec acc[GB][VB] = {};
+  for (int64_t i = 0; i < n; ++i, pf.Step())
+    for (int b = 0; b < VB; ++b) {
+      const Vec vv = Load(v + i * Dh + c0 + b * kLanes);
+      for (int g = 0; g < GB; ++g) acc[g][b] += vv * p[g * n + i];
+    }
+  for (int g = 0; g < GB; ++g)
+    for (int b = 0; b < VB; ++b) Store(out + g * Dh + c0 + b * kLanes, acc[g][b] * inv[g]);
+}
+
+template <int GB, typename T>
+void Output(const float* p, const T* v, int64_t n, int64_t Dh, const float* inv, float* out,
+            Prefetcher& pf) {
+  int64_t c = 0;
+  for (; c + 4 * kLanes <= Dh; c += 4 * kLanes) OutputBlock<GB, 4>(p, v, n, Dh, c, inv, out, pf);
+  for (; c + kLanes <= Dh; c += kLanes) OutputBlock<GB, 1>(p, v, n, Dh, c, inv, out, pf);
+  for (; c < Dh; ++c)
+    for (int g = 0; g < GB; ++g) {
+      float sum = 0.0f;
+      for (int64_t i = 0; i < n; ++i) sum += p[g * n + i] * ToFloat(v[i * Dh + c]);
+      out[g * Dh + c] = sum * inv[g];
+    }
+}
+
+// Queries are taken up to 3 at a time: 3 x 4 accumulators, the 3 query values (or 4 cache
+// vectors) and one temporary fill AVX2's 16 registers.
 template <typename T>
-void AttendPair(const float* q, const T* k, const T* v, const bool* mask, float* out,
-                const Shape& s, float* scratch) {
-  const int64_t G = s.G, Dh = s.Dh, S = s.S;
-  int64_t lo = 0, hi = S;  // the slots that can carry weight: first..last unmasked
+void ForQueryGroups(int64_t G, auto&& fn) {
+  for (int64_t g0 = 0; g0 < G; g0 += 3) {
+    switch (std::min<int64_t>(3, G - g0)) {
+      case 1: fn(g0, std::integral_constant<int, 1>{}); break;
+      case 2: fn(g0, std::integral_constant<int, 2>{}); break;
+      default: fn(g0, std::integral_constant<int, 3>{}); break;
+    }
+  }
+}
+
+// The slots that can carry weight, [lo, hi): first..last unmasked; all S slots when none is
+// (XLA's softmax is then uniform over every slot).
+inline std::pair<int64_t, int64_t> Span(const bool* mask, int64_t S) {
+  int64_t lo = 0, hi = S;
   while (lo < S && !mask[lo]) ++lo;
   while (hi > lo && !mask[hi - 1]) --hi;
-  const bool none = lo == hi;  // all masked: XLA's softmax is uniform over all S slots
-  if (none) lo = 0, hi = S;
+  return lo == hi ? std::pair<int64_t, int64_t>{0, S} : std::pair{lo, hi};
+}
+
+// The lines of a pair's k and v spans, for a `Prefetcher`.
+template <typename T>
+Prefetcher SpanLines(const T* k, const T* v, const bool* mask, const Shape& s) {
+  const auto [lo, hi] = Span(mask, s.S);
+  Prefetcher pf;
+  pf.at = reinterpret_cast<const char*>(k + lo);
+  pf.end = reinterpret_cast<const char*>(k + (s.Dh - 1) * s.S + hi);
+  pf.next_begin = reinterpret_cast<const char*>(v + lo * s.Dh);
+  pf.next_end = reinterpret_cast<const char*>(v + hi * s.Dh);
+  return pf;
+}
+
+// One (row, kv head) pair, prefetching the next one's cache lines through `pf`. scratch:
+// G * S + G floats.
+template <typename T>
+void AttendPair(const float* q, const T* k, const T* v, const bool* mask, float* out,
+                const Shape& s, float* scratch, Prefetcher& pf) {
+  const int64_t G = s.G, Dh = s.Dh, S = s.S;
+  const auto [lo, hi] = Span(mask, S);
+  const bool none = !mask[lo];  // Span's lo is the first unmasked slot when there is one
   const int64_t n = hi - lo;
-  float* scores = scratch;       // [G, n]
-  float* acc = scratch + G * n;  // [G, Dh]
-  float* inv = acc + G * Dh;     // [G]: 1 / the softmax's sum
-  std::fill(scores, scores + G * n, 0.0f);
-  for (int64_t d = 0; d < Dh; ++d) {
-    const T* kd = k + d * S + lo;
-    for (int64_t g = 0; g < G; ++g) {
-      const float qv = q[g * Dh + d];
-      float* sg = scores + g * n;
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) sg[i] += qv * ToFloat(kd[i]);
-    }
-  }
-  for (int64_t g = 0; g < G; ++g) {
-    float* sg = scores + g * n;
-    float top = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : top)
-    for (int64_t i = 0; i < n; ++i) {
-      sg[i] = (none || !mask[lo + i]) ? kMaskValue : sg[i];
-      top = std::max(top, sg[i]);
-    }
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) {
-      sg[i] = ExpNonPositive(sg[i] - top);
-      sum += sg[i];
-    }
-    inv[g] = 1.0f / sum;
-  }
-  std::fill(acc, acc + G * Dh, 0.0f);
-  for (int64_t i = 0; i < n; ++i) {
-    const T* vs = v + (lo + i) * Dh;
-    for (int64_t g = 0; g < G; ++g) {
-      const float p = scores[g * n + i];
-      float* ag = acc + g * Dh;
-#pragma omp simd
-      for (int64_t d = 0; d < Dh; ++d) ag[d] += p * ToFloat(vs[d]);
-    }
-  }
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = 0; d < Dh; ++d) out[g * Dh + d] = acc[g * Dh + d] * inv[g];
+  float* scores = scratch;      // [G, n]
+  float* inv = scratch + G * n;  // [G]: 1 / the softmax's sum
+  ForQueryGroups<T>(G, [&](int64_t g0, auto gb) {
+    Scores<decltype(gb)::value>(q + g0 * Dh, k + lo, n, S, Dh, scores + g0 * n, pf);
+  });
+  for (int64_t g = 0; g < G; ++g) inv[g] = SoftmaxRow(scores + g * n, mask + lo, n, none);
+  ForQueryGroups<T>(G, [&](int64_t g0, auto gb) {
+    Output<decltype(gb)::value>(scores + g0 * n, v + lo * Dh, n, Dh, inv + g0, out + g0 * Dh,
+                                pf);
+  });
 }
 
 template <typename T>
 void AttendAll(const float* q, const T* k, const T* v, const bool* mask, float* out,
                const Shape& s, ffi::ThreadPool& pool) {
+  // Runs of consecutive pairs, a few per thread, so that each pair can prefetch the next.
+  const int64_t pairs = s.B * s.K;
+  const int64_t run = std::max<int64_t>(1, pairs / (8 * std::max<int64_t>(1, pool.num_threads())));
+  const auto at = [&](int64_t p) {
+    return std::tuple{k + p * s.Dh * s.S, v + p * s.S * s.Dh, mask + (p / s.K) * s.S};
+  };
   auto make_worker = [&] {
-    return [&, scratch = std::vector<float>(s.G * s.S + s.G * s.Dh + s.G)](int64_t p) mutable {
-      const int64_t b = p / s.K;
-      AttendPair(q + p * s.G * s.Dh, k + p * s.Dh * s.S, v + p * s.S * s.Dh, mask + b * s.S,
-                 out + p * s.G * s.Dh, s, scratch.data());
+    return [&, scratch = std::vector<float>(s.G * s.S + s.G)](int64_t r) mutable {
+      for (int64_t p = r * run, end = std::min(pairs, p + run); p < end; ++p) {
+        Prefetcher pf;
+        if (p + 1 < end) {
+          const auto [nk, nv, nm] = at(p + 1);
+          pf = SpanLines(nk, nv, nm, s);
+        }
+        const auto [pk, pv, pm] = at(p);
+        AttendPair(q + p * s.G * s.Dh, pk, pv, pm, out + p * s.G * s.Dh, s, scratch.data(), pf);
+      }
     };
   };
-  rlver::ParallelFor(s.B * s.K, pool, make_worker);
+  rlver::ParallelFor((pairs + run - 1) / run, pool, make_worker);
 }
 
 template <ffi::DataType KV>

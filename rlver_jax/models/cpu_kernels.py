@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
 SOURCES = (_HERE / "cpu_attention.cc", _HERE / "cpu_matmul.cc")
-HEADERS = (_HERE / "cpu_parallel.h",)
+HEADERS = (_HERE / "cpu_parallel.h", _HERE / "cpu_simd.h")
 TARGETS = {  # FFI target name -> handler symbol in the library
     "rlver_one_query_attention_f32": "RlverOneQueryAttentionF32",
     "rlver_one_query_attention_bf16": "RlverOneQueryAttentionBF16",

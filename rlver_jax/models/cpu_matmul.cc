@@ -20,38 +20,19 @@
 #include <vector>
 
 #include "cpu_parallel.h"
+#include "cpu_simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using rlver::Load;
+using rlver::Store;
+using rlver::Vec;
+
 constexpr int64_t kCols = 16;  // columns of a packed tile
 constexpr int kMaxRows = 6;    // rows of a register tile: 12 of AVX2's 16 registers
-
-// Half a tile's columns: one AVX2 register (GCC/Clang vector extensions: NEON takes two).
-typedef float Vec __attribute__((vector_size(8 * sizeof(float))));
-typedef uint16_t Vec16 __attribute__((vector_size(8 * sizeof(uint16_t))));
-typedef uint32_t Vec32 __attribute__((vector_size(8 * sizeof(uint32_t))));
-
-inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline Vec Load(const uint16_t* p) {  // bfloat16 is the high half of a float32
-  Vec16 h;
-  std::memcpy(&h, p, sizeof h);
-  const Vec32 bits = __builtin_convertvector(h, Vec32) << 16;
-  Vec v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
-}
-
-// Through a by-value copy: taking the address of an accumulator array's element makes GCC keep
-// the whole array on the stack, with a store and reload around every multiply-add.
-inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 
 // Rows r of one register tile times columns of the packed tile w [D, 16] over d in [d0, d1):
 // acc [R, 16] += sum_d x[d, r] w[d, :] (starting from zero when `first`), with x packed for the
