@@ -116,13 +116,27 @@ def test_build_errors_name_the_compiler(tmp_path) -> None:
     assert not list((tmp_path / "kernels").glob("*.so"))
 
 
-@needs_compiler
 def test_build_is_cached_by_key(tmp_path) -> None:
-    first = cpu_kernels.build(cache_dir=tmp_path)
+    """A build is reused for the same key and redone for another compiler (a stand-in compiler
+    that writes its -o file and counts its runs: the real build is what `available()` tests)."""
+    log = tmp_path / "runs"
+    fake = tmp_path / "fake-cxx"
+    fake.write_text(
+        '#!/bin/sh\necho run >> "$(dirname "$0")/runs"\n'
+        'while [ "$1" != "-o" ]; do shift; done\ntouch "$2"\n'
+    )
+    fake.chmod(0o755)
+    first = cpu_kernels.build(str(fake), tmp_path)
     stamp = first.stat().st_mtime_ns
-    again = cpu_kernels.build(cache_dir=tmp_path)
+    again = cpu_kernels.build(str(fake), tmp_path)
     assert again == first and again.stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert first.parent == tmp_path / "kernels" and first.suffix == ".so"
+    assert log.read_text().count("run") == 1
+    other = tmp_path / "other-cxx"
+    other.write_text(fake.read_text())
+    other.chmod(0o755)
+    assert cpu_kernels.build(str(other), tmp_path) != first  # the compiler is in the key
+    assert log.read_text().count("run") == 2
 
 
 @needs_compiler

@@ -81,8 +81,7 @@ def _random_params(config: ModelConfig, seed: int = 0) -> dict:
 
 
 @needs_compiler
-@pytest.mark.parametrize("tie", [False, True])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("tie", "dtype"), [(False, "float32"), (True, "bfloat16")])
 def test_packed_decode_step_equals_unpacked(tie: bool, dtype: str) -> None:
     """`decode_step` over packed weights (projections and head through the kernel) == over the
     plain ones (XLA's dots): logits and the cache it writes, to float32 / bf16 rounding."""
