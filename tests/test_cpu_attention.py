@@ -79,16 +79,23 @@ def test_kernel_rejects_other_cache_dtypes() -> None:
 
 @needs_compiler
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_sampler_with_the_kernel_matches_xla_attention(temperature: float) -> None:
+@pytest.mark.parametrize(
+    ("option", "attribute", "other"),
+    [
+        ("cpu_attention_kernel", "attention_kernel", "cpu_matmul_kernel"),
+        ("cpu_matmul_kernel", "matmul_kernel", "cpu_attention_kernel"),
+    ],
+)
+def test_sampler_with_a_kernel_matches_xla(
+    option: str, attribute: str, other: str, temperature: float
+) -> None:
+    """One kernel on (the default on one CPU device) against XLA's form, the other kernel off in
+    both: same tokens, logprobs to 1e-4."""
     params = _params()
-    xla_matmul = dataclasses.replace(BUCKETS, cpu_matmul_kernel=False)  # only attention differs
-    with_kernel = Sampler(CONFIG, pad_id=PAD, sampler_config=xla_matmul)
-    assert with_kernel.attention_kernel  # the default on one CPU device
-    xla = Sampler(
-        CONFIG, pad_id=PAD,
-        sampler_config=dataclasses.replace(xla_matmul, cpu_attention_kernel=False),
-    )  # fmt: skip
-    assert not xla.attention_kernel
+    only = dataclasses.replace(BUCKETS, **{other: False})
+    with_kernel = Sampler(CONFIG, pad_id=PAD, sampler_config=only)
+    xla = Sampler(CONFIG, pad_id=PAD, sampler_config=dataclasses.replace(only, **{option: False}))
+    assert getattr(with_kernel, attribute) and not getattr(xla, attribute)
     a = with_kernel(params, PROMPTS, max_new_tokens=12, temperature=temperature, seed=3)
     b = xla(params, PROMPTS, max_new_tokens=12, temperature=temperature, seed=3)
     np.testing.assert_array_equal(a.tokens, b.tokens)

@@ -18,7 +18,7 @@ from rlver_jax.models.kv_cache import init_cache, unstack_cache
 from rlver_jax.models.transformer import forward, param_shapes
 from rlver_jax.parallel import MeshConfig, make_mesh
 from rlver_jax.sampling import Sampler
-from tests.test_sampling import BUCKETS, CONFIG, PAD, PROMPTS, _params
+from tests.test_sampling import BUCKETS, CONFIG
 
 needs_compiler = pytest.mark.skipif(
     shutil.which("g++") is None, reason="no C++ compiler: the sampler keeps XLA's projections"
@@ -115,24 +115,6 @@ def test_packable_config() -> None:
     assert not packable_config(dataclasses.replace(CONFIG, vocab_size=120))
     assert not packable_config(dataclasses.replace(CONFIG, intermediate_size=100))
     assert not packable_config(dataclasses.replace(CONFIG, param_dtype="float16"))
-
-
-@needs_compiler
-@pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_sampler_with_the_kernel_matches_xla_projections(temperature: float) -> None:
-    params = _params()
-    xla_attention = dataclasses.replace(BUCKETS, cpu_attention_kernel=False)  # only this differs
-    with_kernel = Sampler(CONFIG, pad_id=PAD, sampler_config=xla_attention)
-    assert with_kernel.matmul_kernel  # the default on one CPU device
-    xla = Sampler(
-        CONFIG, pad_id=PAD,
-        sampler_config=dataclasses.replace(xla_attention, cpu_matmul_kernel=False),
-    )  # fmt: skip
-    assert not xla.matmul_kernel
-    a = with_kernel(params, PROMPTS, max_new_tokens=12, temperature=temperature, seed=3)
-    b = xla(params, PROMPTS, max_new_tokens=12, temperature=temperature, seed=3)
-    np.testing.assert_array_equal(a.tokens, b.tokens)
-    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
 
 
 def test_requiring_the_kernel_where_it_cannot_run_fails_early() -> None:

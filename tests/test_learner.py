@@ -267,7 +267,9 @@ def test_non_finite_batch_is_skipped_and_next_step_works(ppo: Learner, params: A
 
 
 # --------------------------------------------------------------------------- exactness
-@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize(
+    "loss_agg", ["token-mean", pytest.param("seq-mean-token-mean", marks=pytest.mark.slow)]
+)
 def test_gradient_accumulation_is_exact(ppo: Learner, params: Any, loss_agg: str) -> None:
     state = ppo.init_state(params, jax.random.PRNGKey(1))
     traj = ppo.pad(make_traj(5))

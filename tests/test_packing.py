@@ -130,7 +130,11 @@ def test_packed_forward_equals_each_sample_alone(params: Any) -> None:
 
 @pytest.mark.parametrize(
     "algo,extra",
-    [("ppo", {"critic_mask": "response"}), ("grpo", {"kl_coef": 0.01, "kl_kind": "k3"})],
+    [
+        ("ppo", {"critic_mask": "response"}),
+        # the default run's time limit: the GRPO case (reference KL) runs with `-m slow`
+        pytest.param("grpo", {"kl_coef": 0.01, "kl_kind": "k3"}, marks=pytest.mark.slow),
+    ],
 )  # critic + GAE (values from the first policy token on) / reference KL
 def test_packed_updates_equal_the_padded_update(
     params: Any, algo: str, extra: dict[str, Any]

@@ -183,8 +183,15 @@ def test_incremental_decoding_equals_full_forward(family: str, layout: str) -> N
     assert int(cache.end) == P + N
 
 
-@pytest.mark.parametrize("tie", [False, True])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    ("tie", "dtype"),
+    [
+        (False, "float32"),
+        (True, "float32"),
+        (True, "bfloat16"),
+        pytest.param(False, "bfloat16", marks=pytest.mark.slow),  # the default run's time limit
+    ],
+)
 def test_decode_step_equals_forward_step(tie: bool, dtype: str) -> None:
     """`decode_step` on a feature-major hidden state == `forward` on one token with a stacked
     cache: logits (fp32 1e-5; bf16 compute to bf16 rounding) and every cache slot it wrote."""
@@ -451,7 +458,7 @@ def _blocked_case() -> tuple[ModelConfig, Any, jax.Array, jax.Array, jax.Array]:
     return config, params, tokens, seg, positions_from_mask(seg)
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.parametrize("remat", ["none", pytest.param("full", marks=pytest.mark.slow)])
 def test_blocked_attention_equals_whole(remat: str) -> None:
     """`attention_block` splits the queries into checkpointed blocks (the last one padded):
     logits and gradients equal the unblocked attention's, on packed rows with a shared prefix
