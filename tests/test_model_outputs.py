@@ -20,7 +20,10 @@ MCFG = ModelConfig(
 )  # fmt: skip
 
 
-@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize(
+    "tie",
+    [True, pytest.param(False, marks=pytest.mark.slow)],  # the default run's time limit
+)
 def test_blocked_outputs_equal_the_full_ones_where_needed_and_skip_the_rest(tie: bool) -> None:
     B, T = 3, 3 * TARGET_BLOCK
     rng = np.random.default_rng(0)

@@ -2,7 +2,7 @@
 // cpu_attention.py, which calls it; cpu_kernels.py builds this file). Layouts are `KVCache`'s:
 //
 //   q    [B, K, G, Dh] float32, already scaled by 1/sqrt(Dh); query head h = j G + g
-//   k    [B, K, Dh, S] float32 or bfloat16
+//   k    [B, K, Dh, S] float32 or bfloat16 (or bf16 held as uint16 bits: kv_cache.as_bits)
 //   v    [B, K, S, Dh] same dtype as k
 //   mask [B, S]        bool, the slots a row may attend to
 //   out  [B, K, G, Dh] float32
@@ -14,8 +14,10 @@
 // softmax's reductions, the output) and barely use a second core. Here each (row, kv head) pair
 // reads its k and v blocks once, only between its first and last unmasked slot (a decode step
 // leaves the cache's tail unwritten and a left-padded row its head), with the G queries of the
-// group sharing each read; pairs are shared out over XLA's CPU thread pool. Every pair is
-// computed by one thread in a fixed order, so results do not depend on the thread count.
+// group sharing each read (up to 3 queries' accumulators in registers), and prefetches the next
+// pair's lines while it computes; runs of pairs are shared out over XLA's CPU thread pool.
+// Every pair is computed by one thread in a fixed order, so results do not depend on the
+// thread count.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
