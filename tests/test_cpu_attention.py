@@ -26,9 +26,8 @@ needs_compiler = pytest.mark.skipif(
 )
 
 
-def _case(B: int, K: int, G: int, S: int, dtype: str, seed: int = 0) -> tuple:
+def _case(B: int, K: int, G: int, S: int, dtype: str, seed: int = 0, Dh: int = 16) -> tuple:
     """q, k, v, mask [B,1,S] with left padding, an unwritten tail, a hole and (row 1) nothing."""
-    Dh = 16
     rng = np.random.default_rng(seed)
     config = ModelConfig(
         family="llama", vocab_size=8, hidden_size=K * G * Dh, intermediate_size=8, num_layers=1,
@@ -48,19 +47,23 @@ def _case(B: int, K: int, G: int, S: int, dtype: str, seed: int = 0) -> tuple:
 
 @needs_compiler
 @pytest.mark.parametrize(
-    ("dtype", "B", "K", "G", "S", "atol"),
+    ("dtype", "B", "K", "G", "S", "Dh", "atol"),
     [
-        ("float32", 3, 2, 3, 40, 2e-6),
-        ("float32", 1, 3, 1, 9, 2e-6),
-        ("float32", 16, 2, 2, 512, 2e-6),  # 16 MB of cache: split over threads
-        ("bfloat16", 3, 2, 3, 40, 2e-2),  # XLA's form rounds the probabilities to bf16 too
+        ("float32", 3, 2, 3, 40, 16, 2e-6),
+        ("float32", 1, 3, 1, 9, 16, 2e-6),
+        ("float32", 16, 2, 2, 512, 16, 2e-6),  # 16 MB of cache: split over threads
+        # 7 queries a kv head (query groups 3 + 3 + 1), 64 columns (4-vector output blocks)
+        ("float32", 2, 2, 7, 70, 64, 2e-6),
+        ("float32", 2, 1, 4, 33, 20, 2e-6),  # 20 columns: 8 + 8 + 4 one at a time
+        ("bfloat16", 3, 2, 3, 40, 16, 2e-2),  # XLA's form rounds the probabilities to bf16 too
+        ("bfloat16", 2, 2, 7, 70, 64, 2e-2),
     ],
 )
 def test_kernel_equals_xla_one_query_attention(
-    dtype: str, B: int, K: int, G: int, S: int, atol: float
+    dtype: str, B: int, K: int, G: int, S: int, Dh: int, atol: float
 ) -> None:
     assert cpu_kernels.available()
-    q, k, v, mask, config = _case(B, K, G, S, dtype)
+    q, k, v, mask, config = _case(B, K, G, S, dtype, Dh=Dh)
     want = jax.jit(lambda *a: one_query_attention(*a, config))(q, k, v, mask)
     got = jax.jit(lambda *a: cpu_attention.one_query_attention(*a, config))(q, k, v, mask)
     assert got.dtype == want.dtype == jnp.dtype(dtype)

@@ -23,9 +23,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <tuple>
-#include <utility>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu_parallel.h"
@@ -196,8 +195,8 @@ void Output(const float* p, const T* v, int64_t n, int64_t Dh, const float* inv,
 
 // Queries are taken up to 3 at a time: 3 x 4 accumulators, the 3 query values (or 4 cache
 // vectors) and one temporary fill AVX2's 16 registers.
-template <typename T>
-void ForQueryGroups(int64_t G, auto&& fn) {
+template <typename Fn>
+void ForQueryGroups(int64_t G, Fn&& fn) {
   for (int64_t g0 = 0; g0 < G; g0 += 3) {
     switch (std::min<int64_t>(3, G - g0)) {
       case 1: fn(g0, std::integral_constant<int, 1>{}); break;
@@ -209,17 +208,18 @@ void ForQueryGroups(int64_t G, auto&& fn) {
 
 // The slots that can carry weight, [lo, hi): first..last unmasked; all S slots when none is
 // (XLA's softmax is then uniform over every slot).
-inline std::pair<int64_t, int64_t> Span(const bool* mask, int64_t S) {
+using SlotSpan = std::pair<int64_t, int64_t>;
+inline SlotSpan Span(const bool* mask, int64_t S) {
   int64_t lo = 0, hi = S;
   while (lo < S && !mask[lo]) ++lo;
   while (hi > lo && !mask[hi - 1]) --hi;
-  return lo == hi ? std::pair<int64_t, int64_t>{0, S} : std::pair{lo, hi};
+  return lo == hi ? SlotSpan{0, S} : SlotSpan{lo, hi};
 }
 
-// The lines of a pair's k and v spans, for a `Prefetcher`.
+// The lines of a pair's k and v over its row's span, for a `Prefetcher`.
 template <typename T>
-Prefetcher SpanLines(const T* k, const T* v, const bool* mask, const Shape& s) {
-  const auto [lo, hi] = Span(mask, s.S);
+Prefetcher SpanLines(const T* k, const T* v, SlotSpan span, const Shape& s) {
+  const auto [lo, hi] = span;
   Prefetcher pf;
   pf.at = reinterpret_cast<const char*>(k + lo);
   pf.end = reinterpret_cast<const char*>(k + (s.Dh - 1) * s.S + hi);
@@ -228,22 +228,22 @@ Prefetcher SpanLines(const T* k, const T* v, const bool* mask, const Shape& s) {
   return pf;
 }
 
-// One (row, kv head) pair, prefetching the next one's cache lines through `pf`. scratch:
-// G * S + G floats.
+// One (row, kv head) pair over its row's mask and `Span` of it, prefetching the next pair's
+// cache lines through `pf`. scratch: G * S + G floats.
 template <typename T>
-void AttendPair(const float* q, const T* k, const T* v, const bool* mask, float* out,
-                const Shape& s, float* scratch, Prefetcher& pf) {
+void AttendPair(const float* q, const T* k, const T* v, const bool* mask, SlotSpan span,
+                float* out, const Shape& s, float* scratch, Prefetcher& pf) {
   const int64_t G = s.G, Dh = s.Dh, S = s.S;
-  const auto [lo, hi] = Span(mask, S);
+  const auto [lo, hi] = span;
   const bool none = !mask[lo];  // Span's lo is the first unmasked slot when there is one
   const int64_t n = hi - lo;
   float* scores = scratch;      // [G, n]
   float* inv = scratch + G * n;  // [G]: 1 / the softmax's sum
-  ForQueryGroups<T>(G, [&](int64_t g0, auto gb) {
+  ForQueryGroups(G, [&](int64_t g0, auto gb) {
     Scores<decltype(gb)::value>(q + g0 * Dh, k + lo, n, S, Dh, scores + g0 * n, pf);
   });
   for (int64_t g = 0; g < G; ++g) inv[g] = SoftmaxRow(scores + g * n, mask + lo, n, none);
-  ForQueryGroups<T>(G, [&](int64_t g0, auto gb) {
+  ForQueryGroups(G, [&](int64_t g0, auto gb) {
     Output<decltype(gb)::value>(scores + g0 * n, v + lo * Dh, n, Dh, inv + g0, out + g0 * Dh,
                                 pf);
   });
@@ -255,19 +255,18 @@ void AttendAll(const float* q, const T* k, const T* v, const bool* mask, float* 
   // Runs of consecutive pairs, a few per thread, so that each pair can prefetch the next.
   const int64_t pairs = s.B * s.K;
   const int64_t run = std::max<int64_t>(1, pairs / (8 * std::max<int64_t>(1, pool.num_threads())));
-  const auto at = [&](int64_t p) {
-    return std::tuple{k + p * s.Dh * s.S, v + p * s.S * s.Dh, mask + (p / s.K) * s.S};
-  };
+  std::vector<SlotSpan> spans(s.B);  // once per row: its K pairs share the mask
+  for (int64_t b = 0; b < s.B; ++b) spans[b] = Span(mask + b * s.S, s.S);
+  const int64_t kv_block = s.Dh * s.S;  // one pair's k (or v) elements
   auto make_worker = [&] {
     return [&, scratch = std::vector<float>(s.G * s.S + s.G)](int64_t r) mutable {
       for (int64_t p = r * run, end = std::min(pairs, p + run); p < end; ++p) {
         Prefetcher pf;
-        if (p + 1 < end) {
-          const auto [nk, nv, nm] = at(p + 1);
-          pf = SpanLines(nk, nv, nm, s);
-        }
-        const auto [pk, pv, pm] = at(p);
-        AttendPair(q + p * s.G * s.Dh, pk, pv, pm, out + p * s.G * s.Dh, s, scratch.data(), pf);
+        if (p + 1 < end)
+          pf = SpanLines(k + (p + 1) * kv_block, v + (p + 1) * kv_block, spans[(p + 1) / s.K], s);
+        const int64_t b = p / s.K;
+        AttendPair(q + p * s.G * s.Dh, k + p * kv_block, v + p * kv_block, mask + b * s.S,
+                   spans[b], out + p * s.G * s.Dh, s, scratch.data(), pf);
       }
     };
   };
