@@ -300,6 +300,7 @@ def test_forward_rejects_a_per_layer_cache() -> None:
                 jnp.ones((1, 1), bool), config, cache)  # fmt: skip
 
 
+@pytest.mark.slow  # the default run's 15-minute limit (~15 s)
 def test_remat_and_bf16_options() -> None:
     config = ModelConfig(
         family="qwen3",
