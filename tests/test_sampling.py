@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +68,26 @@ def test_tokens_and_logprobs_match_the_uncached_forward(
     sampler: Sampler, params: dict, temperature: float
 ) -> None:
     out = sampler(params, PROMPTS, max_new_tokens=12, temperature=temperature, seed=1)
+    _check_against_the_uncached_forward(params, out, temperature)
+
+
+def test_causal_block_prefill_matches_the_uncached_forward(params: dict) -> None:
+    """`prefill_causal_block`: the prompt attended in blocks of 4 queries over the keys up to
+    the diagonal gives the tokens and logprobs of the uncached forward (the 16-slot prompt
+    bucket: 4 blocks). None resolves to 64 on CPU, 0 elsewhere."""
+    blocked = Sampler(
+        CONFIG, pad_id=PAD, sampler_config=dataclasses.replace(BUCKETS, prefill_causal_block=4)
+    )
+    assert blocked.prefill_causal_block == 4
+    out = blocked(params, PROMPTS, max_new_tokens=12, temperature=0.0, seed=1)
+    _check_against_the_uncached_forward(params, out, 0.0)
+    default = Sampler(CONFIG, pad_id=PAD, sampler_config=BUCKETS).prefill_causal_block
+    assert default == (64 if jax.default_backend() == "cpu" else 0)
+
+
+def _check_against_the_uncached_forward(params: dict, out: Any, temperature: float) -> None:
+    """12 new tokens per prompt of PROMPTS: greedy ones are the forward's argmax, logprobs are
+    its log-softmax at the temperature."""
     assert out.tokens.shape == (4, 12) and (out.lengths == 12).all()
     assert (out.stop_reason == StopReason.MAX_TOKENS).all()
     logits, seqs = _teacher_forced_logits(params, PROMPTS, out.sequences())

@@ -19,7 +19,9 @@ from rlver_jax.models.decode_step import (
 )
 from rlver_jax.models.kv_cache import init_cache, unstack_cache
 from rlver_jax.models.transformer import (
+    _attention,
     apply_rope,
+    attention_mask,
     forward,
     init_params,
     param_logical_axes,
@@ -459,12 +461,19 @@ def _blocked_case() -> tuple[ModelConfig, Any, jax.Array, jax.Array, jax.Array]:
     return config, params, tokens, seg, positions_from_mask(seg)
 
 
+# (attention_block, causal_block): the memory blocks (6, the last with one padded query) and
+# the causal blocks that skip masked keys (6, the last clipped to 3 queries)
+BLOCKINGS = [(4, 0), (0, 4)]
+
+
 @pytest.mark.parametrize("remat", ["none", pytest.param("full", marks=pytest.mark.slow)])
 def test_blocked_attention_equals_whole(remat: str) -> None:
-    """`attention_block` splits the queries into checkpointed blocks (the last one padded):
-    logits and gradients equal the unblocked attention's, on packed rows with a shared prefix
-    and padding, and in a prefill into a KV cache."""
+    """`attention_block` splits the queries into checkpointed blocks (the last one padded) and
+    `causal_block` into blocks over their keys up to the diagonal: logits and gradients equal
+    the one-block attention's, on packed rows with a shared prefix and padding, and in a
+    prefill into a KV cache."""
     config, params, tokens, seg, pos = _blocked_case()
+    whole = config.replace(attention_block=0, causal_block=0)
 
     def loss(p: Any, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
         logits, _ = forward(p, tokens, pos, seg, cfg)
@@ -472,24 +481,45 @@ def test_blocked_attention_equals_whole(remat: str) -> None:
         return jnp.sum(jnp.where(real, jax.nn.log_softmax(logits), 0.0)[..., 3]), logits
 
     grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
-    (l_whole, logits_whole), g_whole = grad(params, config.replace(attention_block=0, remat=remat))
-    for block in (4,):  # 6 blocks, the last with one padded query
-        cfg = config.replace(attention_block=block, remat=remat)
+    (l_whole, logits_whole), g_whole = grad(params, whole.replace(remat=remat))
+    for block, causal in BLOCKINGS:
+        cfg = config.replace(attention_block=block, causal_block=causal, remat=remat)
         (l_blk, logits_blk), g_blk = grad(params, cfg)
-        np.testing.assert_allclose(logits_blk, logits_whole, atol=1e-5)
+        real = np.asarray(seg > 0)  # a padding query sees no key: its output is arbitrary
+        np.testing.assert_allclose(logits_blk[real], logits_whole[real], atol=1e-5)
         np.testing.assert_allclose(l_blk, l_whole, rtol=1e-5)
         for a, b in zip(jax.tree.leaves(g_blk), jax.tree.leaves(g_whole), strict=True):
             np.testing.assert_allclose(a, b, atol=1e-5)
 
     mask = jnp.ones((2, 16), bool).at[0, :5].set(False)  # left padding, into a 20-slot cache
     outs = []
-    for block in (0, 4):
-        cfg = config.replace(attention_block=block)
+    for cfg in (whole, *(config.replace(attention_block=a, causal_block=c) for a, c in BLOCKINGS)):
         prefill = jax.jit(functools.partial(forward, config=cfg, empty_cache=True))
         cache = init_cache(cfg, 2, 20)
         logits, _ = prefill(params, tokens[:, :16], positions_from_mask(mask), mask, cache=cache)
         outs.append(np.asarray(logits)[:, 5:])
-    np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
+    for out in outs[1:]:
+        np.testing.assert_allclose(out, outs[0], atol=1e-5)
+
+
+def test_causal_blocks_skip_the_keys_above_the_diagonal() -> None:
+    """The causal blocks compute only the scores up to the diagonal: XLA's own cost analysis
+    of the attention over T = 256 tokens counts the skipped products' flops as gone (plus the
+    softmax work on their scores)."""
+    config, _, _, _, _ = _blocked_case()
+    B, T, Tc, H, K, Dh = 2, 256, 64, config.num_heads, config.num_kv_heads, config.head_dim
+    q, k, v = jnp.ones((B, T, H, Dh)), jnp.ones((B, K, Dh, T)), jnp.ones((B, K, T, Dh))
+    mask = attention_mask(jnp.ones((B, T), bool))
+
+    def flops(causal: int) -> float:
+        cfg = config.replace(causal_block=causal)
+        run = jax.jit(lambda *a: _attention(*a, cfg, causal=True))
+        return run.lower(q, k, v, mask).compile().cost_analysis()["flops"]
+
+    pairs_skipped = T * T - Tc * sum(range(Tc, T + Tc, Tc))  # query-key pairs above the blocks
+    dots = pairs_skipped * 2 * (2 * Dh) * H * B  # q k^T and p v: 2 Dh flops a pair each
+    saved = flops(0) - flops(Tc)
+    assert dots <= saved <= 1.3 * dots, (saved, dots)
 
 
 def test_blocked_attention_keeps_fewer_bytes() -> None:

@@ -29,12 +29,10 @@ class ModelConfigError(ValueError):
     """A model config that cannot be used; the message names the file and the key."""
 
 
-def check_attention_block(value: Any) -> None:
-    """`attention_block` is a query count >= 0 (0: attention is never blocked)."""
-    if not isinstance(value, int) or value < 0:
-        raise ModelConfigError(
-            f"attention_block must be >= 0, an int (0: unblocked), got {value!r}"
-        )
+def check_attention_block(value: Any, key: str = "attention_block") -> None:
+    """`attention_block` (or `causal_block`) is a query count >= 0 (0: never blocked)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ModelConfigError(f"{key} must be >= 0, an int (0: unblocked), got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +75,10 @@ class ModelConfig:
     # Queries per attention block: longer blocks are attended in blocks of this many queries,
     # each under `jax.checkpoint`, so no T x T score matrix is ever whole (0: never blocked).
     attention_block: int = 1024
+    # Queries per block of a causal attention over the queries' own keys, skipping the key
+    # blocks above the diagonal (0: off; the Sampler's CPU prefill sets it, see
+    # SamplerConfig.prefill_causal_block and transformer._attention).
+    causal_block: int = 0
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -87,6 +89,7 @@ class ModelConfig:
         if self.remat not in ("none", "full", "dots"):
             raise ModelConfigError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
         check_attention_block(self.attention_block)
+        check_attention_block(self.causal_block, "causal_block")
         for key in ("dtype", "param_dtype"):
             if getattr(self, key) not in ("float32", "bfloat16", "float16"):
                 raise ModelConfigError(
