@@ -14,6 +14,11 @@ greedily on random prompts of a fixed length, for each batch size and dtype, and
   speed-up over them. On a GPU both sides run float32 matmuls in TF32 (JAX's default there;
   torch is set to match).
 
+Per batch size the two engines' timed calls alternate (JAX, torch, JAX, torch, ...) after one
+warm-up each, and each keeps its best: on a shared machine whose speed drifts by 20% over
+minutes, both then meet the same phases (run one after the other, the speed-up column moved
+between 1.70x and 2.17x within the hour).
+
 `--profile` adds, per JAX row, the decode's costliest XLA ops from one more call under
 `jax.profiler` (`bench.thunk_profile`): where a step's time goes, op by op.
 
@@ -130,111 +135,169 @@ def step_bytes(config: Any, params: Any, batch: int, cache_len: int) -> int:
     return weights + kv * itemsize
 
 
-def bench_jax(
-    dtype: str, batches: Sequence[int], args: argparse.Namespace, bw: float,
-    config32: Any, params32: Any,
-) -> list[dict[str, Any]]:  # fmt: skip
-    """The JAX rows of ``dtype``: the float32 weights cast once, the same values torch loads."""
-    from rlver_jax.parallel.compile_count import count_compiles
-    from rlver_jax.sampling import Sampler, SamplerConfig
+class JaxEngine:
+    """The JAX sampler of one dtype: the float32 weights cast once, the same values torch
+    loads. `first(b)` compiles and warms batch b; `timed(b)` is one timed call (seconds);
+    `row(b, best)` the table row of the best call."""
 
-    prompt_len, new_tokens, repeats = args.prompt_len, args.new_tokens, args.repeats
-    config = config32.replace(dtype=dtype, param_dtype=dtype, scan_layers=args.scan_layers == "on")
-    params = jax.tree.map(lambda x: x.astype(dtype), params32)
-    unroll = AUTO_ON_OFF[args.unroll_decode]
-    buckets = SamplerConfig(
-        prompt_buckets=(prompt_len,), batch_buckets=tuple(batches),
-        new_token_buckets=(new_tokens,), unroll_decode=unroll,
-        cpu_attention_kernel=AUTO_ON_OFF[args.cpu_attention_kernel],
-        cpu_matmul_kernel=AUTO_ON_OFF[args.cpu_matmul_kernel],
-    )  # fmt: skip
-    sampler = Sampler(config, pad_id=0, sampler_config=buckets, time_phases=True)
-    rows = []
-    rng = np.random.default_rng(0)
-    for b in batches:
-        prompts = rng.integers(10, config.vocab_size, (b, prompt_len)).tolist()
-        run = lambda p=prompts: sampler(
-            params, p, max_new_tokens=new_tokens, temperature=0.0, stop_token_ids=()
+    def __init__(
+        self, dtype: str, batches: Sequence[int], args: argparse.Namespace, bw: float,
+        config32: Any, params32: Any,
+    ) -> None:  # fmt: skip
+        from rlver_jax.sampling import Sampler, SamplerConfig
+
+        self.dtype, self.args, self.bw = dtype, args, bw
+        self.config = config32.replace(
+            dtype=dtype, param_dtype=dtype, scan_layers=args.scan_layers == "on"
         )
+        self.params = jax.tree.map(lambda x: x.astype(dtype), params32)
+        buckets = SamplerConfig(
+            prompt_buckets=(args.prompt_len,), batch_buckets=tuple(batches),
+            new_token_buckets=(args.new_tokens,), unroll_decode=AUTO_ON_OFF[args.unroll_decode],
+            cpu_attention_kernel=AUTO_ON_OFF[args.cpu_attention_kernel],
+            cpu_matmul_kernel=AUTO_ON_OFF[args.cpu_matmul_kernel],
+        )  # fmt: skip
+        self.sampler = Sampler(self.config, pad_id=0, sampler_config=buckets, time_phases=True)
+        rng = np.random.default_rng(0)
+        self.prompts = {
+            b: rng.integers(10, self.config.vocab_size, (b, args.prompt_len)).tolist()
+            for b in batches
+        }
+        self.compile_s: dict[int, float] = {}
+        self.timings: dict[int, list[dict[str, float]]] = {b: [] for b in batches}
+
+    def _run(self, b: int) -> None:
+        self.sampler(
+            self.params, self.prompts[b], max_new_tokens=self.args.new_tokens,
+            temperature=0.0, stop_token_ids=(),
+        )  # fmt: skip
+
+    def first(self, b: int) -> None:
+        from rlver_jax.parallel.compile_count import count_compiles
+
         with count_compiles() as compiles:
-            run()
-        best: dict[str, float] = {}
-        for _ in range(repeats):
-            run()
-            tm = sampler.last_timings
-            if not best or tm["prefill_s"] + tm["decode_s"] < best["prefill_s"] + best["decode_s"]:
-                best = dict(tm)
-        steps = best["decode_steps"]
-        compile_s = compiles.seconds  # from jax's trace/lower/compile events
+            self._run(b)
+        self.compile_s[b] = compiles.seconds  # from jax's trace/lower/compile events
+
+    def timed(self, b: int) -> float:
+        self._run(b)
+        tm = dict(self.sampler.last_timings)
+        self.timings[b].append(tm)
+        return tm["prefill_s"] + tm["decode_s"]
+
+    def row(self, b: int) -> dict[str, Any]:
+        best = min(self.timings[b], key=lambda tm: tm["prefill_s"] + tm["decode_s"])
+        steps, new_tokens = best["decode_steps"], self.args.new_tokens
         ms = 1e3 * best["decode_s"] / steps
-        bound = 1e3 * step_bytes(config, params, b, prompt_len + new_tokens) / bw
-        rows.append({
-            "engine": "jax", "dtype": dtype, "batch": b, "compile_s": compile_s,
+        cache_len = self.args.prompt_len + new_tokens
+        bound = 1e3 * step_bytes(self.config, self.params, b, cache_len) / self.bw
+        row = {
+            "engine": "jax", "dtype": self.dtype, "batch": b, "compile_s": self.compile_s[b],
             "prefill_ms": 1e3 * best["prefill_s"], "ms_per_step": ms,
             "decode_tok_s": b * steps / best["decode_s"],
             "e2e_tok_s": b * new_tokens / (best["prefill_s"] + best["decode_s"]),
             "bound_ms": bound, "x_bound": ms / bound, "rss_peak_mb": rss_peak_mb(),
-            "dev_peak_mb": device_peak_mb(), "unroll_decode": sampler.unroll_decode,
-            "scan_layers": config.scan_layers, "attention_kernel": sampler.attention_kernel,
-        })  # fmt: skip
-        print(format_row(COLUMNS, rows[-1]), flush=True)
-        if args.profile:
-            rows[-1]["decode_ops"] = ops = profile_call(run, "jit_decode", int(steps))
-            print(f"  decode ops, {dtype} batch {b} (thunk time summed over threads):")
+            "dev_peak_mb": device_peak_mb(), "unroll_decode": self.sampler.unroll_decode,
+            "scan_layers": self.config.scan_layers,
+            "attention_kernel": self.sampler.attention_kernel,
+        }  # fmt: skip
+        print(format_row(COLUMNS, row), flush=True)
+        if self.args.profile:
+            ops = profile_call(lambda: self._run(b), "jit_decode", int(steps))
+            row["decode_ops"] = ops
+            print(f"  decode ops, {self.dtype} batch {b} (thunk time summed over threads):")
             print("  " + header(OP_COLUMNS))
             print("\n".join("  " + format_row(OP_COLUMNS, op) for op in ops), flush=True)
-    return rows
+        return row
 
 
-def bench_torch(
-    dtype: str, batches: Sequence[int], args: argparse.Namespace, checkpoint: str, device: str
-) -> list[dict[str, Any]]:
-    import torch
-    from transformers import AutoModelForCausalLM
+class TorchEngine:
+    """transformers' `generate` of one dtype on the HF-exported copy, same interface."""
 
-    prompt_len, new_tokens, repeats = args.prompt_len, args.new_tokens, args.repeats
-    torch.set_num_threads(os.cpu_count() or 1)
-    torch.set_float32_matmul_precision("high" if device == "cuda" else "highest")
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch_dtype).to(device)
-    model.eval()
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    rows = []
-    rng = np.random.default_rng(0)
-    for b in batches:
-        ids = torch.as_tensor(rng.integers(10, model.config.vocab_size, (b, prompt_len)))
-        ids = ids.to(device)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        kw = dict(
-            attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
-            max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        )  # fmt: skip
-        with torch.inference_mode():
-            t = time.perf_counter()
-            model.generate(ids[:, :8], **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
-            sync()
-            warm = time.perf_counter() - t
-            best = float("inf")
-            for _ in range(repeats):
-                sync()
-                t = time.perf_counter()
-                out = model.generate(ids, **kw)
-                sync()
-                best = min(best, time.perf_counter() - t)
-        assert out.shape[1] == prompt_len + new_tokens
-        rows.append({
-            "engine": "torch", "dtype": dtype, "batch": b, "compile_s": warm,
+    def __init__(
+        self, dtype: str, batches: Sequence[int], args: argparse.Namespace, checkpoint: str,
+        device: str,
+    ) -> None:  # fmt: skip
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch, self.dtype, self.args, self.device = torch, dtype, args, device
+        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_float32_matmul_precision("high" if device == "cuda" else "highest")
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch_dtype)
+        self.model.to(device).eval()
+        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        rng = np.random.default_rng(0)
+        vocab = self.model.config.vocab_size
+        self.ids = {
+            b: torch.as_tensor(rng.integers(10, vocab, (b, args.prompt_len))).to(device)
+            for b in batches
+        }
+        self.warm_s: dict[int, float] = {}
+        self.best: dict[int, float] = {b: float("inf") for b in batches}
+
+    def _generate(self, ids: Any, new_tokens: int) -> Any:
+        with self.torch.inference_mode():
+            out = self.model.generate(
+                ids, attention_mask=self.torch.ones_like(ids), do_sample=False, pad_token_id=0,
+                max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            )  # fmt: skip
+        self.sync()
+        return out
+
+    def first(self, b: int) -> None:
+        if self.device == "cuda":
+            self.torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        self._generate(self.ids[b][:, :8], 2)
+        self.warm_s[b] = time.perf_counter() - t
+
+    def timed(self, b: int) -> float:
+        self.sync()
+        t = time.perf_counter()
+        out = self._generate(self.ids[b], self.args.new_tokens)
+        seconds = time.perf_counter() - t
+        assert out.shape[1] == self.args.prompt_len + self.args.new_tokens
+        self.best[b] = min(self.best[b], seconds)
+        return seconds
+
+    def row(self, b: int) -> dict[str, Any]:
+        best, new_tokens, cuda = self.best[b], self.args.new_tokens, self.device == "cuda"
+        row = {
+            "engine": "torch", "dtype": self.dtype, "batch": b, "compile_s": self.warm_s[b],
             "ms_per_step": 1e3 * best / new_tokens, "e2e_tok_s": b * new_tokens / best,
             "rss_peak_mb": rss_peak_mb(),
-            "dev_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
-        })  # fmt: skip
-        print(format_row(COLUMNS, rows[-1]), flush=True)
-    return rows
+            "dev_peak_mb": self.torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        }  # fmt: skip
+        print(format_row(COLUMNS, row), flush=True)
+        return row
+
+
+def bench_dtype(
+    dtype: str, batches: Sequence[int], args: argparse.Namespace, bw: float, config32: Any,
+    params32: Any, checkpoint: str | None, device: str,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The rows of ``dtype``: per batch, both engines warmed, then their timed calls
+    alternated (JAX, torch, JAX, ...) so that both meet the machine's same phases; each keeps
+    its best call. JAX rows first, then torch's (None `checkpoint`: JAX alone)."""
+    engines: list[Any] = [JaxEngine(dtype, batches, args, bw, config32, params32)]
+    if checkpoint is not None:
+        engines.append(TorchEngine(dtype, batches, args, checkpoint, device))
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for b in batches:
+        for engine in engines:
+            engine.first(b)
+        for _ in range(args.repeats):
+            for engine in engines:
+                engine.timed(b)
+        for name, engine in zip(("jax", "torch"), engines, strict=False):
+            rows[name, b] = engine.row(b)
+    return sorted(rows.values(), key=lambda r: (r["engine"] != "jax", r["batch"]))
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """Parse flags, run every (dtype, batch) for JAX then torch, print the table; returns rows."""
+    """Parse flags, run every (dtype, batch) for JAX and torch, print the table; returns rows."""
     ap = argparse.ArgumentParser(prog="rlver-jax bench sample", description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
     ap.add_argument("--prompt-len", type=int, default=256)
@@ -294,10 +357,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = None if args.skip_torch else hf_dir(args.weights, config32, params32, scratch)
-        for dtype in dtypes:  # torch right after JAX, so each dtype's comparison completes early
-            rows += bench_jax(dtype, batches, args, bw, config32, params32)
-            if checkpoint is not None:
-                rows += bench_torch(dtype, batches, args, checkpoint, device)
+        for dtype in dtypes:
+            rows += bench_dtype(dtype, batches, args, bw, config32, params32, checkpoint, device)
     torch_speed = {(r["dtype"], r["batch"]): r["e2e_tok_s"] for r in rows if r["engine"] == "torch"}
     for r in rows:
         if r["engine"] == "jax" and (r["dtype"], r["batch"]) in torch_speed:
