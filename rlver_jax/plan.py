@@ -70,15 +70,11 @@ import numpy as np
 import optax
 from jax.sharding import AbstractMesh
 
+from rlver_jax.models.attention import query_block
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.decode_step import decode_weight_logical_axes, decode_weights
 from rlver_jax.models.kv_cache import CACHE_LOGICAL_AXES
-from rlver_jax.models.transformer import (
-    is_logical_axes,
-    param_logical_axes,
-    param_shapes,
-    query_block,
-)
+from rlver_jax.models.transformer import is_logical_axes, param_logical_axes, param_shapes
 from rlver_jax.models.value_head import value_logical_axes, value_param_shapes
 from rlver_jax.parallel.mesh import MESH_AXES
 from rlver_jax.parallel.rules import LogicalAxes, logical_to_spec

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rlver_jax.models.attention import attention
 from rlver_jax.models.config import ModelConfig, ModelConfigError
 from rlver_jax.models.decode_step import (
     decode_step,
@@ -19,7 +20,6 @@ from rlver_jax.models.decode_step import (
 )
 from rlver_jax.models.kv_cache import init_cache, unstack_cache
 from rlver_jax.models.transformer import (
-    _attention,
     apply_rope,
     attention_mask,
     forward,
@@ -265,10 +265,8 @@ def test_decode_weights_group_fused_rows_by_what_is_sharded() -> None:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_one_query_attention_equals_the_gemm_form(dtype: str) -> None:
     """The decode step's one-query attention (multiply-add scores, multiply-reduce output) ==
-    `_attention`'s batched GEMMs for one query per row over a cache with masked (left-padding,
+    `attention`'s batched GEMMs for one query per row over a cache with masked (left-padding,
     unwritten) slots."""
-    from rlver_jax.models.transformer import _attention
-
     config = ModelConfig(
         family="llama", vocab_size=8, hidden_size=24, intermediate_size=8, num_layers=1,
         num_heads=6, num_kv_heads=2, head_dim=4, dtype=dtype,
@@ -281,7 +279,7 @@ def test_one_query_attention_equals_the_gemm_form(dtype: str) -> None:
     mask[0, 0, :2] = False  # left padding
     mask[:, 0, 5:] = False  # slots not written yet
     got = one_query_attention(q, k, v, jnp.asarray(mask), config)
-    ref = _attention(q, k, v, jnp.asarray(mask), config)
+    ref = attention(q, k, v, jnp.asarray(mask), config)
     assert got.shape == ref.shape == (B, 1, 6, Dh) and got.dtype == ref.dtype
     atol = 1e-6 if dtype == "float32" else 2e-2
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), atol=atol)
@@ -513,7 +511,7 @@ def test_causal_blocks_skip_the_keys_above_the_diagonal() -> None:
 
     def flops(causal: int) -> float:
         cfg = config.replace(causal_block=causal)
-        run = jax.jit(lambda *a: _attention(*a, cfg, causal=True))
+        run = jax.jit(lambda *a: attention(*a, cfg, causal=True))
         return run.lower(q, k, v, mask).compile().cost_analysis()["flops"]
 
     pairs_skipped = T * T - Tc * sum(range(Tc, T + Tc, Tc))  # query-key pairs above the blocks

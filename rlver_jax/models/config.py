@@ -77,7 +77,7 @@ class ModelConfig:
     attention_block: int = 1024
     # Queries per block of a causal attention over the queries' own keys, skipping the key
     # blocks above the diagonal (0: off; the Sampler's CPU prefill sets it, see
-    # SamplerConfig.prefill_causal_block and transformer._attention).
+    # SamplerConfig.prefill_causal_block and attention.attention).
     causal_block: int = 0
 
     def __post_init__(self) -> None:

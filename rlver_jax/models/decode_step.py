@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from rlver_jax.models import cpu_matmul
 from rlver_jax.models import transformer as tfm
+from rlver_jax.models.attention import MASK_VALUE
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.kv_cache import KVCache, cache_values, write_slot
 from rlver_jax.parallel.rules import LogicalAxes, constrain
@@ -142,7 +143,7 @@ def _to_rows(x: jax.Array, heads: int, head_dim: int) -> jax.Array:
 def one_query_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, config: ModelConfig
 ) -> jax.Array:
-    """`transformer._attention` for one query per row, q [B,1,H,Dh] over the cache layouts
+    """`attention.attention` for one query per row, q [B,1,H,Dh] over the cache layouts
     k [B,K,Dh,S], v [B,K,S,Dh] under mask [B,1,S], without batched GEMMs (query heads grouped
     by kv head, h = j G + g):
 
@@ -163,7 +164,7 @@ def one_query_attention(
     f32 = jnp.float32
     k, v = cache_values(k), cache_values(v)
     scores = _sum_over_head_dim(grouped_query(q, config), k.astype(f32))  # [B, K, G, S]
-    scores = jnp.where(mask[:, None, None, 0, :], scores, tfm.MASK_VALUE)
+    scores = jnp.where(mask[:, None, None, 0, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(jax.lax.optimization_barrier(scores), axis=-1).astype(v.dtype)
     out = jnp.sum(probs[..., None].astype(f32) * v[:, :, None].astype(f32), axis=3)
     return out.astype(q.dtype).reshape(B, 1, H, Dh)
