@@ -138,7 +138,7 @@ def step_bytes(config: Any, params: Any, batch: int, cache_len: int) -> int:
 class JaxEngine:
     """The JAX sampler of one dtype: the float32 weights cast once, the same values torch
     loads. `first(b)` compiles and warms batch b; `timed(b)` is one timed call (seconds);
-    `row(b, best)` the table row of the best call."""
+    `row(b)` the table row of the best timed call."""
 
     def __init__(
         self, dtype: str, batches: Sequence[int], args: argparse.Namespace, bw: float,
@@ -284,16 +284,15 @@ def bench_dtype(
     engines: list[Any] = [JaxEngine(dtype, batches, args, bw, config32, params32)]
     if checkpoint is not None:
         engines.append(TorchEngine(dtype, batches, args, checkpoint, device))
-    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    rows = []
     for b in batches:
         for engine in engines:
             engine.first(b)
         for _ in range(args.repeats):
             for engine in engines:
                 engine.timed(b)
-        for name, engine in zip(("jax", "torch"), engines, strict=False):
-            rows[name, b] = engine.row(b)
-    return sorted(rows.values(), key=lambda r: (r["engine"] != "jax", r["batch"]))
+        rows += [engine.row(b) for engine in engines]
+    return sorted(rows, key=lambda r: (r["engine"] != "jax", r["batch"]))
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def query_block(config: ModelConfig, T: int) -> int:
-    """Queries of a T-query block whose scores `_attention` computes at once: T, or
+    """Queries of a T-query block whose scores `attention` computes at once: T, or
     ``config.attention_block`` when T is longer (0: never blocked)."""
     block = config.attention_block
     return T if not block or block >= T else block
