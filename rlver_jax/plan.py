@@ -24,7 +24,11 @@ Phases (their transients never overlap; the peak is resident + the largest phase
              KV cache      2 x L x B' x (P + N) x K' x Dh x b   (B: batch bucket rounded to a
                            multiple of data x fsdp, P / N: prompt / new-token buckets)
              prefill       m x [P x (2 D + H' Dh + 2 K' Dh + F') x b + Pq x H' x S x a],
-                           S = P, a = 4 + b (+ 4 when b < 4), Pq = min(P, attention_block)
+                           S = P, a = 8 (+ b when b < 4): f32 scores, their f32 exponentials
+                           e = exp(s - max s) and e's cast to a narrower compute dtype for the
+                           value product; Pq = min(P, attention_block), or Tc when the prompt
+                           attends in causal blocks (Tc = `sampler.prefill_causal_block`, null:
+                           64 on CPU, 0 elsewhere; its last block, Tc queries over all P keys)
                            (the sampler's prefill attends over the prompt block alone,
                            `forward(empty_cache=True)`; the judge's over S = P + C slots)
              judge         22 x the prompt cache (the prompt cache and its 21 candidate copies,
@@ -38,13 +42,22 @@ Phases (their transients never overlap; the peak is resident + the largest phase
            actor's blocked vocabulary projection accumulates its own in place) + activations of a
            micro-batch of m rows x T tokens (T: the learner's sequence bucket):
              layer(m, T, S) = m x [T x (8 D + 3 H' Dh + 3 K' Dh + 6 F') x b
-                                   + Tq x H' x S x (4 + b)], Tq = min(T, attention_block)
-                              (blocked attention: one block's scores at a time, none saved)
+                                   + Tq x H' x S x r], Tq = min(T, attention_block)
+                              r: bytes per score that the backward pass needs, the f32
+                              exponentials e = exp(s - max s) and their cast to the compute
+                              dtype that the value product reads (`attention` normalises after
+                              that product: no probabilities are kept). r = 4 + b as a scanned
+                              layer's residuals (two stacked arrays, even when b = 4);
+             layer_r(m, T, S) = the same for a layer or block recomputed under
+                              `jax.checkpoint`, r = 4 (+ b when b < 4): a cast to a 4-byte
+                              dtype is no copy there
+                              (blocked attention: one block's scores at a time, recomputed)
              logits(m, T)   = 5 x m x block x V' x 4 (fp32 logits, log-softmax, softmax for the
                                                       entropy and their gradients; actor only)
-             remat none: L x layer + logits
-             remat full: L x m x T x D x b + max(logits, 1.5 x layer)
-             remat dots: L x saved + max(logits, 1.5 x layer - saved),
+             remat none: L x layer + logits (blocked attention: L x layer without scores
+                         + 1.5 x one block's scores of layer_r)
+             remat full: L x m x T x D x b + max(logits, 1.5 x layer_r)
+             remat dots: L x saved + max(logits, 1.5 x layer_r - saved),
                          saved = m x T x (2 D + H' Dh + 2 K' Dh + 2 F') x b (the dot outputs
                          the policy keeps: read back, not recomputed)
            + the learner batch (N x T x 32 bytes / rows split).
@@ -81,7 +94,7 @@ from rlver_jax.parallel.rules import LogicalAxes, logical_to_spec
 from rlver_jax.rl.model_outputs import vocab_block
 from rlver_jax.rl.optim import AdamWConfig
 from rlver_jax.run_config import RunConfig
-from rlver_jax.sampling import SamplerConfig
+from rlver_jax.sampling import CPU_PREFILL_CAUSAL_BLOCK, SamplerConfig
 
 Phase = Literal["resident", "init", "rollout", "old", "train"]
 GB = 1e9
@@ -211,29 +224,42 @@ def gathered_bytes(
 
 
 # --------------------------------------------------------------------------- formulas
-def score_bytes(c: ModelConfig, rows: int, T: int, S: int, mesh: AbstractMesh) -> int:
-    """f32 scores and the probabilities of one attention block: rows x Tq x H' x S x (4 + b)."""
+def score_bytes(
+    c: ModelConfig, rows: int, T: int, S: int, mesh: AbstractMesh, recomputed: bool = False
+) -> int:
+    """What the backward pass needs of one attention block's scores: rows x Tq x H' x S x r,
+    the f32 exponentials e = exp(s - max s) and their cast to the compute dtype that the value
+    product reads (`attention` normalises after that product, so no probabilities are kept).
+    r = 4 + b as the residuals of a scanned layer (two stacked arrays even when b = 4);
+    r = 4 (+ b when b < 4) when `recomputed` under `jax.checkpoint` (a remat layer, an
+    attention block), where a cast to a 4-byte dtype is no copy."""
     b, H = np.dtype(c.dtype).itemsize, split(c.num_heads, "act_heads", mesh)
-    return rows * query_block(c, T) * H * S * (4 + b)
+    r = 4 + (b if b < 4 or not recomputed else 0)
+    return rows * query_block(c, T) * H * S * r
 
 
-def layer_bytes(c: ModelConfig, rows: int, T: int, S: int, mesh: AbstractMesh) -> int:
-    """Activations of one layer for `rows` local rows of T queries over S keys (no remat)."""
+def layer_bytes(
+    c: ModelConfig, rows: int, T: int, S: int, mesh: AbstractMesh, recomputed: bool = False
+) -> int:
+    """Activations of one layer for `rows` local rows of T queries over S keys: as its
+    residuals (no remat), or as a `recomputed` layer holds them (`score_bytes`)."""
     b = np.dtype(c.dtype).itemsize
     H, K = split(c.num_heads, "act_heads", mesh), split(c.num_kv_heads, "act_kv_heads", mesh)
     F, Dh = split(c.intermediate_size, "act_mlp", mesh), c.head_dim
     linear = (C_EMBED * c.hidden_size + C_Q * H * Dh + C_KV * K * Dh + C_MLP * F) * b
-    return rows * T * linear + score_bytes(c, rows, T, S, mesh)
+    return rows * T * linear + score_bytes(c, rows, T, S, mesh, recomputed)
 
 
 def saved_bytes(c: ModelConfig, rows: int, T: int, mesh: AbstractMesh) -> int:
     """What a remat policy keeps for the backward pass of all L layers (blocked attention
-    keeps no scores: each block recomputes its own, one block at a time)."""
+    keeps no scores: each block recomputes its own in the backward pass, one block at a time,
+    counted here without remat as C_RECOMPUTE x one recomputed block's)."""
     b, L, D = np.dtype(c.dtype).itemsize, c.num_layers, c.hidden_size
     if c.remat == "none":
         if query_block(c, T) < T:
             scores = score_bytes(c, rows, T, T, mesh)
-            return L * (layer_bytes(c, rows, T, T, mesh) - scores) + scores
+            block = int(C_RECOMPUTE * score_bytes(c, rows, T, T, mesh, recomputed=True))
+            return L * (layer_bytes(c, rows, T, T, mesh) - scores) + block
         return L * layer_bytes(c, rows, T, T, mesh)
     if c.remat == "full":
         return L * rows * T * D * b
@@ -251,7 +277,7 @@ def train_activation_bytes(
     saved = saved_bytes(c, rows, T, mesh)
     if c.remat == "none":
         return saved + lg
-    recompute = int(C_RECOMPUTE * layer_bytes(c, rows, T, T, mesh))
+    recompute = int(C_RECOMPUTE * layer_bytes(c, rows, T, T, mesh, recomputed=True))
     if c.remat == "dots":  # the layer's saved dot outputs are read back, not recomputed
         recompute -= saved // c.num_layers
     return saved + max(lg, recompute)
@@ -317,18 +343,36 @@ def _models(
     return out
 
 
-def prefill_bytes(c: ModelConfig, rows: int, P: int, S: int, mesh: AbstractMesh) -> int:
+def prefill_queries(c: ModelConfig, P: int, causal: bool) -> int:
+    """Queries of a P-query block whose scores `attention.attention` holds at once in a
+    forward pass: `query_block`, or with `causal` (the queries' own keys, no cache) the causal
+    block ``c.causal_block`` when it splits an unblocked P (its last block attends all P keys)."""
+    block, Tc = query_block(c, P), c.causal_block
+    return Tc if causal and block == P and 0 < Tc < P else block
+
+
+def prefill_bytes(
+    c: ModelConfig, rows: int, P: int, S: int, mesh: AbstractMesh, causal: bool = False
+) -> int:
     """One layer of a forward-only prefill of P tokens over S cache slots:
-    rows x [P x (2 D + H' Dh + 2 K' Dh + F') x b + Pq x H' x S x a], a = 4 + b (+ 4 when
-    b < 4): f32 scores, masked in place, the probabilities, and their f32 copy before a cast
-    to a narrower dtype (attention as two batched GEMMs, `transformer._attention`), for the
-    Pq = min(P, attention_block) queries attended at once."""
+    rows x [P x (2 D + H' Dh + 2 K' Dh + F') x b + Pq x H' x S x a], a = 8 (+ b when b < 4):
+    f32 scores, their f32 exponentials e = exp(s - max s), and e's cast to a narrower
+    compute dtype for the value product (`attention`, two batched GEMMs normalised after the
+    second), for the Pq = `prefill_queries(c, P, causal)` queries attended at once."""
     b = np.dtype(c.dtype).itemsize
     H, K = split(c.num_heads, "act_heads", mesh), split(c.num_kv_heads, "act_kv_heads", mesh)
     F = split(c.intermediate_size, "act_mlp", mesh)
     linear = (2 * c.hidden_size + (H + 2 * K) * c.head_dim + F) * b
-    a = 4 + b + (4 if b < 4 else 0)
-    return rows * P * linear + rows * query_block(c, P) * H * S * a
+    a = 8 + (b if b < 4 else 0)
+    return rows * P * linear + rows * prefill_queries(c, P, causal) * H * S * a
+
+
+def prefill_causal_block(sc: SamplerConfig, platform: str) -> int:
+    """`Sampler.prefill_causal_block`: `sc.prefill_causal_block`, or where it is None the
+    sampler's default on `platform` (CPU_PREFILL_CAUSAL_BLOCK on "cpu", 0 elsewhere)."""
+    if sc.prefill_causal_block is not None:
+        return sc.prefill_causal_block
+    return CPU_PREFILL_CAUSAL_BLOCK if platform == "cpu" else 0
 
 
 def decode_weight_bytes(c: ModelConfig, mesh: AbstractMesh) -> int:
@@ -341,13 +385,18 @@ def decode_weight_bytes(c: ModelConfig, mesh: AbstractMesh) -> int:
 
 
 def _sampler(
-    label: str, c: ModelConfig, batch: int, P: int, N: int, mesh: AbstractMesh, unroll: bool
-) -> list[Component]:
+    label: str, c: ModelConfig, batch: int, P: int, N: int, mesh: AbstractMesh, unroll: bool,
+    causal_block: int,
+) -> list[Component]:  # fmt: skip
     """One `Sampler` call as two programs that never coexist: prefill (group `label`: KV cache
-    + prefill activations) and decode (group `label decode`: KV cache + decode-step buffers;
-    with `unroll`, `SamplerConfig.unroll_decode`, also its per-layer copy of the cache, and a
-    per-layer copy of the layer weights that the sampler keeps between calls: resident)."""
+    + prefill activations, attending in `causal_block`-query blocks, the resolved
+    `SamplerConfig.prefill_causal_block`) and decode (group `label decode`: KV cache +
+    decode-step buffers; with `unroll`, `SamplerConfig.unroll_decode`, also its per-layer copy
+    of the cache, and a per-layer copy of the layer weights that the sampler keeps between
+    calls: resident)."""
     rows = rows_per_device(batch, mesh)
+    pre = c.replace(causal_block=causal_block)
+    Tc = f", Tc={causal_block}" if prefill_queries(pre, P, True) == causal_block else ""
     V = split(c.vocab_size, "act_vocab", mesh)
     cache = kv_cache_bytes(c, batch, P + N, mesh)
     weights = decode_weight_bytes(c, mesh) if unroll else 0
@@ -356,8 +405,8 @@ def _sampler(
     return [
         Component(f"{label} KV cache", "rollout", cache, cache_formula, label),
         Component(
-            f"{label} prefill", "rollout", prefill_bytes(c, rows, P, P, mesh),
-            f"prefill(m={rows}, P={P}, S={P})", label,
+            f"{label} prefill", "rollout", prefill_bytes(pre, rows, P, P, mesh, causal=True),
+            f"prefill(m={rows}, P={P}, S={P}{Tc})", label,
         ),
         gathered_bytes(c, mesh, 1, "rollout", label),
         Component(f"{dec} KV cache", "rollout", cache * (2 if unroll else 1),
@@ -375,16 +424,19 @@ def _sampler(
 
 def _user(
     run: RunConfig, u: ModelConfig, dialogues: int, mesh: AbstractMesh, prompt_tokens: int, C: int,
-    unroll: bool,
+    platform: str,
 ) -> list[Component]:  # fmt: skip
-    """The LLM user's reply sampler and its judge (see `env/llm_judge.py`)."""
+    """The LLM user's reply sampler (its decode unrolled and its prefill in causal blocks as
+    its default `SamplerConfig` resolves them on `platform`) and its judge (see
+    `env/llm_judge.py`)."""
     llm = run.user.llm
     bound = min(max(llm.prompt_buckets), u.max_position_embeddings - C)
     P = bucket(min(prompt_tokens, bound), llm.prompt_buckets)
     sc = SamplerConfig()  # LLMUser's own sampler: default buckets but its prompt buckets
     B = dp_round(bucket(dialogues, sc.batch_buckets), mesh)
     N = bucket(llm.max_reply_tokens, sc.new_token_buckets)
-    out = _sampler("user sampler", u, B, P, N, mesh, unroll)
+    unroll = platform == "cpu"
+    out = _sampler("user sampler", u, B, P, N, mesh, unroll, prefill_causal_block(sc, platform))
     chunk = dp_round(max(llm.judge_batch_buckets), mesh)
     Bj = dp_round(bucket(min(dialogues, chunk), llm.judge_batch_buckets), mesh)
     rows, V = rows_per_device(Bj, mesh), split(u.vocab_size, "act_vocab", mesh)
@@ -453,7 +505,8 @@ def _learner(run: RunConfig, c: ModelConfig, mesh: AbstractMesh) -> list[Compone
         Component("learner batch", "train", batch, f"N={s['N']} x T x 32 B / rows", "actor"),
         Component(
             "old-logprob forward", "old",
-            max(prefill_bytes(c, mf, T, T, mesh), mf * _fwd_logit_positions(T) * V * 4),
+            max(prefill_bytes(c, mf, T, T, mesh, causal=True),
+                mf * _fwd_logit_positions(T) * V * 4),
             f"max(prefill(m_f={mf}, T, T), m_f x (T | 2 blocks) x V' x 4)", "forward",
         ),
         Component("old outputs", "old", 3 * s["rows"] * T * 4, "3 x N x T x 4", "forward"),
@@ -489,7 +542,8 @@ def plan_memory(
     `user_prompt_tokens` (default: rollout.max_prompt_tokens + 512 for persona and
     instructions) sizes the LLM user's prompt bucket; `candidate_width` is C, the judge's
     longest candidate in tokens. `platform` ("cpu" or an accelerator) resolves
-    `sampler.unroll_decode=null` as the samplers do (unrolled on CPU).
+    `sampler.unroll_decode=null` and `sampler.prefill_causal_block=null` as the samplers do
+    (on CPU: an unrolled decode, a prefill in causal blocks of 64 queries).
     """
     sizes = dict(zip(MESH_AXES, run.mesh.shape(num_devices), strict=True))
     mesh = abstract_mesh(sizes)
@@ -500,10 +554,11 @@ def plan_memory(
     N = bucket(ro.max_reply_tokens, sc.new_token_buckets)
     comps = _models(run, policy, user, mesh)
     unroll = platform == "cpu" if sc.unroll_decode is None else sc.unroll_decode
-    comps += _sampler("policy sampler", policy, B, P, N, mesh, unroll)
+    causal = prefill_causal_block(sc, platform)
+    comps += _sampler("policy sampler", policy, B, P, N, mesh, unroll, causal)
     if user is not None:
         tokens = user_prompt_tokens or ro.max_prompt_tokens + 512
-        comps += _user(run, user, dialogues, mesh, tokens, candidate_width, platform == "cpu")
+        comps += _user(run, user, dialogues, mesh, tokens, candidate_width, platform)
     comps += _learner(run, policy, mesh)
     notes = []
     dp = sizes["data"] * sizes["fsdp"]

@@ -171,15 +171,20 @@ def test_sampler_plan_matches_compiled_memory(unroll: bool, block: int) -> None:
     """Prefill + decode of the policy sampler: params + KV cache + prefill activations; the
     unrolled decode (the CPU default) also copies the cache per layer, and its per-layer
     weights (made once per params by the Sampler, so not in these programs) are resident.
-    With `attention_block` 64 the 256-token prefill attends in 4 blocks of queries."""
+    With `attention_block` 64 the 256-token prefill attends in 4 blocks of queries; on CPU
+    (`platform="cpu"`, the unrolled case) it attends in causal blocks of 64 queries, as the
+    Sampler's prefill does there (`prefill_causal_block=None`)."""
     run = run_config()
     mcfg = MCFG.replace(attention_block=block)
     p = plan.plan_memory(run, mcfg, None, 1, 1e12, platform="cpu" if unroll else "tpu")
     B, P, N = 8, 256, 32  # the plan's buckets for 8 dialogues, 200 prompt / 32 new tokens
     assert "B=8 x (P=256 + N=32)" in next(c.formula for c in p.components if "KV" in c.name)
+    prefill = next(c.formula for c in p.components if c.name == "policy sampler prefill")
+    assert ("Tc=64" in prefill) == unroll
+    causal = sampling.CPU_PREFILL_CAUSAL_BLOCK if unroll else 0
     S = jax.ShapeDtypeStruct
-    pre = jax.jit(functools.partial(sampling.prefill, config=mcfg, cache_len=P + N, out_len=N,
-                                    pad_id=0))  # fmt: skip
+    pre = jax.jit(functools.partial(sampling.prefill, config=mcfg.replace(causal_block=causal),
+                                    cache_len=P + N, out_len=N, pad_id=0))  # fmt: skip
     settings = sampling.Settings(
         S((B,), jnp.float32), S((B,), jnp.float32), S((B,), jnp.int32),
         S((sampling.MAX_STOP_IDS,), jnp.int32), S((), jnp.int32),
