@@ -390,10 +390,10 @@ def _sampler(
 ) -> list[Component]:  # fmt: skip
     """One `Sampler` call as two programs that never coexist: prefill (group `label`: KV cache
     + prefill activations, attending in `causal_block`-query blocks, the resolved
-    `SamplerConfig.prefill_causal_block`) and decode (group `label decode`: KV cache +
-    decode-step buffers; with `unroll`, `SamplerConfig.unroll_decode`, also its per-layer copy
-    of the cache, and a per-layer copy of the layer weights that the sampler keeps between
-    calls: resident)."""
+    `SamplerConfig.prefill_causal_block`) and decode (group `label decode`: the donated KV cache
+    + decode-step buffers; with `unroll`, `SamplerConfig.unroll_decode`, the prefill fills the
+    per-layer cache the decode reads, and a per-layer copy of the layer weights that the sampler
+    keeps between calls is resident)."""
     rows = rows_per_device(batch, mesh)
     pre = c.replace(causal_block=causal_block)
     Tc = f", Tc={causal_block}" if prefill_queries(pre, P, True) == causal_block else ""
@@ -409,8 +409,7 @@ def _sampler(
             f"prefill(m={rows}, P={P}, S={P}{Tc})", label,
         ),
         gathered_bytes(c, mesh, 1, "rollout", label),
-        Component(f"{dec} KV cache", "rollout", cache * (2 if unroll else 1),
-                  ("2 x " if unroll else "") + cache_formula, dec),
+        Component(f"{dec} KV cache", "rollout", cache, cache_formula, dec),
         Component(
             f"{dec} buffers", "rollout", C_DECODE * rows * V * 4,
             f"{C_DECODE} x m x V' x 4 (logits, top-k/top-p)", dec,

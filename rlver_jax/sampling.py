@@ -112,9 +112,10 @@ class SamplerConfig:
     copy of the weights, made once per params object and kept by the `Sampler`.
     cpu_attention_kernel: the unrolled decode's attention as a compiled C++ kernel
     (`models.cpu_attention`, built on first use with the system's compiler by
-    `models.cpu_kernels`). None uses it where it applies (an unrolled decode on one CPU device)
-    and builds; True requires it (an error where it does not apply or cannot be built); False
-    keeps XLA's form.
+    `models.cpu_kernels`), and the prefill's causal attention over the prompt as another
+    (`models.cpu_causal_attention`, float32 only: bf16 prefills keep XLA's form). None uses
+    them where they apply (an unrolled decode on one CPU device) and build; True requires them
+    (an error where they do not apply or cannot be built); False keeps XLA's forms.
     cpu_matmul_kernel: the same for the unrolled decode's projections (`models.cpu_matmul`,
     weights packed once per params; it also needs `decode_step.packable_config`).
     prefill_causal_block: `ModelConfig.causal_block` of the prefill: its causal attention over
@@ -152,7 +153,7 @@ def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
 class DecodeState:
     """Everything the decode loop carries (donated from prefill to decode)."""
 
-    cache: KVCache | None  # None after an unrolled decode
+    cache: KVCache
     logits: jax.Array  # [B, V] float32, next-token logits
     tokens: jax.Array  # [B, N] int32 outputs
     logprobs: jax.Array  # [B, N] float32
@@ -168,20 +169,24 @@ class DecodeState:
 def prefill(
     params: Params, prompt: jax.Array, prompt_mask: jax.Array, prefix: jax.Array, live: jax.Array,
     settings: Settings, seed: jax.Array, *, config: ModelConfig, cache_len: int, out_len: int,
-    pad_id: int,
+    pad_id: int, per_layer: bool = False,
 ) -> DecodeState:  # fmt: skip
     """Run prompt + forced prefix through the model; sampling starts in `decode`. Only the F + 1
     positions that matter (prefix logprobs, first free token) are projected to the vocabulary;
-    sampling code stays out of this program (it compiles once, in decode)."""
+    sampling code stays out of this program (it compiles once, in decode). `per_layer` fills
+    the per-layer cache the unrolled decode step reads (bf16 as bits, `kv_cache.as_bits`)
+    directly: a stacked one would be written, then copied layer by layer (SmolLM2 at batch
+    32: 566 MB)."""
     B, P = prompt.shape
     F = prefix.shape[0]
     tokens = jnp.concatenate([prompt, jnp.broadcast_to(prefix, (B, F))], axis=1)
     mask = jnp.concatenate([prompt_mask, jnp.ones((B, F), bool)], axis=1)
     positions = tfm.positions_from_mask(mask)
-    cache = init_cache(config, B, cache_len)
+    cache = init_cache(config, B, cache_len, per_layer=per_layer)
     hidden, cache = tfm.forward(
         params, tokens, positions, mask, config, cache, return_hidden=True, empty_cache=True
     )
+    cache = as_bits(cache)
     logits = tfm.lm_logits(params, hidden[:, P - 1 :], config)  # [B, F + 1, V]
     out_tok = jnp.full((B, out_len), pad_id, jnp.int32)
     out_lp = jnp.zeros((B, out_len), jnp.float32)
@@ -208,12 +213,13 @@ def decode(
     would need a `lax.cond` around the cache update inside the loop.
 
     With `unroll` (`SamplerConfig.unroll_decode`) `params` are `decode_step.decode_weights`
-    and each token runs `decode_step.decode_step`; the KV cache is split into per-layer buffers
-    (bf16 ones held as bits, `kv_cache.as_bits`) once here, outside the loop, and the returned
-    state has no cache (nothing reads it after decoding); otherwise the donated cache is updated
-    in place. `kernel` runs the unrolled step's attention as `cpu_attention`'s compiled kernel
-    (`SamplerConfig.cpu_attention_kernel`); packed weights (`decode_weights(..., packed=True)`)
-    run its projections as `cpu_matmul`'s.
+    and each token runs `decode_step.decode_step` on per-layer cache buffers (bf16 ones held
+    as bits, `kv_cache.as_bits`), as `prefill(per_layer=True)` leaves them (a stacked cache is
+    split here, a copy). Either way the donated cache is updated in place: the returned state
+    holds it (as the output aliasing the donated input: without that XLA would copy the whole
+    cache into the loop). `kernel` runs the unrolled step's attention as `cpu_attention`'s
+    compiled kernel (`SamplerConfig.cpu_attention_kernel`); packed weights
+    (`decode_weights(..., packed=True)`) run its projections as `cpu_matmul`'s.
     """
     if unroll:
         state = state.replace(cache=as_bits(unstack_cache(state.cache)))
@@ -252,8 +258,7 @@ def decode(
             step=s.step + 1,
         )
 
-    final = jax.lax.while_loop(cond, body, state)
-    return final.replace(cache=None) if unroll else final
+    return jax.lax.while_loop(cond, body, state)
 
 
 @functools.lru_cache(maxsize=32)
@@ -291,23 +296,22 @@ def _jitted(
     kernel: bool, packed: bool, causal_block: int, B: int, P: int, N: int,
 ) -> tuple[Any, Any, Any]:  # fmt: skip
     """(prefill jit, decode jit, prefill input shardings) for the bucket (B, P, N); the prefill
-    attends in `causal_block`-query blocks (`SamplerConfig.prefill_causal_block`, resolved).
+    attends in `causal_block`-query blocks (`SamplerConfig.prefill_causal_block`, resolved), or
+    with `kernel` through `cpu_causal_attention` where that applies.
 
     Cached per process, so samplers of the same model shape share compiled programs. The
     prefix length F only changes prefill's input shapes (jit retraces it; decode is shared).
     """
     pre = functools.partial(
-        prefill, config=config.replace(causal_block=causal_block), cache_len=P + N, out_len=N,
-        pad_id=pad_id,
+        prefill, config=config.replace(causal_block=causal_block, causal_kernel=kernel),
+        cache_len=P + N, out_len=N, pad_id=pad_id, per_layer=unroll,
     )  # fmt: skip
     dec = functools.partial(
         decode, config=config, pool=pool, pad_id=pad_id, unroll=unroll, kernel=kernel
     )
-    # The unrolled decode copies the cache into per-layer buffers: nothing to donate it to.
-    donate = () if unroll else (1,)
     pre_opts = large_gemm_options(platform_of(mesh))
     if mesh is None:
-        return jax.jit(pre, compiler_options=pre_opts), jax.jit(dec, donate_argnums=donate), None
+        return jax.jit(pre, compiler_options=pre_opts), jax.jit(dec, donate_argnums=(1,)), None
     rep, row = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh, (B,), rules)
     grid, out = (mesh_lib.batch_sharding(mesh, (B, n), rules) for n in (P, N))
     ins = (grid, grid, rep, row, Settings(row, row, row, rep, rep), rep)
@@ -315,7 +319,9 @@ def _jitted(
     dec_params = _decode_weight_shardings(config, mesh, rules, packed) if unroll else params
     state = DecodeState(
         cache=mesh_lib.cache_shardings(
-            jax.eval_shape(lambda: init_cache(config, B, P + N)), mesh, rules
+            jax.eval_shape(lambda: as_bits(init_cache(config, B, P + N, per_layer=unroll))),
+            mesh,
+            rules,
         ),
         logits=named_sharding(("batch", "act_vocab"), (B, config.vocab_size), mesh, rules),
         tokens=out, logprobs=out, positions=row, done=row, stopped=row, lengths=row,
@@ -326,8 +332,8 @@ def _jitted(
         jax.jit(
             dec,
             in_shardings=(dec_params, state),
-            donate_argnums=donate,
-            out_shardings=state.replace(cache=None) if unroll else state,
+            donate_argnums=(1,),
+            out_shardings=state,
         ),
         ins,
     )

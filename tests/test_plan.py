@@ -168,9 +168,11 @@ def test_blocked_attention_train_plan_matches_compiled_memory(remat: str) -> Non
 
 @pytest.mark.parametrize(("unroll", "block"), [(False, 1024), (True, 1024), (False, 64)])
 def test_sampler_plan_matches_compiled_memory(unroll: bool, block: int) -> None:
-    """Prefill + decode of the policy sampler: params + KV cache + prefill activations; the
-    unrolled decode (the CPU default) also copies the cache per layer, and its per-layer
-    weights (made once per params by the Sampler, so not in these programs) are resident.
+    """Prefill + decode of the policy sampler: params + KV cache + prefill activations, the
+    cache donated from prefill to decode; for the unrolled decode (the CPU default) the prefill
+    fills per-layer cache buffers, and its per-layer weights (made once per params by the
+    Sampler, so not in these programs) are resident. The prefill's attention is XLA's form
+    (the CPU kernel's, `cpu_causal_attention`, keeps no scores: the plan is an upper bound).
     With `attention_block` 64 the 256-token prefill attends in 4 blocks of queries; on CPU
     (`platform="cpu"`, the unrolled case) it attends in causal blocks of 64 queries, as the
     Sampler's prefill does there (`prefill_causal_block=None`)."""
@@ -183,8 +185,10 @@ def test_sampler_plan_matches_compiled_memory(unroll: bool, block: int) -> None:
     assert ("Tc=64" in prefill) == unroll
     causal = sampling.CPU_PREFILL_CAUSAL_BLOCK if unroll else 0
     S = jax.ShapeDtypeStruct
-    pre = jax.jit(functools.partial(sampling.prefill, config=mcfg.replace(causal_block=causal),
-                                    cache_len=P + N, out_len=N, pad_id=0))  # fmt: skip
+    pre = jax.jit(functools.partial(
+        sampling.prefill, config=mcfg.replace(causal_block=causal), cache_len=P + N, out_len=N,
+        pad_id=0, per_layer=unroll,
+    ))  # fmt: skip
     settings = sampling.Settings(
         S((B,), jnp.float32), S((B,), jnp.float32), S((B,), jnp.int32),
         S((sampling.MAX_STOP_IDS,), jnp.int32), S((), jnp.int32),
@@ -193,7 +197,7 @@ def test_sampler_plan_matches_compiled_memory(unroll: bool, block: int) -> None:
             S((B,), jnp.bool_), settings, S((), jnp.int32))  # fmt: skip
     state = jax.eval_shape(pre, *args)
     decode = functools.partial(sampling.decode, config=mcfg, pool=256, pad_id=0, unroll=unroll)
-    dec = jax.jit(decode, donate_argnums=() if unroll else (1,))
+    dec = jax.jit(decode, donate_argnums=(1,))
     weights = functools.partial(decode_weights, config=mcfg)
     dec_params = jax.eval_shape(weights, args[0]) if unroll else args[0]
     actual = max(

@@ -121,7 +121,9 @@ def test_per_layer_weights_follow_the_params(sampler: Sampler, params: dict) -> 
 
 def test_unrolled_and_scanned_decode_agree(sampler: Sampler, params: dict) -> None:
     """The CPU default (unrolled layers, per-layer cache buffers) and the accelerator default
-    (scan over stacked layers and cache) sample the same tokens with the same logprobs."""
+    (scan over stacked layers and cache) sample the same tokens with the same logprobs (to
+    float32 rounding: the CPU default's prefill attention is also a compiled kernel, whose sums
+    run in another order, 1.3e-5 apart after 12 tokens)."""
     assert sampler.unroll_decode  # CPU backend default
     scanned = Sampler(
         CONFIG, pad_id=PAD, sampler_config=dataclasses.replace(BUCKETS, unroll_decode=False)
@@ -131,7 +133,7 @@ def test_unrolled_and_scanned_decode_agree(sampler: Sampler, params: dict) -> No
         a = sampler(params, PROMPTS, max_new_tokens=12, temperature=temperature, seed=3)
         b = scanned(params, PROMPTS, max_new_tokens=12, temperature=temperature, seed=3)
         np.testing.assert_array_equal(a.tokens, b.tokens)
-        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=5e-5)
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from rlver_jax.models import cpu_causal_attention
 from rlver_jax.models.config import ModelConfig
 
 __all__ = ["MASK_VALUE", "attention", "query_block"]
@@ -48,9 +49,13 @@ def attention(
     unblocked T then runs in blocks of ``Tc = config.causal_block`` queries over keys ``[0, i +
     Tc)`` only, when Tc > 0: the key blocks above the diagonal, all masked, are skipped (T =
     256, Tc = 64: 37.5% of the scores; SmolLM2's prefill attention of 32 x 256 tokens, 30
-    layers on two CPU cores: 4.2-5.0 -> 2.8-3.4 s). Queries with no visible key (padding)
-    average every key they were given: a different average, used by nobody."""
+    layers on two CPU cores: 4.2-5.0 -> 2.8-3.4 s). With ``config.causal_kernel`` a causal
+    call runs as `cpu_causal_attention`'s compiled kernel where it applies (float32 on the CPU:
+    each query's keys up to its own position, no score matrix in memory; no gradient). Queries
+    with no visible key (padding) get an output used by nobody: an average of keys, or zeros."""
     T = q.shape[1]
+    if causal and config.causal_kernel and cpu_causal_attention.applies(q, k, v, config):
+        return cpu_causal_attention.causal_attention(q, k, v, mask)
     block, Tc = query_block(config, T), config.causal_block
     if block == T and causal and 0 < Tc < T:
         parts = [

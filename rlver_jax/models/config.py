@@ -79,6 +79,10 @@ class ModelConfig:
     # blocks above the diagonal (0: off; the Sampler's CPU prefill sets it, see
     # SamplerConfig.prefill_causal_block and attention.attention).
     causal_block: int = 0
+    # That causal attention as the compiled CPU kernel (models.cpu_causal_attention) where it
+    # applies (float32 on the CPU; forward only: no gradient). The Sampler's prefill sets it on
+    # one CPU device (SamplerConfig.cpu_attention_kernel): XLA cannot partition a custom call.
+    causal_kernel: bool = False
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -90,6 +94,8 @@ class ModelConfig:
             raise ModelConfigError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
         check_attention_block(self.attention_block)
         check_attention_block(self.causal_block, "causal_block")
+        if not isinstance(self.causal_kernel, bool):
+            raise ModelConfigError(f"causal_kernel must be a bool, got {self.causal_kernel!r}")
         for key in ("dtype", "param_dtype"):
             if getattr(self, key) not in ("float32", "bfloat16", "float16"):
                 raise ModelConfigError(

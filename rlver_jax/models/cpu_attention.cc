@@ -35,38 +35,15 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using rlver::Bytes;
+using rlver::ExpNonPositive;
 using rlver::kLanes;
+using rlver::kMaskValue;
 using rlver::Load;
 using rlver::Store;
 using rlver::ToFloat;
 using rlver::Vec;
-typedef int32_t VecI __attribute__((vector_size(kLanes * sizeof(int32_t))));
-typedef uint8_t Bytes __attribute__((vector_size(kLanes)));
-
-constexpr float kMaskValue = -0.7f * std::numeric_limits<float>::max();
-
-// exp(x) for x <= 0 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r;
-// ~1 ulp) on eight lanes; n is x log2(e) rounded to nearest by the 1.5 * 2^23 trick.
-inline Vec ExpNonPositive(Vec x) {
-  const Vec floor_x = Vec{} - 87.0f;  // exp(-87) ~ 1.6e-38: the weight of a masked slot is ~0
-  x = x < floor_x ? floor_x : x;
-  const Vec n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  Vec r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  Vec p = Vec{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const Vec e = p * r * r + r + 1.0f;
-  const VecI bits = (__builtin_convertvector(n, VecI) + 127) << 23;
-  Vec scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return e * scale;
-}
-
-inline float ExpNonPositive(float x) { return ExpNonPositive(Vec{} + x)[0]; }
+using rlver::VecI;
 
 // Row i of scores over the span [lo, lo + n) of a row's mask: masked slots (all of them when
 // `none`) become kMaskValue, then exp(score - max) in place; returns 1 / their sum.

@@ -1,5 +1,6 @@
-"""Build and register the CPU decode kernels: `cpu_attention.cc` and `cpu_matmul.cc` (XLA FFI
-custom calls; their jax-side wrappers are `cpu_attention` and `cpu_matmul`).
+"""Build and register the CPU sampler's kernels: `cpu_attention.cc`, `cpu_causal_attention.cc`
+and `cpu_matmul.cc` (XLA FFI custom calls; their jax-side wrappers are `cpu_attention`,
+`cpu_causal_attention` and `cpu_matmul`).
 
     if cpu_kernels.available():
         out = cpu_matmul.project(packed_w, x)
@@ -32,12 +33,13 @@ import jaxlib
 log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
-SOURCES = (_HERE / "cpu_attention.cc", _HERE / "cpu_matmul.cc")
+SOURCES = tuple(_HERE / f for f in ("cpu_attention.cc", "cpu_causal_attention.cc", "cpu_matmul.cc"))
 HEADERS = (_HERE / "cpu_parallel.h", _HERE / "cpu_simd.h")
 TARGETS = {  # FFI target name -> handler symbol in the library
     "rlver_one_query_attention_f32": "RlverOneQueryAttentionF32",
     "rlver_one_query_attention_bf16": "RlverOneQueryAttentionBF16",
     "rlver_one_query_attention_bf16_bits": "RlverOneQueryAttentionBF16Bits",
+    "rlver_causal_attention_f32": "RlverCausalAttentionF32",
     "rlver_packed_matmul_f32": "RlverPackedMatmulF32",
     "rlver_packed_matmul_bf16": "RlverPackedMatmulBF16",
 }

@@ -1,9 +1,11 @@
-// Eight-float vectors for the CPU kernels (cpu_attention.cc, cpu_matmul.cc), written with
-// GCC/Clang vector extensions: one AVX2 register (NEON takes two), float32 or bfloat16 memory.
+// Eight-float vectors for the CPU kernels (cpu_attention.cc, cpu_causal_attention.cc,
+// cpu_matmul.cc), written with GCC/Clang vector extensions: one AVX2 register (NEON takes two),
+// float32 or bfloat16 memory; and the softmax's exp on them.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace rlver {
 
@@ -11,6 +13,33 @@ constexpr int64_t kLanes = 8;
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef uint16_t Vec16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
 typedef uint32_t Vec32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+typedef int32_t VecI __attribute__((vector_size(kLanes * sizeof(int32_t))));
+typedef uint8_t Bytes __attribute__((vector_size(kLanes)));
+
+constexpr float kMaskValue = -0.7f * std::numeric_limits<float>::max();
+
+// exp(x) for x <= 0 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r;
+// ~1 ulp) on eight lanes; n is x log2(e) rounded to nearest by the 1.5 * 2^23 trick.
+inline Vec ExpNonPositive(Vec x) {
+  const Vec floor_x = Vec{} - 87.0f;  // exp(-87) ~ 1.6e-38: the weight of a masked slot is ~0
+  x = x < floor_x ? floor_x : x;
+  const Vec n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  Vec r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  Vec p = Vec{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const Vec e = p * r * r + r + 1.0f;
+  const VecI bits = (__builtin_convertvector(n, VecI) + 127) << 23;
+  Vec scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return e * scale;
+}
+
+inline float ExpNonPositive(float x) { return ExpNonPositive(Vec{} + x)[0]; }
 
 inline Vec Load(const float* p) {
   Vec v;

@@ -357,7 +357,8 @@ def forward(
       return_hidden: return final-norm hidden states [B, T, D] instead of logits.
       empty_cache: the caller's promise that `cache` holds nothing yet (a prefill): attention
         then runs over the block's own T keys, not all of the cache's slots, and the block's
-        keys and values fill the cache once at the end.
+        keys and values fill the cache once at the end. Such a cache may be per layer
+        (`init_cache(per_layer=True)`: what `decode_step` reads next).
 
     Returns:
       (logits [B, T, V] float32 | hidden [B, T, D], the updated cache or None).
@@ -375,9 +376,10 @@ def forward(
         if is_segment_ids(token_mask):
             raise ValueError("packed rows (segment ids) take no KV cache")
         token_mask = token_mask.astype(bool)
-        if cache.per_layer:
+        if cache.per_layer and not empty_cache:
             raise ValueError(
-                "forward takes a stacked KVCache; per-layer caches are decode_step's "
+                "forward reads a stacked KVCache; it fills a per-layer one only as a prefill "
+                "(empty_cache=True): reading per-layer caches is decode_step's "
                 "(rlver_jax.models.decode_step)"
             )
     if cache is None or empty_cache:
@@ -431,9 +433,14 @@ def forward(
     new_cache = None
     if empty_cache:  # the block's keys and values at slots [0, T), written once
         ks, vs = block_kv
+        if cache.per_layer:  # layer i's block into its own buffer: no stacked copy to split
+            ks, vs = (tuple(x[i] for i in range(config.num_layers)) for x in (ks, vs))
+        write = lambda buf, block: jax.lax.dynamic_update_slice(
+            buf, block.astype(buf.dtype), (0,) * buf.ndim
+        )
         new_cache = cache.replace(
-            k=jax.lax.dynamic_update_slice(cache.k, ks.astype(cache.k.dtype), (0,) * 5),
-            v=jax.lax.dynamic_update_slice(cache.v, vs.astype(cache.v.dtype), (0,) * 5),
+            k=jax.tree.map(write, cache.k, ks),
+            v=jax.tree.map(write, cache.v, vs),
             key_mask=jax.lax.dynamic_update_slice(cache.key_mask, token_mask, (0, 0)),
             end=jnp.asarray(T, jnp.int32),
         )

@@ -1,0 +1,241 @@
+// Causal attention of a block of tokens over its own keys (a prompt's prefill) on the CPU, as
+// an XLA FFI custom call (cpu_causal_attention.py calls it; cpu_kernels.py builds this file):
+//
+//   q    [B, T, H, Dh] float32, query head h = j G + g of kv head j
+//   k    [B, K, Dh, T] float32 (the cache layout: keys minor)
+//   v    [B, K, T, Dh] float32
+//   mask [B, T, T]     bool, mask[b, t, s]: query t may see key s; the caller promises that
+//                      it is false for every s > t (causal)
+//   out  [B, T, H, Dh] float32
+//
+//   scores[t, h, s] = sum_d q[t, h, d] k[j, d, s] / sqrt(Dh)       (keys s <= t only)
+//   out[t, h, :]    = sum_s softmax_s(scores, masked)[t, h, s] v[j, s, :]
+//
+// (a query that sees no key gets zeros). Why a kernel: XLA:CPU runs the two products as
+// batched GEMMs of small matrices between layout copies and separate softmax passes (SmolLM2's
+// prefill of 32 x 256 tokens: ~3 s of ~18 s in attention, ~30 GFLOP/s); and it computes every
+// masked score above the diagonal unless the queries are split into blocks. Here a register
+// tile of 6 query rows (one kv head's queries, token-major) computes its scores over keys
+// [0, last token of the tile] only, its softmax and its value product while the scores sit in
+// L1, and the pair's keys and values stay in L2. Work items are (row, kv head, run of tiles);
+// each is computed by one thread in a fixed order, so results do not depend on the thread count.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cpu_parallel.h"
+#include "cpu_simd.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using rlver::Bytes;
+using rlver::ExpNonPositive;
+using rlver::kLanes;
+using rlver::Load;
+using rlver::Store;
+using rlver::Vec;
+using rlver::VecI;
+
+constexpr int kRows = 6;         // query rows of a register tile: 12 of AVX2's 16 registers
+constexpr int64_t kCols = 16;    // keys (scores) or features (outputs) of a register tile
+constexpr int64_t kTiles = 16;   // register tiles of a work item
+
+struct Shape {
+  int64_t B, T, H, K, G, Dh;
+  int64_t Tp;  // T rounded up to kCols: the row stride of the transposed-key and score scratch
+};
+
+// scores[r, s] = sum_d qr[d, r] kt[d, s] for s in [0, n) (n a multiple of kCols), d in order;
+// qr [Dh, R] holds the tile's scaled queries, kt [Dh, Tp] the keys (row stride Tp).
+template <int R>
+void Scores(const float* qr, const float* kt, int64_t Tp, int64_t Dh, int64_t n, float* scores) {
+  for (int64_t s = 0; s < n; s += kCols) {
+    Vec lo[R] = {}, hi[R] = {};
+    for (int64_t d = 0; d < Dh; ++d) {
+      Vec kl = Load(kt + d * Tp + s), kh = Load(kt + d * Tp + s + 8);
+#if defined(__x86_64__)
+      // Short tiles run faster with the keys in registers than as memory operands of every
+      // multiply-add (cpu_matmul.cc's RowTile measures the same).
+      if constexpr (R <= 4) __asm__("" : "+x"(kl), "+x"(kh));
+#endif
+      const float* qd = qr + d * R;
+      for (int r = 0; r < R; ++r) {
+        lo[r] += kl * qd[r];
+        hi[r] += kh * qd[r];
+      }
+    }
+    for (int r = 0; r < R; ++r) Store(scores + r * Tp + s, lo[r]), Store(scores + r * Tp + s + 8, hi[r]);
+  }
+}
+
+// One row of scores in place: exp(score - max) over the visible keys s in [0, t] (mask true),
+// 0 at every other s in [0, n); returns 1 / the sum, or 0 when no key is visible.
+inline float Softmax(float* row, const bool* mask, int64_t t, int64_t n) {
+  const int64_t seen = t + 1;
+  const Vec lowest = Vec{} - std::numeric_limits<float>::infinity();
+  Vec top = lowest;
+  int64_t s = 0;
+  for (; s + kLanes <= seen; s += kLanes) {
+    Bytes m;
+    std::memcpy(&m, mask + s, sizeof m);
+    const VecI keep = __builtin_convertvector(m, VecI) != 0;
+    const Vec sc = Load(row + s);
+    top = keep ? (top > sc ? top : sc) : top;
+  }
+  float best = -std::numeric_limits<float>::infinity();
+  for (int l = 0; l < kLanes; ++l) best = std::max(best, top[l]);
+  for (; s < seen; ++s)
+    if (mask[s]) best = std::max(best, row[s]);
+  if (best == -std::numeric_limits<float>::infinity()) {
+    std::fill(row, row + n, 0.0f);
+    return 0.0f;
+  }
+  Vec sum = {};
+  for (s = 0; s + kLanes <= seen; s += kLanes) {
+    Bytes m;
+    std::memcpy(&m, mask + s, sizeof m);
+    const VecI keep = __builtin_convertvector(m, VecI) != 0;
+    const Vec e = ExpNonPositive(Load(row + s) - best);
+    const Vec w = keep ? e : Vec{};
+    Store(row + s, w);
+    sum += w;
+  }
+  float total = 0.0f;
+  for (int l = 0; l < kLanes; ++l) total += sum[l];
+  for (; s < seen; ++s) {
+    row[s] = mask[s] ? ExpNonPositive(row[s] - best) : 0.0f;
+    total += row[s];
+  }
+  std::fill(row + seen, row + n, 0.0f);
+  return 1.0f / total;
+}
+
+// o[r, :] = sum_{s < n} p[r, s] v[s, :], s in order; p [R, Tp] (row stride Tp), v [T, Dh],
+// o [R, Dh]; Dh a multiple of kCols.
+template <int R>
+void Values(const float* p, int64_t Tp, const float* v, int64_t Dh, int64_t n, float* o) {
+  for (int64_t c = 0; c < Dh; c += kCols) {
+    Vec lo[R] = {}, hi[R] = {};
+    for (int64_t s = 0; s < n; ++s) {
+      Vec vl = Load(v + s * Dh + c), vh = Load(v + s * Dh + c + 8);
+#if defined(__x86_64__)
+      if constexpr (R <= 4) __asm__("" : "+x"(vl), "+x"(vh));
+#endif
+      for (int r = 0; r < R; ++r) {
+        const float w = p[r * Tp + s];
+        lo[r] += vl * w;
+        hi[r] += vh * w;
+      }
+    }
+    for (int r = 0; r < R; ++r) Store(o + r * Dh + c, lo[r]), Store(o + r * Dh + c + 8, hi[r]);
+  }
+}
+
+struct Scratch {
+  std::vector<float> kt, scores, qr, o;
+  explicit Scratch(const Shape& s)
+      : kt(s.Dh * s.Tp), scores(kRows * s.Tp), qr(s.Dh * kRows), o(kRows * s.Dh) {}
+};
+
+// Rows m in [m0, m0 + R) of kv head j's queries (m = t G + g: token t, query head j G + g).
+template <int R>
+void Tile(const float* q, const float* kt, const float* v, const bool* mask, int64_t j,
+          int64_t m0, const Shape& s, Scratch& w, float* out) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(s.Dh));
+  int64_t t[R];
+  const float* qrow[R];
+  for (int r = 0; r < R; ++r) {
+    t[r] = (m0 + r) / s.G;
+    qrow[r] = q + (t[r] * s.H + j * s.G + (m0 + r) % s.G) * s.Dh;
+  }
+  for (int64_t d = 0; d < s.Dh; ++d)
+    for (int r = 0; r < R; ++r) w.qr[d * R + r] = qrow[r][d] * scale;
+  const int64_t n = (t[R - 1] + 1 + kCols - 1) / kCols * kCols;  // keys [0, last token]
+  float* scores = w.scores.data();
+  Scores<R>(w.qr.data(), kt, s.Tp, s.Dh, n, scores);
+  float inv[R];
+  for (int r = 0; r < R; ++r) inv[r] = Softmax(scores + r * s.Tp, mask + t[r] * s.T, t[r], n);
+  Values<R>(scores, s.Tp, v, s.Dh, std::min(n, s.T), w.o.data());
+  for (int r = 0; r < R; ++r) {
+    float* dst = out + (qrow[r] - q);
+    for (int64_t c = 0; c < s.Dh; c += kLanes) Store(dst + c, Load(w.o.data() + r * s.Dh + c) * inv[r]);
+  }
+}
+
+// Work item (b, j, run i): tiles [i kTiles, (i + 1) kTiles) of kv head j's G T query rows.
+void Item(const float* q, const float* k, const float* v, const bool* mask, int64_t item,
+          const Shape& s, Scratch& w, float* out) {
+  const int64_t M = s.T * s.G, runs = (M + kRows * kTiles - 1) / (kRows * kTiles);
+  const int64_t pair = item / runs, run = item % runs, b = pair / s.K, j = pair % s.K;
+  const int64_t m_begin = run * kRows * kTiles, m_end = std::min(M, m_begin + kRows * kTiles);
+  // The keys the run's last query can see, transposed-layout copy with a zero tail to Tp
+  // (Scores reads whole tiles of kCols keys).
+  const int64_t last = (m_end - 1) / s.G + 1;
+  const int64_t n = (last + kCols - 1) / kCols * kCols;
+  const float* kp = k + pair * s.Dh * s.T;
+  for (int64_t d = 0; d < s.Dh; ++d) {
+    std::memcpy(w.kt.data() + d * s.Tp, kp + d * s.T, std::min(n, s.T) * sizeof(float));
+    std::fill(w.kt.data() + d * s.Tp + std::min(n, s.T), w.kt.data() + d * s.Tp + n, 0.0f);
+  }
+  const float* qb = q + b * s.T * s.H * s.Dh;
+  const float* vp = v + pair * s.T * s.Dh;
+  const bool* mb = mask + b * s.T * s.T;
+  float* ob = out + b * s.T * s.H * s.Dh;
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += kRows) {
+    switch (std::min<int64_t>(kRows, m_end - m0)) {
+      case 1: Tile<1>(qb, w.kt.data(), vp, mb, j, m0, s, w, ob); break;
+      case 2: Tile<2>(qb, w.kt.data(), vp, mb, j, m0, s, w, ob); break;
+      case 3: Tile<3>(qb, w.kt.data(), vp, mb, j, m0, s, w, ob); break;
+      case 4: Tile<4>(qb, w.kt.data(), vp, mb, j, m0, s, w, ob); break;
+      case 5: Tile<5>(qb, w.kt.data(), vp, mb, j, m0, s, w, ob); break;
+      default: Tile<6>(qb, w.kt.data(), vp, mb, j, m0, s, w, ob); break;
+    }
+  }
+}
+
+ffi::Error CausalAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask,
+                           ffi::ResultBuffer<ffi::F32> out, ffi::ThreadPool pool) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(),
+             md = mask.dimensions(), od = out->dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 3 || od.size() != 4)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "ranks must be q 4, k 4, v 4, mask 3");
+  const int64_t B = qd[0], T = qd[1], H = qd[2], Dh = qd[3], K = kd[1];
+  const bool ok = K > 0 && H % K == 0 && Dh % kCols == 0 && kd[0] == B && kd[2] == Dh &&
+                  kd[3] == T && vd[0] == B && vd[1] == K && vd[2] == T && vd[3] == Dh &&
+                  md[0] == B && md[1] == T && md[2] == T && od[0] == B && od[1] == T &&
+                  od[2] == H && od[3] == Dh;
+  if (!ok)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "shapes must be q [B,T,H,Dh], k [B,K,Dh,T], v [B,K,T,Dh], mask [B,T,T], "
+                      "with K dividing H and Dh a multiple of 16");
+  const Shape s{B, T, H, K, H / K, Dh, (T + kCols - 1) / kCols * kCols};
+  const int64_t runs = (T * s.G + kRows * kTiles - 1) / (kRows * kTiles);
+  const float* qs = q.typed_data();
+  const float* ks = k.typed_data();
+  const float* vs = v.typed_data();
+  const bool* ms = mask.typed_data();
+  float* os = out->typed_data();
+  auto make_worker = [&] {
+    return [&, w = Scratch(s)](int64_t item) mutable { Item(qs, ks, vs, ms, item, s, w, os); };
+  };
+  rlver::ParallelFor(B * K * runs, pool, make_worker);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RlverCausalAttentionF32, CausalAttention,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ctx<ffi::ThreadPool>());

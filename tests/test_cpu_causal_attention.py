@@ -1,0 +1,107 @@
+"""The compiled causal attention of a prefill (`cpu_causal_attention`): parity with XLA's form,
+where it applies, and the sampler's prefill running it."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlver_jax import sampling
+from rlver_jax.models import cpu_causal_attention, cpu_kernels
+from rlver_jax.models.attention import attention
+from rlver_jax.models.config import ModelConfig
+from rlver_jax.models.transformer import attention_mask
+from tests.test_sampling import BUCKETS, CONFIG, PAD, _params
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("g++") is None, reason="no C++ compiler: the prefill keeps XLA's attention"
+)
+
+
+def _case(B: int, T: int, K: int, G: int, Dh: int, pad: int, seed: int = 0) -> tuple:
+    """q, k, v (cache layouts), the causal mask [B,T,T] with row b left-padded by b * pad
+    tokens, its token mask, and a config of that shape."""
+    rng = np.random.default_rng(seed)
+    config = ModelConfig(
+        family="llama", vocab_size=8, hidden_size=K * G * Dh, intermediate_size=8, num_layers=1,
+        num_heads=K * G, num_kv_heads=K, head_dim=Dh,
+    )  # fmt: skip
+    q = jnp.asarray(rng.normal(size=(B, T, K * G, Dh)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(B, K, Dh, T)) * 2, jnp.float32)
+    v = jnp.asarray(rng.normal(size=(B, K, T, Dh)), jnp.float32)
+    tokens = np.ones((B, T), bool)
+    for b in range(B):
+        tokens[b, : b * pad] = False
+    return q, k, v, attention_mask(jnp.asarray(tokens)), tokens, config
+
+
+@pytest.mark.parametrize(
+    ("B", "T", "K", "G", "Dh", "pad"),
+    [
+        (2, 37, 2, 3, 16, 3),  # 37 keys: a partial last key tile; tiles of 6 rows span tokens
+        (3, 64, 3, 3, 64, 5),  # SmolLM2's heads
+        (1, 5, 4, 1, 32, 0),  # one query a kv head; fewer tokens than a tile
+        (2, 259, 3, 3, 64, 7),  # a 256-token prompt + a 3-token forced prefix
+        (1, 17, 1, 2, 128, 1),
+        (4, 200, 2, 2, 16, 60),  # many work items: split over the threads
+    ],
+)
+def test_kernel_equals_xla_causal_attention(
+    B: int, T: int, K: int, G: int, Dh: int, pad: int
+) -> None:
+    """Every query that sees a key matches XLA's form to float32 rounding (whole and in causal
+    blocks); padding queries, which see none, get zeros."""
+    assert cpu_kernels.available()
+    q, k, v, mask, tokens, config = _case(B, T, K, G, Dh, pad)
+    got = np.asarray(jax.jit(cpu_causal_attention.causal_attention)(q, k, v, mask))
+    real = tokens[:, :, None, None]
+    for block in (0, 16):
+        c = config.replace(causal_block=block)
+        want = np.asarray(jax.jit(lambda *a, c=c: attention(*a, c, causal=True))(q, k, v, mask))
+        np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=5e-6)
+    assert not np.any(np.where(real, 0, got))
+
+
+def test_attention_routes_causal_calls_to_the_kernel_where_it_applies() -> None:
+    """`ModelConfig.causal_kernel` sends causal float32 calls to the kernel (its zeros on the
+    padding queries show it ran); bf16 operands, a head dim that is not a multiple of 16 and
+    non-causal calls keep XLA's form."""
+    q, k, v, mask, tokens, config = _case(2, 24, 2, 2, 16, 4)
+    on = config.replace(causal_kernel=True)
+    pad = ~tokens[:, :, None, None]
+    run = jax.jit(lambda *a, c=on, causal=True: attention(*a, c, causal=causal))
+    assert not np.any(np.where(pad, np.asarray(run(q, k, v, mask)), 0))  # the kernel's zeros
+    xla = jax.jit(lambda *a: attention(*a, on))(q, k, v, mask)  # not causal: XLA averages
+    assert np.any(np.where(pad, np.asarray(xla), 0))
+    bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    assert not cpu_causal_attention.applies(*bf16, on)
+    assert np.any(np.where(pad, np.asarray(run(*bf16, mask), np.float32), 0))
+    q20, k20, v20, _, _, c20 = _case(1, 8, 1, 1, 20, 0)
+    assert not cpu_causal_attention.applies(q20, k20, v20, c20)
+    assert cpu_causal_attention.applies(q, k, v, on)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_sampler_prefill_runs_the_kernel_when_its_option_is_on(kernel: bool) -> None:
+    """The prefill program holds the kernel's custom call exactly when the sampler resolved
+    `cpu_attention_kernel` on (the tokens of both: `test_cpu_attention`'s sampler parity)."""
+    config = dataclasses.replace(BUCKETS, cpu_attention_kernel=kernel)
+    sampler = sampling.Sampler(CONFIG, pad_id=PAD, sampler_config=config)
+    assert sampler.attention_kernel == kernel
+    B, P, N = 4, 16, 16
+    pre = sampling._jitted(CONFIG, None, (), 256, PAD, True, kernel, sampler.matmul_kernel,
+                           sampler.prefill_causal_block, B, P, N)[0]  # fmt: skip
+    S = jax.ShapeDtypeStruct
+    settings = sampling.Settings(
+        S((B,), jnp.float32), S((B,), jnp.float32), S((B,), jnp.int32),
+        S((sampling.MAX_STOP_IDS,), jnp.int32), S((), jnp.int32),
+    )  # fmt: skip
+    args = (S((B, P), jnp.int32), S((B, P), jnp.bool_), S((0,), jnp.int32), S((B,), jnp.bool_),
+            settings, S((), jnp.int32))  # fmt: skip
+    hlo = pre.lower(jax.eval_shape(_params), *args).as_text()
+    assert ("rlver_causal_attention_f32" in hlo) == kernel
