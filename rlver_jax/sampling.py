@@ -53,7 +53,7 @@ from rlver_jax.models.decode_step import (
     one_query_attention,
     packable_config,
 )
-from rlver_jax.models.kv_cache import KVCache, as_bits, init_cache, unstack_cache
+from rlver_jax.models.kv_cache import KVCache, as_bits, init_cache
 from rlver_jax.models.transformer import Params
 from rlver_jax.parallel import mesh as mesh_lib
 from rlver_jax.parallel.compiler_options import large_gemm_options, platform_of
@@ -213,16 +213,14 @@ def decode(
     would need a `lax.cond` around the cache update inside the loop.
 
     With `unroll` (`SamplerConfig.unroll_decode`) `params` are `decode_step.decode_weights`
-    and each token runs `decode_step.decode_step` on per-layer cache buffers (bf16 ones held
-    as bits, `kv_cache.as_bits`), as `prefill(per_layer=True)` leaves them (a stacked cache is
-    split here, a copy). Either way the donated cache is updated in place: the returned state
+    and each token runs `decode_step.decode_step` on the per-layer cache buffers (bf16 ones
+    held as bits, `kv_cache.as_bits`) that `prefill(per_layer=True)` leaves (`decode_step`
+    rejects a stacked cache). Either way the donated cache is updated in place: the returned state
     holds it (as the output aliasing the donated input: without that XLA would copy the whole
     cache into the loop). `kernel` runs the unrolled step's attention as `cpu_attention`'s
     compiled kernel (`SamplerConfig.cpu_attention_kernel`); packed weights
     (`decode_weights(..., packed=True)`) run its projections as `cpu_matmul`'s.
     """
-    if unroll:
-        state = state.replace(cache=as_bits(unstack_cache(state.cache)))
     B = state.logits.shape[0]
     ones = jnp.ones((B, 1), bool)
 

@@ -40,43 +40,11 @@ using rlver::ExpNonPositive;
 using rlver::kLanes;
 using rlver::kMaskValue;
 using rlver::Load;
+using rlver::SoftmaxRow;
 using rlver::Store;
 using rlver::ToFloat;
 using rlver::Vec;
 using rlver::VecI;
-
-// Row i of scores over the span [lo, lo + n) of a row's mask: masked slots (all of them when
-// `none`) become kMaskValue, then exp(score - max) in place; returns 1 / their sum.
-inline float SoftmaxRow(float* sg, const bool* mask, int64_t n, bool none) {
-  const Vec masked = Vec{} + kMaskValue;
-  Vec top = Vec{} - std::numeric_limits<float>::infinity();
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    Bytes m;
-    std::memcpy(&m, mask + i, sizeof m);
-    const VecI keep = __builtin_convertvector(m, VecI) != 0;
-    Vec sc = Load(sg + i);
-    sc = (keep & !none) ? sc : masked;
-    Store(sg + i, sc);
-    top = top > sc ? top : sc;
-  }
-  float best = -std::numeric_limits<float>::infinity();
-  for (int l = 0; l < kLanes; ++l) best = std::max(best, top[l]);
-  for (; i < n; ++i) {
-    sg[i] = (none || !mask[i]) ? kMaskValue : sg[i];
-    best = std::max(best, sg[i]);
-  }
-  Vec sum = {};
-  for (i = 0; i + kLanes <= n; i += kLanes) {
-    const Vec e = ExpNonPositive(Load(sg + i) - best);
-    Store(sg + i, e);
-    sum += e;
-  }
-  float total = 0.0f;
-  for (int l = 0; l < kLanes; ++l) total += sum[l];
-  for (; i < n; ++i) total += sg[i] = ExpNonPositive(sg[i] - best);
-  return 1.0f / total;
-}
 
 // Cache lines of the next pair's k and v spans, fetched a few at a time from inside this pair's
 // loops so that streaming them overlaps this pair's arithmetic (one thread reads ~10 GB/s on

@@ -34,13 +34,11 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using rlver::Bytes;
-using rlver::ExpNonPositive;
 using rlver::kLanes;
 using rlver::Load;
+using rlver::SoftmaxRow;
 using rlver::Store;
 using rlver::Vec;
-using rlver::VecI;
 
 constexpr int kRows = 6;         // query rows of a register tile: 12 of AVX2's 16 registers
 constexpr int64_t kCols = 16;    // keys (scores) or features (outputs) of a register tile
@@ -51,96 +49,45 @@ struct Shape {
   int64_t Tp;  // T rounded up to kCols: the row stride of the transposed-key and score scratch
 };
 
-// scores[r, s] = sum_d qr[d, r] kt[d, s] for s in [0, n) (n a multiple of kCols), d in order;
-// qr [Dh, R] holds the tile's scaled queries, kt [Dh, Tp] the keys (row stride Tp).
+// out[r, c] = sum_k a[r a_stride + k] b[k b_stride + c] for R rows and kCols columns, k in
+// [0, n) in order: both products' register tile (the scores: a = queries, b = transposed keys;
+// the outputs: a = weights, b = values).
 template <int R>
-void Scores(const float* qr, const float* kt, int64_t Tp, int64_t Dh, int64_t n, float* scores) {
-  for (int64_t s = 0; s < n; s += kCols) {
-    Vec lo[R] = {}, hi[R] = {};
-    for (int64_t d = 0; d < Dh; ++d) {
-      Vec kl = Load(kt + d * Tp + s), kh = Load(kt + d * Tp + s + 8);
+void RegisterTile(const float* a, int64_t a_stride, const float* b, int64_t b_stride, int64_t n,
+                  float* out, int64_t out_stride) {
+  Vec lo[R] = {}, hi[R] = {};
+  for (int64_t k = 0; k < n; ++k) {
+    Vec bl = Load(b + k * b_stride), bh = Load(b + k * b_stride + 8);
 #if defined(__x86_64__)
-      // Short tiles run faster with the keys in registers than as memory operands of every
-      // multiply-add (cpu_matmul.cc's RowTile measures the same).
-      if constexpr (R <= 4) __asm__("" : "+x"(kl), "+x"(kh));
+    // Short tiles run faster with b in registers than as memory operands of every multiply-add
+    // (cpu_matmul.cc's RowTile measures the same).
+    if constexpr (R <= 4) __asm__("" : "+x"(bl), "+x"(bh));
 #endif
-      const float* qd = qr + d * R;
-      for (int r = 0; r < R; ++r) {
-        lo[r] += kl * qd[r];
-        hi[r] += kh * qd[r];
-      }
+    for (int r = 0; r < R; ++r) {
+      const float w = a[r * a_stride + k];
+      lo[r] += bl * w;
+      hi[r] += bh * w;
     }
-    for (int r = 0; r < R; ++r) Store(scores + r * Tp + s, lo[r]), Store(scores + r * Tp + s + 8, hi[r]);
   }
+  for (int r = 0; r < R; ++r) Store(out + r * out_stride, lo[r]), Store(out + r * out_stride + 8, hi[r]);
 }
 
-// One row of scores in place: exp(score - max) over the visible keys s in [0, t] (mask true),
-// 0 at every other s in [0, n); returns 1 / the sum, or 0 when no key is visible.
+// One row of scores in place: `SoftmaxRow` over the keys s in [0, t], 0 at every s in (t, n);
+// returns 1 / the sum, or 0 (and a row of zeros) when no key is visible.
 inline float Softmax(float* row, const bool* mask, int64_t t, int64_t n) {
   const int64_t seen = t + 1;
-  const Vec lowest = Vec{} - std::numeric_limits<float>::infinity();
-  Vec top = lowest;
-  int64_t s = 0;
-  for (; s + kLanes <= seen; s += kLanes) {
-    Bytes m;
-    std::memcpy(&m, mask + s, sizeof m);
-    const VecI keep = __builtin_convertvector(m, VecI) != 0;
-    const Vec sc = Load(row + s);
-    top = keep ? (top > sc ? top : sc) : top;
-  }
-  float best = -std::numeric_limits<float>::infinity();
-  for (int l = 0; l < kLanes; ++l) best = std::max(best, top[l]);
-  for (; s < seen; ++s)
-    if (mask[s]) best = std::max(best, row[s]);
-  if (best == -std::numeric_limits<float>::infinity()) {
-    std::fill(row, row + n, 0.0f);
+  std::fill(row + seen, row + n, 0.0f);
+  if (std::none_of(mask, mask + seen, [](bool m) { return m; })) {
+    std::fill(row, row + seen, 0.0f);
     return 0.0f;
   }
-  Vec sum = {};
-  for (s = 0; s + kLanes <= seen; s += kLanes) {
-    Bytes m;
-    std::memcpy(&m, mask + s, sizeof m);
-    const VecI keep = __builtin_convertvector(m, VecI) != 0;
-    const Vec e = ExpNonPositive(Load(row + s) - best);
-    const Vec w = keep ? e : Vec{};
-    Store(row + s, w);
-    sum += w;
-  }
-  float total = 0.0f;
-  for (int l = 0; l < kLanes; ++l) total += sum[l];
-  for (; s < seen; ++s) {
-    row[s] = mask[s] ? ExpNonPositive(row[s] - best) : 0.0f;
-    total += row[s];
-  }
-  std::fill(row + seen, row + n, 0.0f);
-  return 1.0f / total;
-}
-
-// o[r, :] = sum_{s < n} p[r, s] v[s, :], s in order; p [R, Tp] (row stride Tp), v [T, Dh],
-// o [R, Dh]; Dh a multiple of kCols.
-template <int R>
-void Values(const float* p, int64_t Tp, const float* v, int64_t Dh, int64_t n, float* o) {
-  for (int64_t c = 0; c < Dh; c += kCols) {
-    Vec lo[R] = {}, hi[R] = {};
-    for (int64_t s = 0; s < n; ++s) {
-      Vec vl = Load(v + s * Dh + c), vh = Load(v + s * Dh + c + 8);
-#if defined(__x86_64__)
-      if constexpr (R <= 4) __asm__("" : "+x"(vl), "+x"(vh));
-#endif
-      for (int r = 0; r < R; ++r) {
-        const float w = p[r * Tp + s];
-        lo[r] += vl * w;
-        hi[r] += vh * w;
-      }
-    }
-    for (int r = 0; r < R; ++r) Store(o + r * Dh + c, lo[r]), Store(o + r * Dh + c + 8, hi[r]);
-  }
+  return SoftmaxRow(row, mask, seen, false);
 }
 
 struct Scratch {
   std::vector<float> kt, scores, qr, o;
   explicit Scratch(const Shape& s)
-      : kt(s.Dh * s.Tp), scores(kRows * s.Tp), qr(s.Dh * kRows), o(kRows * s.Dh) {}
+      : kt(s.Dh * s.Tp), scores(kRows * s.Tp), qr(kRows * s.Dh), o(kRows * s.Dh) {}
 };
 
 // Rows m in [m0, m0 + R) of kv head j's queries (m = t G + g: token t, query head j G + g).
@@ -154,14 +101,16 @@ void Tile(const float* q, const float* kt, const float* v, const bool* mask, int
     t[r] = (m0 + r) / s.G;
     qrow[r] = q + (t[r] * s.H + j * s.G + (m0 + r) % s.G) * s.Dh;
   }
-  for (int64_t d = 0; d < s.Dh; ++d)
-    for (int r = 0; r < R; ++r) w.qr[d * R + r] = qrow[r][d] * scale;
+  for (int r = 0; r < R; ++r)
+    for (int64_t d = 0; d < s.Dh; ++d) w.qr[r * s.Dh + d] = qrow[r][d] * scale;
   const int64_t n = (t[R - 1] + 1 + kCols - 1) / kCols * kCols;  // keys [0, last token]
   float* scores = w.scores.data();
-  Scores<R>(w.qr.data(), kt, s.Tp, s.Dh, n, scores);
+  for (int64_t k = 0; k < n; k += kCols)  // scores [R, n] = qr [R, Dh] kt [Dh, n]
+    RegisterTile<R>(w.qr.data(), s.Dh, kt + k, s.Tp, s.Dh, scores + k, s.Tp);
   float inv[R];
   for (int r = 0; r < R; ++r) inv[r] = Softmax(scores + r * s.Tp, mask + t[r] * s.T, t[r], n);
-  Values<R>(scores, s.Tp, v, s.Dh, std::min(n, s.T), w.o.data());
+  for (int64_t c = 0; c < s.Dh; c += kCols)  // o [R, Dh] = weights [R, keys] v [keys, Dh]
+    RegisterTile<R>(scores, s.Tp, v + c, s.Dh, std::min(n, s.T), w.o.data() + c, s.Dh);
   for (int r = 0; r < R; ++r) {
     float* dst = out + (qrow[r] - q);
     for (int64_t c = 0; c < s.Dh; c += kLanes) Store(dst + c, Load(w.o.data() + r * s.Dh + c) * inv[r]);

@@ -1,8 +1,9 @@
 // Eight-float vectors for the CPU kernels (cpu_attention.cc, cpu_causal_attention.cc,
 // cpu_matmul.cc), written with GCC/Clang vector extensions: one AVX2 register (NEON takes two),
-// float32 or bfloat16 memory; and the softmax's exp on them.
+// float32 or bfloat16 memory; and a softmax row on them (its exp, the masking).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -66,6 +67,40 @@ inline float ToFloat(uint16_t x) {
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
+}
+
+// A row of n scores under its mask [n]: masked slots (all of them when `none`) become
+// kMaskValue, then exp(score - max) in place (a masked slot's weight ~1e-38: the exp is floored
+// at -87); returns 1 / their sum.
+inline float SoftmaxRow(float* sg, const bool* mask, int64_t n, bool none) {
+  const Vec masked = Vec{} + kMaskValue;
+  Vec top = Vec{} - std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    Bytes m;
+    std::memcpy(&m, mask + i, sizeof m);
+    const VecI keep = __builtin_convertvector(m, VecI) != 0;
+    Vec sc = Load(sg + i);
+    sc = (keep & !none) ? sc : masked;
+    Store(sg + i, sc);
+    top = top > sc ? top : sc;
+  }
+  float best = -std::numeric_limits<float>::infinity();
+  for (int l = 0; l < kLanes; ++l) best = std::max(best, top[l]);
+  for (; i < n; ++i) {
+    sg[i] = (none || !mask[i]) ? kMaskValue : sg[i];
+    best = std::max(best, sg[i]);
+  }
+  Vec sum = {};
+  for (i = 0; i + kLanes <= n; i += kLanes) {
+    const Vec e = ExpNonPositive(Load(sg + i) - best);
+    Store(sg + i, e);
+    sum += e;
+  }
+  float total = 0.0f;
+  for (int l = 0; l < kLanes; ++l) total += sum[l];
+  for (; i < n; ++i) total += sg[i] = ExpNonPositive(sg[i] - best);
+  return 1.0f / total;
 }
 
 }  // namespace rlver
