@@ -99,7 +99,7 @@ from rlver_jax.plan_sizes import (
 )
 from rlver_jax.rl.model_outputs import vocab_block
 from rlver_jax.run_config import RunConfig
-from rlver_jax.sampling import CPU_PREFILL_CAUSAL_BLOCK, SamplerConfig
+from rlver_jax.sampling import SamplerConfig
 
 Phase = Literal["resident", "init", "rollout", "old", "train"]
 GB = 1e9
@@ -293,14 +293,6 @@ def prefill_bytes(
     return rows * P * linear + rows * prefill_queries(c, P, causal) * H * S * a
 
 
-def prefill_causal_block(sc: SamplerConfig, platform: str) -> int:
-    """`Sampler.prefill_causal_block`: `sc.prefill_causal_block`, or where it is None the
-    sampler's default on `platform` (CPU_PREFILL_CAUSAL_BLOCK on "cpu", 0 elsewhere)."""
-    if sc.prefill_causal_block is not None:
-        return sc.prefill_causal_block
-    return CPU_PREFILL_CAUSAL_BLOCK if platform == "cpu" else 0
-
-
 def _sampler(
     label: str, c: ModelConfig, batch: int, P: int, N: int, mesh: AbstractMesh, unroll: bool,
     causal_block: int,
@@ -351,8 +343,8 @@ def _user(
     sc = SamplerConfig()  # LLMUser's own sampler: default buckets but its prompt buckets
     B = dp_round(bucket(dialogues, sc.batch_buckets), mesh)
     N = bucket(llm.max_reply_tokens, sc.new_token_buckets)
-    unroll = platform == "cpu"
-    out = _sampler("user sampler", u, B, P, N, mesh, unroll, prefill_causal_block(sc, platform))
+    out = _sampler("user sampler", u, B, P, N, mesh, sc.resolved_unroll_decode(platform),
+                   sc.resolved_prefill_causal_block(platform))  # fmt: skip
     chunk = dp_round(max(llm.judge_batch_buckets), mesh)
     Bj = dp_round(bucket(min(dialogues, chunk), llm.judge_batch_buckets), mesh)
     rows, V = rows_per_device(Bj, mesh), split(u.vocab_size, "act_vocab", mesh)
@@ -469,8 +461,7 @@ def plan_memory(
     P = bucket(ro.max_prompt_tokens, sc.prompt_buckets)
     N = bucket(ro.max_reply_tokens, sc.new_token_buckets)
     comps = _models(run, policy, user, mesh)
-    unroll = platform == "cpu" if sc.unroll_decode is None else sc.unroll_decode
-    causal = prefill_causal_block(sc, platform)
+    unroll, causal = sc.resolved_unroll_decode(platform), sc.resolved_prefill_causal_block(platform)
     comps += _sampler("policy sampler", policy, B, P, N, mesh, unroll, causal)
     if user is not None:
         tokens = user_prompt_tokens or ro.max_prompt_tokens + 512

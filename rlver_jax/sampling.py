@@ -137,6 +137,17 @@ class SamplerConfig:
         if self.prefill_causal_block is not None:
             check_attention_block(self.prefill_causal_block, "prefill_causal_block")
 
+    def resolved_unroll_decode(self, platform: str) -> bool:
+        """`unroll_decode` on `platform` ("cpu" or an accelerator's): None is on on CPU only."""
+        return platform == "cpu" if self.unroll_decode is None else self.unroll_decode
+
+    def resolved_prefill_causal_block(self, platform: str) -> int:
+        """`prefill_causal_block` on `platform`: None is CPU_PREFILL_CAUSAL_BLOCK on CPU, 0
+        elsewhere."""
+        if self.prefill_causal_block is not None:
+            return self.prefill_causal_block
+        return CPU_PREFILL_CAUSAL_BLOCK if platform == "cpu" else 0
+
 
 CPU_PREFILL_CAUSAL_BLOCK = 64  # SamplerConfig.prefill_causal_block=None on CPU
 
@@ -361,16 +372,12 @@ class Sampler:
         self.rules = tuple(rules)
         self.seed = int(seed)
         self.time_phases = time_phases
-        unroll = self.sampler_config.unroll_decode
-        if unroll is None:
-            unroll = platform_of(mesh) == "cpu"
-        self.unroll_decode = bool(unroll)
+        self.unroll_decode = self.sampler_config.resolved_unroll_decode(platform_of(mesh))
         self.attention_kernel = self._use_kernel("cpu_attention_kernel", True)
         self.matmul_kernel = self._use_kernel("cpu_matmul_kernel", packable_config(config))
-        causal = self.sampler_config.prefill_causal_block
-        if causal is None:
-            causal = CPU_PREFILL_CAUSAL_BLOCK if platform_of(mesh) == "cpu" else 0
-        self.prefill_causal_block = causal
+        self.prefill_causal_block = self.sampler_config.resolved_prefill_causal_block(
+            platform_of(mesh)
+        )
         self.last_timings: dict[str, float] = {}
         self._calls = 0
         self._per_layer: tuple[list[Any], Params] | None = None  # (params' leaves, weights)
