@@ -51,7 +51,7 @@ def test_pack_and_project_reject_what_the_kernel_cannot_take() -> None:
     [
         (16, 7, 1),
         (48, 300, 2),
-        (160, 1030, 5),  # D spans several 16 KB weight blocks (float32 256 rows, bf16 512)
+        (160, 1030, 5),  # D spans several 8 KB weight blocks (float32 128 rows, bf16 256)
         (64, 96, 8),  # two register tiles of 4 rows
         (32, 40, 13),  # 5 + 4 + 4 rows
         (4096, 64, 32),  # many tiles: shared between threads
