@@ -229,7 +229,12 @@ def decode_step(
     dtype = jnp.dtype(config.dtype)
     B = tokens.shape[0]
     x = constrain(jnp.take(weights["embed"], tokens, axis=0).astype(dtype).T, _COLS)
-    cos, sin = tfm.rope_tables(positions[:, None], config)
+    # Rows of tables over the cache's slots (a row's position never passes its slot), which XLA
+    # computes once: it fuses a cos and sin of the positions into every layer's q and k rotation
+    # instead (60 evaluations a step; batch 32 on the CPU ~0.15 ms each, ~9 ms of a ~180 ms step).
+    cos_table, sin_table = tfm.rope_tables(jnp.arange(cache.max_len)[None], config)
+    cos = jnp.take(cos_table[0], positions, axis=0, mode="clip")[:, None]
+    sin = jnp.take(sin_table[0], positions, axis=0, mode="clip")[:, None]
     start = cache.end
     key_mask = jax.lax.dynamic_update_slice(cache.key_mask, jnp.ones((B, 1), bool), (0, start))
     mask = (key_mask & (jnp.arange(cache.max_len) <= start)[None, :])[:, None, :]  # [B, 1, S]
