@@ -230,8 +230,8 @@ def decode_step(
     B = tokens.shape[0]
     x = constrain(jnp.take(weights["embed"], tokens, axis=0).astype(dtype).T, _COLS)
     # Rows of tables over the cache's slots (a row's position never passes its slot), which XLA
-    # computes once: it fuses a cos and sin of the positions into every layer's q and k rotation
-    # instead (60 evaluations a step; batch 32 on the CPU ~0.15 ms each, ~9 ms of a ~180 ms step).
+    # computes once: a cos and sin of the positions it fuses into every layer's q and k rotation
+    # instead (batch 32 on the CPU, a step's q rotations 5.6 -> 1.2 ms, key writes 4.6 -> 3.2 ms).
     cos_table, sin_table = tfm.rope_tables(jnp.arange(cache.max_len)[None], config)
     cos = jnp.take(cos_table[0], positions, axis=0, mode="clip")[:, None]
     sin = jnp.take(sin_table[0], positions, axis=0, mode="clip")[:, None]
