@@ -52,6 +52,7 @@ from rlver_jax.models.decode_step import (
     decode_weights,
     one_query_attention,
     packable_config,
+    slot_rope_tables,
 )
 from rlver_jax.models.kv_cache import KVCache, as_bits, init_cache
 from rlver_jax.models.transformer import Params
@@ -234,6 +235,7 @@ def decode(
     """
     B = state.logits.shape[0]
     ones = jnp.ones((B, 1), bool)
+    rope = slot_rope_tables(config, state.cache.max_len) if unroll else None
 
     def cond(s: DecodeState) -> jax.Array:
         return (s.step < s.settings.max_new) & ~jnp.all(s.done)
@@ -246,7 +248,7 @@ def decode(
         hit = active & jnp.any(tok[:, None] == s.settings.stop_ids[None, :], axis=-1)
         if unroll:
             attention = cpu_attention.one_query_attention if kernel else one_query_attention
-            logits, cache = decode_step(params, tok, s.positions, s.cache, config, attention)
+            logits, cache = decode_step(params, tok, s.positions, s.cache, config, attention, rope)
         else:
             hidden, cache = tfm.forward(
                 params, tok[:, None], s.positions[:, None], ones, config, s.cache,

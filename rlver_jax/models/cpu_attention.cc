@@ -35,16 +35,12 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using rlver::Bytes;
-using rlver::ExpNonPositive;
 using rlver::kLanes;
-using rlver::kMaskValue;
 using rlver::Load;
 using rlver::SoftmaxRow;
 using rlver::Store;
 using rlver::ToFloat;
 using rlver::Vec;
-using rlver::VecI;
 
 // Cache lines of the next pair's k and v spans, fetched a few at a time from inside this pair's
 // loops so that streaming them overlaps this pair's arithmetic (one thread reads ~10 GB/s on

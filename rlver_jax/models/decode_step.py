@@ -213,14 +213,28 @@ def _layer(
     return constrain(x, _COLS), (k_cache, v_cache)
 
 
+def slot_rope_tables(config: ModelConfig, max_len: int) -> tuple[jax.Array, jax.Array]:
+    """RoPE cos and sin tables [max_len, head_dim] over a cache's slots, for `decode_step`.
+
+    A decode step gathers its rows' positions from them (a row's position never passes its
+    slot). Computing cos and sin of the positions instead, XLA fused them into every layer's q
+    and k rotation (batch 32 on the CPU, a step's q rotations 5.6 -> 1.2 ms, key writes 4.6 ->
+    3.2 ms); a decode loop makes the tables once, outside the loop (inside, XLA recomputes them
+    every step)."""
+    cos, sin = tfm.rope_tables(jnp.arange(max_len)[None], config)
+    return cos[0], sin[0]
+
+
 def decode_step(
     weights: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache,
     config: ModelConfig, attention: Callable[..., jax.Array] = one_query_attention,
+    rope: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, KVCache]:  # fmt: skip
     """Feed one token per row: tokens, positions [B] int; `cache` per layer
     (`kv_cache.unstack_cache`), written at slot `cache.end`. ``attention(q, k, v, mask,
     config)`` is `one_query_attention` or its compiled kernel (`cpu_attention`); it gets the
-    cache buffers as they are held (bf16 ones possibly as bits, `kv_cache.as_bits`).
+    cache buffers as they are held (bf16 ones possibly as bits, `kv_cache.as_bits`). `rope`:
+    `slot_rope_tables(config, cache.max_len)`, made here when None.
 
     Returns (next-token logits [B, V] float32, the updated cache).
     """
@@ -229,12 +243,9 @@ def decode_step(
     dtype = jnp.dtype(config.dtype)
     B = tokens.shape[0]
     x = constrain(jnp.take(weights["embed"], tokens, axis=0).astype(dtype).T, _COLS)
-    # Rows of tables over the cache's slots (a row's position never passes its slot), which XLA
-    # computes once: a cos and sin of the positions it fuses into every layer's q and k rotation
-    # instead (batch 32 on the CPU, a step's q rotations 5.6 -> 1.2 ms, key writes 4.6 -> 3.2 ms).
-    cos_table, sin_table = tfm.rope_tables(jnp.arange(cache.max_len)[None], config)
-    cos = jnp.take(cos_table[0], positions, axis=0, mode="clip")[:, None]
-    sin = jnp.take(sin_table[0], positions, axis=0, mode="clip")[:, None]
+    cos_table, sin_table = slot_rope_tables(config, cache.max_len) if rope is None else rope
+    cos = jnp.take(cos_table, positions, axis=0, mode="clip")[:, None]
+    sin = jnp.take(sin_table, positions, axis=0, mode="clip")[:, None]
     start = cache.end
     key_mask = jax.lax.dynamic_update_slice(cache.key_mask, jnp.ones((B, 1), bool), (0, start))
     mask = (key_mask & (jnp.arange(cache.max_len) <= start)[None, :])[:, None, :]  # [B, 1, S]
