@@ -43,7 +43,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
-from rlver_jax.models import cpu_attention, cpu_kernels
+from rlver_jax.models import cpu_attention, cpu_kernels, gpu_decode
 from rlver_jax.models import transformer as tfm
 from rlver_jax.models.config import ModelConfig, check_attention_block
 from rlver_jax.models.decode_step import (
@@ -119,6 +119,11 @@ class SamplerConfig:
     (an error where they do not apply or cannot be built); False keeps XLA's forms.
     cpu_matmul_kernel: the same for the unrolled decode's projections (`models.cpu_matmul`,
     weights packed once per params; it also needs `decode_step.packable_config`).
+    pallas_decode: the unrolled decode step as fused Pallas (Triton) kernels, five a layer
+    (`models.gpu_decode`): for GPUs at small batch, where XLA's ~12 kernels a layer leave a
+    batch-1 step launch-bound. Needs an unrolled decode on one device and a model
+    `gpu_decode.supported`; on CPU the kernels run in Pallas' interpret mode (slow: for tests).
+    Off by default until measured on a GPU.
     prefill_causal_block: `ModelConfig.causal_block` of the prefill: its causal attention over
     the prompt in blocks of this many queries, skipping the masked keys above the diagonal
     (0: one block). None picks 64 on CPU, where it cuts the prefill's attention by a third
@@ -132,6 +137,7 @@ class SamplerConfig:
     unroll_decode: bool | None = None
     cpu_attention_kernel: bool | None = None
     cpu_matmul_kernel: bool | None = None
+    pallas_decode: bool = False
     prefill_causal_block: int | None = None
 
     def __post_init__(self) -> None:
@@ -218,7 +224,7 @@ def prefill(
 
 def decode(
     params: Params, state: DecodeState, *, config: ModelConfig, pool: int, pad_id: int,
-    unroll: bool, kernel: bool = False,
+    unroll: bool, kernel: bool = False, fused: bool = False,
 ) -> DecodeState:  # fmt: skip
     """Sample, write, feed back: one `lax.while_loop` iteration per token until all rows stop.
     The last token is still fed through the model (unused logits): skipping that one forward
@@ -231,7 +237,8 @@ def decode(
     holds it (as the output aliasing the donated input: without that XLA would copy the whole
     cache into the loop). `kernel` runs the unrolled step's attention as `cpu_attention`'s
     compiled kernel (`SamplerConfig.cpu_attention_kernel`); packed weights
-    (`decode_weights(..., packed=True)`) run its projections as `cpu_matmul`'s.
+    (`decode_weights(..., packed=True)`) run its projections as `cpu_matmul`'s. `fused` runs
+    it as `gpu_decode.decode_step` (`SamplerConfig.pallas_decode`).
     """
     B = state.logits.shape[0]
     ones = jnp.ones((B, 1), bool)
@@ -246,7 +253,9 @@ def decode(
         active = ~s.done
         tok = jnp.where(active, tok, pad_id)
         hit = active & jnp.any(tok[:, None] == s.settings.stop_ids[None, :], axis=-1)
-        if unroll:
+        if fused:
+            logits, cache = gpu_decode.decode_step(params, tok, s.positions, s.cache, config, rope)
+        elif unroll:
             attention = cpu_attention.one_query_attention if kernel else one_query_attention
             logits, cache = decode_step(params, tok, s.positions, s.cache, config, attention, rope)
         else:
@@ -304,7 +313,7 @@ def _decode_weight_shardings(config: ModelConfig, mesh: Mesh, rules: Any, packed
 @functools.lru_cache(maxsize=256)
 def _jitted(
     config: ModelConfig, mesh: Mesh | None, rules: Any, pool: int, pad_id: int, unroll: bool,
-    kernel: bool, packed: bool, causal_block: int, B: int, P: int, N: int,
+    kernel: bool, packed: bool, fused: bool, causal_block: int, B: int, P: int, N: int,
 ) -> tuple[Any, Any, Any]:  # fmt: skip
     """(prefill jit, decode jit, prefill input shardings) for the bucket (B, P, N); the prefill
     attends in `causal_block`-query blocks (`SamplerConfig.prefill_causal_block`, resolved), or
@@ -318,7 +327,13 @@ def _jitted(
         cache_len=P + N, out_len=N, pad_id=pad_id, per_layer=unroll,
     )  # fmt: skip
     dec = functools.partial(
-        decode, config=config, pool=pool, pad_id=pad_id, unroll=unroll, kernel=kernel
+        decode,
+        config=config,
+        pool=pool,
+        pad_id=pad_id,
+        unroll=unroll,
+        kernel=kernel,
+        fused=fused,
     )
     pre_opts = large_gemm_options(platform_of(mesh))
     if mesh is None:
@@ -375,6 +390,7 @@ class Sampler:
         self.seed = int(seed)
         self.time_phases = time_phases
         self.unroll_decode = self.sampler_config.resolved_unroll_decode(platform_of(mesh))
+        self.pallas_decode = self._use_pallas_decode()
         self.attention_kernel = self._use_kernel("cpu_attention_kernel", True)
         self.matmul_kernel = self._use_kernel("cpu_matmul_kernel", packable_config(config))
         self.prefill_causal_block = self.sampler_config.resolved_prefill_causal_block(
@@ -395,6 +411,9 @@ class Sampler:
                 "partition the kernel's custom call); this sampler has unroll_decode="
                 f"{self.unroll_decode} on {platform_of(mesh)} with {devices} device(s)"
             )
+        if want and self.pallas_decode:
+            raise ValueError(f"{option}=True and pallas_decode=True both replace the decode step")
+        applies = applies and not self.pallas_decode
         if want and not shape_ok:
             raise ValueError(
                 f"{option}=True needs float32 or bfloat16 weights whose projections and "
@@ -407,6 +426,22 @@ class Sampler:
         if want:
             raise RuntimeError(f"{option}=True, but the CPU kernels did not build (see log)")
         return False
+
+    def _use_pallas_decode(self) -> bool:
+        """`SamplerConfig.pallas_decode` checked against this sampler (see there)."""
+        if not self.sampler_config.pallas_decode:
+            return False
+        devices = 1 if self.mesh is None else self.mesh.devices.size
+        if not self.unroll_decode or devices != 1:
+            raise ValueError(
+                "pallas_decode=True needs an unrolled decode on one device (the kernels are "
+                f"not partitioned); this sampler has unroll_decode={self.unroll_decode} with "
+                f"{devices} device(s)"
+            )
+        why = gpu_decode.supported(self.config)
+        if why is not None:
+            raise ValueError(f"pallas_decode=True does not support this model: {why}")
+        return True
 
     def _decode_params(self, params: Params) -> Params:
         """`params` as the decode jit takes them. Unrolled: `decode_weights`, made once per
@@ -481,7 +516,8 @@ class Sampler:
         pool, rules = self.sampler_config.top_k_pool, self.rules
         jits = _jitted(
             self.config, self.mesh, rules, pool, self.pad_id, self.unroll_decode,
-            self.attention_kernel, self.matmul_kernel, self.prefill_causal_block, B, P, N,
+            self.attention_kernel, self.matmul_kernel, self.pallas_decode,
+            self.prefill_causal_block, B, P, N,
         )  # fmt: skip
         pre, dec, ins = jits
         ctx = contextlib.nullcontext() if self.mesh is None else axis_rules(self.mesh, rules)

@@ -268,7 +268,7 @@ def test_sharded_bf16_sampler_plan(mesh_shape: tuple[int, int, int]) -> None:
     mesh = make_mesh(MeshConfig(*mesh_shape))
     B, P, N = 16, 256, 32
     pre, dec, _ = sampling._jitted(
-        mcfg, mesh, tuple(sampling.DEFAULT_RULES), 256, 0, False, False, False, 0, B, P, N
+        mcfg, mesh, tuple(sampling.DEFAULT_RULES), 256, 0, False, False, False, False, 0, B, P, N
     )
     S = jax.ShapeDtypeStruct
     settings = sampling.Settings(

@@ -156,6 +156,7 @@ class JaxEngine:
             new_token_buckets=(args.new_tokens,), unroll_decode=AUTO_ON_OFF[args.unroll_decode],
             cpu_attention_kernel=AUTO_ON_OFF[args.cpu_attention_kernel],
             cpu_matmul_kernel=AUTO_ON_OFF[args.cpu_matmul_kernel],
+            pallas_decode=args.pallas_decode == "on",
         )  # fmt: skip
         self.sampler = Sampler(self.config, pad_id=0, sampler_config=buckets, time_phases=True)
         rng = np.random.default_rng(0)
@@ -200,6 +201,7 @@ class JaxEngine:
             "dev_peak_mb": device_peak_mb(), "unroll_decode": self.sampler.unroll_decode,
             "scan_layers": self.config.scan_layers,
             "attention_kernel": self.sampler.attention_kernel,
+            "pallas_decode": self.sampler.pallas_decode,
         }  # fmt: skip
         print(format_row(COLUMNS, row), flush=True)
         if self.args.profile:
@@ -323,6 +325,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         help="SamplerConfig.cpu_matmul_kernel (auto: where it applies and builds)",
     )  # fmt: skip
     ap.add_argument(
+        "--pallas-decode", default="off", choices=["on", "off"],
+        help="SamplerConfig.pallas_decode: the decode step as fused Pallas kernels (GPUs; "
+        "needs --unroll-decode on there)",
+    )  # fmt: skip
+    ap.add_argument(
         "--scan-layers", default="on", choices=["on", "off"],
         help="ModelConfig.scan_layers of the prefill and the non-unrolled decode (off: a "
         "Python loop over static slices of the stacked weights)",
@@ -344,7 +351,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         f"{args.model} ({args.weights} weights), greedy, prompt {args.prompt_len}, "
         f"{args.new_tokens} new tokens, unroll_decode {args.unroll_decode}, "
         f"scan_layers {args.scan_layers}, cpu_attention_kernel {args.cpu_attention_kernel}, "
-        f"cpu_matmul_kernel {args.cpu_matmul_kernel}; "
+        f"cpu_matmul_kernel {args.cpu_matmul_kernel}, pallas_decode {args.pallas_decode}; "
         f"jax {jax.__version__} on "
         f"{jax.devices()[0].device_kind} x{jax.device_count()}, torch on {device}, "
         f"{os.cpu_count()} CPUs; measured copy bandwidth {bw / 1e9:.1f} GB/s (read+write); "

@@ -238,17 +238,9 @@ def decode_step(
 
     Returns (next-token logits [B, V] float32, the updated cache).
     """
-    if not cache.per_layer:
-        raise ValueError("decode_step takes a per-layer cache (kv_cache.unstack_cache)")
-    dtype = jnp.dtype(config.dtype)
-    B = tokens.shape[0]
-    x = constrain(jnp.take(weights["embed"], tokens, axis=0).astype(dtype).T, _COLS)
-    cos_table, sin_table = slot_rope_tables(config, cache.max_len) if rope is None else rope
-    cos = jnp.take(cos_table, positions, axis=0, mode="clip")[:, None]
-    sin = jnp.take(sin_table, positions, axis=0, mode="clip")[:, None]
+    x, cos, sin, key_mask, mask = step_inputs(weights, tokens, positions, cache, config, rope)
+    x = constrain(x.T, _COLS)
     start = cache.end
-    key_mask = jax.lax.dynamic_update_slice(cache.key_mask, jnp.ones((B, 1), bool), (0, start))
-    mask = (key_mask & (jnp.arange(cache.max_len) <= start)[None, :])[:, None, :]  # [B, 1, S]
     ks, vs = [], []
     for p, k_cache, v_cache in zip(weights["layers"], cache.k, cache.v, strict=True):
         x, (k_cache, v_cache) = _layer(
@@ -256,12 +248,36 @@ def decode_step(
         )
         ks.append(k_cache)
         vs.append(v_cache)
+    new_cache = cache.replace(k=tuple(ks), v=tuple(vs), key_mask=key_mask, end=start + 1)
+    return step_logits(weights, x, config), new_cache
+
+
+def step_inputs(
+    weights: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+    config: ModelConfig, rope: tuple[jax.Array, jax.Array] | None,
+) -> tuple[jax.Array, ...]:  # fmt: skip
+    """What every layer of a decode step reads: (the tokens' embeddings [B, D] in the model's
+    dtype, RoPE cos and sin [B, 1, Dh] at their positions, the cache's key mask with slot
+    `cache.end` set [B, S], the attention mask [B, 1, S]: set slots up to `cache.end`)."""
+    if not cache.per_layer:
+        raise ValueError("decode_step takes a per-layer cache (kv_cache.unstack_cache)")
+    B = tokens.shape[0]
+    x = jnp.take(weights["embed"], tokens, axis=0).astype(jnp.dtype(config.dtype))
+    cos_table, sin_table = slot_rope_tables(config, cache.max_len) if rope is None else rope
+    cos = jnp.take(cos_table, positions, axis=0, mode="clip")[:, None]
+    sin = jnp.take(sin_table, positions, axis=0, mode="clip")[:, None]
+    start = cache.end
+    key_mask = jax.lax.dynamic_update_slice(cache.key_mask, jnp.ones((B, 1), bool), (0, start))
+    mask = (key_mask & (jnp.arange(cache.max_len) <= start)[None, :])[:, None, :]  # [B, 1, S]
+    return x, cos, sin, key_mask, mask
+
+
+def step_logits(weights: Params, x: jax.Array, config: ModelConfig) -> jax.Array:
+    """Next-token logits [B, V] float32 of the last layer's feature-major output x [D, B]."""
     h = tfm.rms_norm(x, weights["final_norm"], config.rms_norm_eps, axis=0)
     head = weights.get("lm_head", weights["embed"])
     if head.ndim == 3:  # packed
         logits = cpu_matmul.project(head, h)
     else:
-        logits = jnp.dot(head.astype(dtype), h, preferred_element_type=jnp.float32)  # [V, B]
-    logits = constrain(jax.lax.optimization_barrier(logits).T, ("batch", "act_vocab"))
-    new_cache = cache.replace(k=tuple(ks), v=tuple(vs), key_mask=key_mask, end=start + 1)
-    return logits, new_cache
+        logits = jnp.dot(head.astype(h.dtype), h, preferred_element_type=jnp.float32)  # [V, B]
+    return constrain(jax.lax.optimization_barrier(logits).T, ("batch", "act_vocab"))
