@@ -211,18 +211,23 @@ def _out_kernel(
     out_rows = pl.ds(n * rows, rows)
     padded, heads = acc_ref.shape[2], acc_ref.shape[3]
     real = jnp.arange(padded) < blocks
-    for b in _batch_rows(x_ref):
-        y = x_ref[b, out_rows].astype(F32)
-        for j in map(jnp.int32, range(K)):
+    batch = _batch_rows(x_ref)
+    ys = [x_ref[b, out_rows].astype(F32) for b in batch]
+    for j in map(jnp.int32, range(K)):
+        attns = []  # per batch row: [G', Dh]
+        for b in batch:
             m = plt.load(max_ref.at[b, j], mask=real[:, None], other=MASK_VALUE)  # [P, G']
             weight = jnp.where(real[:, None], jnp.exp(m - jnp.max(m, axis=0)[None, :]), 0.0)
             total = jnp.sum(weight * plt.load(sum_ref.at[b, j], mask=real[:, None], other=0), 0)
             acc = plt.load(acc_ref.at[b, j], mask=real[:, None, None], other=0)  # [P, G', Dh]
-            attn = jnp.sum(weight[:, :, None] * acc, axis=0) / total[:, None]  # [G', Dh]
-            for g in range(G):
-                head = jnp.sum(jnp.where((jnp.arange(heads) == g)[:, None], attn, 0.0), axis=0)
-                w = w_ref[out_rows, pl.ds((j * G + g) * Dh, Dh)].astype(F32)  # [R, Dh]
-                y = y + jnp.sum(w * head[None, :], axis=1)
+            attns.append(jnp.sum(weight[:, :, None] * acc, axis=0) / total[:, None])
+        for g in range(G):
+            w = w_ref[out_rows, pl.ds((j * G + g) * Dh, Dh)].astype(F32)  # [R, Dh]
+            pick = (jnp.arange(heads) == g)[:, None]
+            for i, attn in enumerate(attns):
+                head = jnp.sum(jnp.where(pick, attn, 0.0), axis=0)
+                ys[i] = ys[i] + jnp.sum(w * head[None, :], axis=1)
+    for b, y in zip(batch, ys, strict=True):
         out_ref[b, out_rows] = y.astype(out_ref.dtype)
 
 
