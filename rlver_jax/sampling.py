@@ -45,7 +45,7 @@ from jax.sharding import Mesh
 
 from rlver_jax.models import cpu_attention, cpu_kernels, gpu_decode
 from rlver_jax.models import transformer as tfm
-from rlver_jax.models.config import ModelConfig, check_attention_block
+from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.decode_step import (
     decode_step,
     decode_weight_logical_axes,
@@ -65,6 +65,7 @@ from rlver_jax.parallel.rules import (
     named_sharding,
     tree_shardings,
 )
+from rlver_jax.sampler_config import SamplerConfig
 from rlver_jax.token_sampling import Settings, sample_tokens
 
 MAX_STOP_IDS = 16  # stop ids are a traced [16] array padded with -1: any set up to 16 ids
@@ -96,67 +97,6 @@ class SampleOutput:
     def sequences(self) -> list[list[int]]:
         """Each row's tokens up to its length, as Python lists."""
         return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths, strict=True)]
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerConfig:
-    """Static shapes: each distinct bucket combination compiles once.
-
-    top_k_pool: candidates taken with `lax.top_k` for top-k / top-p (top_k above it is clamped).
-    Top-p is exact regardless: rows whose nucleus exceeds the pool use a bisection over the full
-    vocabulary. (A full sort of 49k logits costs ~0.5 s per step on CPU at batch 32.)
-    unroll_decode: decode with `decode_step.decode_step` (unrolled layers over per-layer,
-    transposed weights and cache buffers, feature-major activations) instead of
-    `transformer.forward` (`lax.scan` over stacked ones). None picks it on CPU, where XLA copies
-    every weight slice that a scanned matmul reads and row-major [batch, D] x [D, F] products
-    run at a fraction of the matmul peak; the price is a longer compile and a per-layer
-    copy of the weights, made once per params object and kept by the `Sampler`.
-    cpu_attention_kernel: the unrolled decode's attention as a compiled C++ kernel
-    (`models.cpu_attention`, built on first use with the system's compiler by
-    `models.cpu_kernels`), and the prefill's causal attention over the prompt as another
-    (`models.cpu_causal_attention`, float32 only: bf16 prefills keep XLA's form). None uses
-    them where they apply (an unrolled decode on one CPU device) and build; True requires them
-    (an error where they do not apply or cannot be built); False keeps XLA's forms.
-    cpu_matmul_kernel: the same for the unrolled decode's projections (`models.cpu_matmul`,
-    weights packed once per params; it also needs `decode_step.packable_config`).
-    pallas_decode: the unrolled decode step as fused Pallas (Triton) kernels, five a layer
-    (`models.gpu_decode`): for GPUs at small batch, where XLA's ~12 kernels a layer leave a
-    batch-1 step launch-bound. Needs an unrolled decode on one device and a model
-    `gpu_decode.supported`; on CPU the kernels run in Pallas' interpret mode (slow: for tests).
-    Off by default until measured on a GPU.
-    prefill_causal_block: `ModelConfig.causal_block` of the prefill: its causal attention over
-    the prompt in blocks of this many queries, skipping the masked keys above the diagonal
-    (0: one block). None picks 64 on CPU, where it cuts the prefill's attention by a third
-    (SmolLM2, 32 x 256 tokens), and 0 elsewhere (not measured there).
-    """
-
-    prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096)
-    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-    new_token_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-    top_k_pool: int = 256
-    unroll_decode: bool | None = None
-    cpu_attention_kernel: bool | None = None
-    cpu_matmul_kernel: bool | None = None
-    pallas_decode: bool = False
-    prefill_causal_block: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.prefill_causal_block is not None:
-            check_attention_block(self.prefill_causal_block, "prefill_causal_block")
-
-    def resolved_unroll_decode(self, platform: str) -> bool:
-        """`unroll_decode` on `platform` ("cpu" or an accelerator's): None is on on CPU only."""
-        return platform == "cpu" if self.unroll_decode is None else self.unroll_decode
-
-    def resolved_prefill_causal_block(self, platform: str) -> int:
-        """`prefill_causal_block` on `platform`: None is CPU_PREFILL_CAUSAL_BLOCK on CPU, 0
-        elsewhere."""
-        if self.prefill_causal_block is not None:
-            return self.prefill_causal_block
-        return CPU_PREFILL_CAUSAL_BLOCK if platform == "cpu" else 0
-
-
-CPU_PREFILL_CAUSAL_BLOCK = 64  # SamplerConfig.prefill_causal_block=None on CPU
 
 
 def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
@@ -224,7 +164,7 @@ def prefill(
 
 def decode(
     params: Params, state: DecodeState, *, config: ModelConfig, pool: int, pad_id: int,
-    unroll: bool, kernel: bool = False, fused: bool = False,
+    unroll: bool, kernel: bool = False, fused: gpu_decode.Blocks | None = None,
 ) -> DecodeState:  # fmt: skip
     """Sample, write, feed back: one `lax.while_loop` iteration per token until all rows stop.
     The last token is still fed through the model (unused logits): skipping that one forward
@@ -237,8 +177,8 @@ def decode(
     holds it (as the output aliasing the donated input: without that XLA would copy the whole
     cache into the loop). `kernel` runs the unrolled step's attention as `cpu_attention`'s
     compiled kernel (`SamplerConfig.cpu_attention_kernel`); packed weights
-    (`decode_weights(..., packed=True)`) run its projections as `cpu_matmul`'s. `fused` runs
-    it as `gpu_decode.decode_step` (`SamplerConfig.pallas_decode`).
+    (`decode_weights(..., packed=True)`) run its projections as `cpu_matmul`'s. `fused` (block
+    sizes) runs it as `gpu_decode.decode_step` (`SamplerConfig.pallas_decode`).
     """
     B = state.logits.shape[0]
     ones = jnp.ones((B, 1), bool)
@@ -253,8 +193,10 @@ def decode(
         active = ~s.done
         tok = jnp.where(active, tok, pad_id)
         hit = active & jnp.any(tok[:, None] == s.settings.stop_ids[None, :], axis=-1)
-        if fused:
-            logits, cache = gpu_decode.decode_step(params, tok, s.positions, s.cache, config, rope)
+        if fused is not None:
+            logits, cache = gpu_decode.decode_step(
+                params, tok, s.positions, s.cache, config, rope, fused
+            )
         elif unroll:
             attention = cpu_attention.one_query_attention if kernel else one_query_attention
             logits, cache = decode_step(params, tok, s.positions, s.cache, config, attention, rope)
@@ -313,7 +255,8 @@ def _decode_weight_shardings(config: ModelConfig, mesh: Mesh, rules: Any, packed
 @functools.lru_cache(maxsize=256)
 def _jitted(
     config: ModelConfig, mesh: Mesh | None, rules: Any, pool: int, pad_id: int, unroll: bool,
-    kernel: bool, packed: bool, fused: bool, causal_block: int, B: int, P: int, N: int,
+    kernel: bool, packed: bool, fused: gpu_decode.Blocks | None, causal_block: int, B: int,
+    P: int, N: int,
 ) -> tuple[Any, Any, Any]:  # fmt: skip
     """(prefill jit, decode jit, prefill input shardings) for the bucket (B, P, N); the prefill
     attends in `causal_block`-query blocks (`SamplerConfig.prefill_causal_block`, resolved), or
@@ -516,7 +459,8 @@ class Sampler:
         pool, rules = self.sampler_config.top_k_pool, self.rules
         jits = _jitted(
             self.config, self.mesh, rules, pool, self.pad_id, self.unroll_decode,
-            self.attention_kernel, self.matmul_kernel, self.pallas_decode,
+            self.attention_kernel, self.matmul_kernel,
+            self.sampler_config.pallas_blocks if self.pallas_decode else None,
             self.prefill_causal_block, B, P, N,
         )  # fmt: skip
         pre, dec, ins = jits

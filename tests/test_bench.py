@@ -259,3 +259,18 @@ def test_train_bench_models_by_name() -> None:
         cli.main(["bench", "train", "--model", "qwen9"])
     with pytest.raises(ValueError, match="--weights smollm2 needs --model smollm2"):
         models.model_and_params("qwen2.5-0.5b", "smollm2", "float32", "float32", "none")
+
+
+def test_sample_bench_pallas_decode_and_its_blocks(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--pallas-decode on` (interpret mode on CPU) with changed block sizes: the rows say so;
+    a bad `--pallas-blocks` is refused before any work."""
+    rows = sample_bench.main(
+        [*_TINY_SAMPLE_ARGV, "--batches", "1", "--skip-torch", "--unroll-decode", "on",
+         "--pallas-decode", "on", "--pallas-blocks", "qkv_rows=4,slots=8"]
+    )  # fmt: skip
+    assert "pallas_decode on" in capsys.readouterr().out
+    assert rows[0]["pallas_decode"] and rows[0]["e2e_tok_s"] > 0
+    assert rows[0]["pallas_blocks"]["qkv_rows"] == 4 and rows[0]["pallas_blocks"]["slots"] == 8
+    for bad in ("qkv_rows=3", "rows=4", "slots=x"):
+        with pytest.raises(SystemExit):
+            sample_bench.main([*_TINY_SAMPLE_ARGV, "--pallas-blocks", bad])

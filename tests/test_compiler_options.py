@@ -32,7 +32,7 @@ def test_prefill_compiles_without_ynnpack_dots_and_decode_with_them() -> None:
     if jax.default_backend() != "cpu":
         return
     B, P, N = 2, 8, 4
-    pre, dec, _ = _jitted(CFG, None, (), 16, 0, False, False, False, False, 0, B, P, N)
+    pre, dec, _ = _jitted(CFG, None, (), 16, 0, False, False, False, None, 0, B, P, N)
     params = init_params(CFG, jax.random.key(0))
     settings = Settings(
         temperature=jnp.zeros((B,)), top_p=jnp.ones((B,)), top_k=jnp.zeros((B,), jnp.int32),

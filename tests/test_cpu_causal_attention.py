@@ -94,7 +94,7 @@ def test_sampler_prefill_runs_the_kernel_when_its_option_is_on(kernel: bool) -> 
     sampler = sampling.Sampler(CONFIG, pad_id=PAD, sampler_config=config)
     assert sampler.attention_kernel == kernel
     B, P, N = 4, 16, 16
-    pre = sampling._jitted(CONFIG, None, (), 256, PAD, True, kernel, sampler.matmul_kernel, False,
+    pre = sampling._jitted(CONFIG, None, (), 256, PAD, True, kernel, sampler.matmul_kernel, None,
                            sampler.prefill_causal_block, B, P, N)[0]  # fmt: skip
     S = jax.ShapeDtypeStruct
     settings = sampling.Settings(

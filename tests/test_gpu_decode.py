@@ -12,13 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rlver_jax.config_io import from_dict, to_dict
 from rlver_jax.models import gpu_decode
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.decode_step import decode_step, decode_weights
 from rlver_jax.models.kv_cache import as_bits, cache_values, init_cache, unstack_cache
 from rlver_jax.models.transformer import forward, param_shapes
 from rlver_jax.parallel import MeshConfig, make_mesh
-from rlver_jax.sampling import Sampler
+from rlver_jax.sampling import Sampler, SamplerConfig
 from tests.test_sampling import BUCKETS, PROMPTS
 
 # Widths that are not powers of two (hidden 96 = 64 + 32, MLP 160 = 128 + 32) and 3 query heads
@@ -136,3 +137,17 @@ def test_pallas_decode_where_it_cannot_run_fails_early() -> None:
     with pytest.raises(ValueError, match="both replace the decode step"):
         Sampler(CONFIG, sampler_config=dataclasses.replace(fused, cpu_attention_kernel=True))
     assert gpu_decode.supported(dataclasses.replace(CONFIG, head_dim=24)) is not None
+
+
+def test_pallas_blocks_from_a_config_and_their_checks() -> None:
+    """`sampler.pallas_blocks` reads from a config dict (as from YAML); sizes must be powers
+    of two."""
+    sampler = from_dict(
+        SamplerConfig, {"pallas_decode": True, "pallas_blocks": {"slots": 64, "num_warps": 8}}
+    )
+    assert sampler.pallas_blocks == gpu_decode.Blocks(slots=64, num_warps=8)
+    assert to_dict(sampler)["pallas_blocks"]["qkv_rows"] == gpu_decode.BLOCKS.qkv_rows
+    with pytest.raises(ValueError, match=r"pallas_blocks\.out_rows must be a power of two"):
+        gpu_decode.Blocks(out_rows=12)
+    with pytest.raises(ValueError, match="num_warps must be <= 32"):
+        gpu_decode.Blocks(num_warps=64)

@@ -37,6 +37,7 @@ from rlver_jax.parallel.mesh import MeshConfig, make_mesh, param_shardings
 from rlver_jax.parallel.rules import axis_rules
 from rlver_jax.rl.learner import Learner, LearnerBatch
 from rlver_jax.run_config import RunConfig
+from rlver_jax.sampler_config import CPU_PREFILL_CAUSAL_BLOCK
 from rlver_jax.trajectories import Trajectories
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,7 +184,7 @@ def test_sampler_plan_matches_compiled_memory(unroll: bool, block: int) -> None:
     assert "B=8 x (P=256 + N=32)" in next(c.formula for c in p.components if "KV" in c.name)
     prefill = next(c.formula for c in p.components if c.name == "policy sampler prefill")
     assert ("Tc=64" in prefill) == unroll
-    causal = sampling.CPU_PREFILL_CAUSAL_BLOCK if unroll else 0
+    causal = CPU_PREFILL_CAUSAL_BLOCK if unroll else 0
     S = jax.ShapeDtypeStruct
     pre = jax.jit(functools.partial(
         sampling.prefill, config=mcfg.replace(causal_block=causal), cache_len=P + N, out_len=N,
@@ -268,7 +269,7 @@ def test_sharded_bf16_sampler_plan(mesh_shape: tuple[int, int, int]) -> None:
     mesh = make_mesh(MeshConfig(*mesh_shape))
     B, P, N = 16, 256, 32
     pre, dec, _ = sampling._jitted(
-        mcfg, mesh, tuple(sampling.DEFAULT_RULES), 256, 0, False, False, False, False, 0, B, P, N
+        mcfg, mesh, tuple(sampling.DEFAULT_RULES), 256, 0, False, False, False, None, 0, B, P, N
     )
     S = jax.ShapeDtypeStruct
     settings = sampling.Settings(

@@ -31,6 +31,7 @@ the CPU, a jitted elementwise op's on an accelerator.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -156,7 +157,7 @@ class JaxEngine:
             new_token_buckets=(args.new_tokens,), unroll_decode=AUTO_ON_OFF[args.unroll_decode],
             cpu_attention_kernel=AUTO_ON_OFF[args.cpu_attention_kernel],
             cpu_matmul_kernel=AUTO_ON_OFF[args.cpu_matmul_kernel],
-            pallas_decode=args.pallas_decode == "on",
+            pallas_decode=args.pallas_decode == "on", pallas_blocks=args.pallas_blocks,
         )  # fmt: skip
         self.sampler = Sampler(self.config, pad_id=0, sampler_config=buckets, time_phases=True)
         rng = np.random.default_rng(0)
@@ -203,6 +204,8 @@ class JaxEngine:
             "attention_kernel": self.sampler.attention_kernel,
             "pallas_decode": self.sampler.pallas_decode,
         }  # fmt: skip
+        if self.sampler.pallas_decode:
+            row["pallas_blocks"] = dataclasses.asdict(self.args.pallas_blocks)
         print(format_row(COLUMNS, row), flush=True)
         if self.args.profile:
             ops = profile_call(lambda: self._run(b), "jit_decode", int(steps))
@@ -297,6 +300,25 @@ def bench_dtype(
     return sorted(rows, key=lambda r: (r["engine"] != "jax", r["batch"]))
 
 
+def pallas_blocks(text: str) -> Any:
+    """`--pallas-blocks`: "name=value,..." over `gpu_decode.Blocks`' defaults."""
+    from rlver_jax.models.gpu_decode import Blocks
+
+    fields = {f.name for f in dataclasses.fields(Blocks)}
+    changes = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if name not in fields or not value.isdigit():
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: expected NAME=INT with NAME one of {sorted(fields)}"
+            )
+        changes[name] = int(value)
+    try:
+        return Blocks(**changes)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Parse flags, run every (dtype, batch) for JAX and torch, print the table; returns rows."""
     ap = argparse.ArgumentParser(prog="rlver-jax bench sample", description=__doc__.split("\n")[0])
@@ -328,6 +350,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "--pallas-decode", default="off", choices=["on", "off"],
         help="SamplerConfig.pallas_decode: the decode step as fused Pallas kernels (GPUs; "
         "needs --unroll-decode on there)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--pallas-blocks", type=pallas_blocks, default=pallas_blocks(""), metavar="K=V,...",
+        help="SamplerConfig.pallas_blocks fields to change, e.g. qkv_rows=4,slots=64",
     )  # fmt: skip
     ap.add_argument(
         "--scan-layers", default="on", choices=["on", "off"],

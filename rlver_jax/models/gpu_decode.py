@@ -20,7 +20,7 @@ Pallas' interpret mode against it, and lowered for CUDA in the default tests); w
 Triton blocks have power-of-two sizes, so rows of a non-power-of-two width (SmolLM2's 576)
 are read as power-of-two pieces (512 + 64), and each grid divides its axis exactly: no load
 strays out of bounds (interpret mode would clamp it, silently). Block sizes are first guesses
-for an H100 (`BLOCKS`), not tuned on one.
+for an H100 (`Blocks`' defaults), not tuned on one.
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
-    """Rows of the weight each program reads (powers of two; each divides its matrix's rows),
-    the cache slots of an attention program, and Triton's warps per program."""
+    """Rows of the weight each program reads, the cache slots of an attention program (each
+    capped at the largest power of two dividing its axis), and Triton's warps per program
+    (`SamplerConfig.pallas_blocks`)."""
 
     qkv_rows: int = 8  # per half head: a program computes 2 x qkv_rows outputs (a RoPE pair)
     out_rows: int = 16
@@ -55,6 +56,14 @@ class Blocks:
     down_rows: int = 8
     slots: int = 32
     num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            n = getattr(self, field.name)
+            if not isinstance(n, int) or n < 1 or n & (n - 1):
+                raise ValueError(f"pallas_blocks.{field.name} must be a power of two, got {n!r}")
+        if self.num_warps > 32:
+            raise ValueError(f"pallas_blocks.num_warps must be <= 32, got {self.num_warps}")
 
 
 BLOCKS = Blocks()
@@ -261,14 +270,14 @@ def _next_power_of_two(n: int) -> int:
 
 def _call(
     kernel: Any, grid: tuple[int, ...], out_shape: Any, *args: jax.Array,
-    aliases: dict[int, int] | None = None, interpret: bool,
+    aliases: dict[int, int] | None = None, num_warps: int, interpret: bool,
 ) -> Any:  # fmt: skip
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
         grid=grid,
         input_output_aliases=aliases or {},
-        compiler_params=plt.CompilerParams(num_warps=BLOCKS.num_warps, num_stages=1),
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
     )(*args)
 
@@ -302,7 +311,7 @@ def layer(
     S = k_cache.shape[-1]
     heads = _next_power_of_two(G)
     keys, values = _as_values(k_cache), _as_values(v_cache)
-    call = functools.partial(_call, interpret=interpret)
+    call = functools.partial(_call, num_warps=blocks.num_warps, interpret=interpret)
     sds = jax.ShapeDtypeStruct
 
     qkv_rows = _block(Dh // 2, blocks.qkv_rows)
