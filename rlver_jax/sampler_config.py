@@ -34,7 +34,8 @@ class SamplerConfig:
     (`models.gpu_decode`): for GPUs at small batch, where XLA's ~12 kernels a layer leave a
     batch-1 step launch-bound. Needs an unrolled decode on one device and a model
     `gpu_decode.supported`; on CPU the kernels run in Pallas' interpret mode (slow: for tests).
-    Off by default until measured on a GPU. `pallas_blocks`: their block sizes.
+    Batch buckets above `gpu_decode.MAX_BATCH` (8) keep XLA's step. Off by default until
+    measured on a GPU. `pallas_blocks`: the kernels' block sizes.
     prefill_causal_block: `ModelConfig.causal_block` of the prefill: its causal attention over
     the prompt in blocks of this many queries, skipping the masked keys above the diagonal
     (0: one block). None picks 64 on CPU, where it cuts the prefill's attention by a third

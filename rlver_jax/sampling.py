@@ -460,7 +460,9 @@ class Sampler:
         jits = _jitted(
             self.config, self.mesh, rules, pool, self.pad_id, self.unroll_decode,
             self.attention_kernel, self.matmul_kernel,
-            self.sampler_config.pallas_blocks if self.pallas_decode else None,
+            self.sampler_config.pallas_blocks
+            if self.pallas_decode and B <= gpu_decode.MAX_BATCH
+            else None,
             self.prefill_causal_block, B, P, N,
         )  # fmt: skip
         pre, dec, ins = jits

@@ -151,3 +151,26 @@ def test_pallas_blocks_from_a_config_and_their_checks() -> None:
         gpu_decode.Blocks(out_rows=12)
     with pytest.raises(ValueError, match="num_warps must be <= 32"):
         gpu_decode.Blocks(num_warps=64)
+
+
+def test_sampler_keeps_xla_step_above_max_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch buckets up to `gpu_decode.MAX_BATCH` trace the fused step; larger ones XLA's."""
+    traced: list[int] = []
+    fused_step = gpu_decode.decode_step
+
+    def spy(weights: Any, tokens: jax.Array, *args: Any) -> Any:
+        traced.append(tokens.shape[0])
+        return fused_step(weights, tokens, *args)
+
+    monkeypatch.setattr(gpu_decode, "decode_step", spy)
+    monkeypatch.setattr(gpu_decode, "MAX_BATCH", 2)
+    config = dataclasses.replace(CONFIG, vocab_size=136)  # its own compiled programs
+    sampler_config = dataclasses.replace(
+        BUCKETS, batch_buckets=(2, 4), unroll_decode=True, pallas_decode=True
+    )
+    sampler = Sampler(config, pad_id=0, sampler_config=sampler_config)
+    params = _params(config)
+    small = sampler(params, PROMPTS[:2], max_new_tokens=3, temperature=0.0)
+    large = sampler(params, PROMPTS, max_new_tokens=3, temperature=0.0)
+    assert traced == [2]
+    assert large.sequences()[:2] == small.sequences()

@@ -68,6 +68,12 @@ class Blocks:
 
 BLOCKS = Blocks()
 
+# The kernels unroll the batch inside each program (each weight block is read once for every
+# row), so code size, registers and compile time grow with it (`bench/triton_check.py`: the
+# output kernel compiles in ~2 s at batch 1, ~35 s at 8); larger batches are GEMM-shaped work
+# that XLA's own step does well. The sampler runs bigger batch buckets through XLA's step.
+MAX_BATCH = 8
+
 
 def supported(config: ModelConfig) -> str | None:
     """None when the fused kernels compute this model's decode step, else why not."""
