@@ -9,10 +9,11 @@
 # The batch-1 target (within 2x of the bandwidth bound) is what the steps measure, in order of
 # need: the fused Pallas decode step (`--pallas-decode on`, `models.gpu_decode`) at batch 1,
 # XLA's unrolled step at batch 1 (the baseline, same machine), the fused step under the
-# profiler (its kernels' times), at batch 8 (the most it fuses, gpu_decode.MAX_BATCH), and with smaller blocks (twice the
-# programs per kernel). Each run also dumps the decode program's optimized HLO
-# (`$OUT/hlo_<step>/`), to count its kernels offline. If the fused step fails to compile, its
-# log holds Triton's error; `bench/triton_check.py` compiles the same kernels on a CPU machine.
+# profiler (its kernels' times), at batch 8 (the most it fuses, `gpu_decode.MAX_BATCH`), and
+# with smaller blocks (twice the programs per kernel). Each run also dumps the decode
+# program's optimized HLO (`$OUT/hlo_<step>/`), to count its kernels offline. If the fused
+# step fails to compile, its log holds Triton's error; `bench/triton_check.py` compiles the
+# same kernels on a CPU machine.
 #
 # SMOKE=1 runs the same steps on minuscule models (a check of this script on a CPU, where the
 # fused kernels run in Pallas' interpret mode).
