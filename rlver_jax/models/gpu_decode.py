@@ -122,17 +122,16 @@ def _normed(x: list[jax.Array], scale_ref: Any, eps: float) -> list[jax.Array]:
     return out
 
 
-def _matvec(w_ref: Any, rows: Any, xs: list[list[jax.Array]]) -> list[jax.Array]:
-    """`w[rows, :] @ x` [R] for each batch row's pieces x in xs: each weight piece is loaded
-    once and used for every batch row."""
-    acc: list[Any] = [0.0] * len(xs)
-    start = 0
-    for i, n in enumerate(p.shape[0] for p in xs[0]):
-        w = w_ref[rows, pl.ds(start, n)].astype(F32)  # [R, n]
-        for b, x in enumerate(xs):
-            acc[b] = acc[b] + jnp.sum(w * x[i][None, :], axis=1)
-        start += n
-    return acc
+def _rows(w_ref: Any, rows: Any, pieces: tuple[tuple[int, int], ...]) -> list[jax.Array]:
+    """`w[rows, :]` as float32 pieces [R, n]. The kernels load their weights before anything
+    else: the loads are then in flight together, while the inputs are read and normed (a
+    reduction's barrier would otherwise hold back every load after it)."""
+    return [w_ref[rows, pl.ds(s, n)].astype(F32) for s, n in pieces]
+
+
+def _matvec(w: list[jax.Array], xs: list[list[jax.Array]]) -> list[jax.Array]:
+    """`w @ x` [R] for each batch row's pieces x in xs (w: `_rows`' pieces)."""
+    return [sum(jnp.sum(wi * xi[None, :], axis=1) for wi, xi in zip(w, x, strict=True)) for x in xs]
 
 
 def _qkv_kernel(
@@ -155,12 +154,14 @@ def _qkv_kernel(
     g = jnp.minimum(i, G - 1)  # the query head's index in its group (clamped for k and v)
     start = start_ref[0]
     pieces = _pieces(config.hidden_size)
+    offsets = (r * rows, half + r * rows)  # the pair's two halves
+    ws = [_rows(w_ref, pl.ds(c * Dh + offset, rows), pieces) for offset in offsets]
     xs = [
         _normed(_row(x_ref, b, pieces), norm_ref, config.rms_norm_eps) for b in _batch_rows(q_ref)
     ]
     outs = []
-    for offset in (r * rows, half + r * rows):  # the pair's two halves
-        y = _matvec(w_ref, pl.ds(c * Dh + offset, rows), xs)
+    for offset, w in zip(offsets, ws, strict=True):
+        y = _matvec(w, xs)
         if config.attention_bias:
             bias = jnp.where(
                 is_q,
@@ -200,17 +201,17 @@ def _attention_kernel(
     heads = q_ref.shape[2]  # G rounded up to a power of two
     t = pl.ds(s * slots, slots)
     live = valid_ref[b, t] != 0  # [S']
-    q = q_ref[b, j].astype(F32) / math.sqrt(config.head_dim)  # [G', Dh]
     k = plt.load(k_ref.at[b, j, :, t], mask=live[None, :], other=0).astype(F32)  # [Dh, S']
+    v = plt.load(v_ref.at[b, j, t, :], mask=live[:, None], other=0).astype(F32)  # [S', Dh]
+    q = q_ref[b, j].astype(F32) / math.sqrt(config.head_dim)  # [G', Dh]
     z = jnp.sum(q[:, :, None] * k[None, :, :], axis=1)  # [G', S']
     use = live[None, :] & (jnp.arange(heads) < G)[:, None]
     z = jnp.where(use, z, MASK_VALUE)
     m = jnp.max(z, axis=1)
     p = jnp.where(use, jnp.exp(z - m[:, None]), 0.0)
-    v = plt.load(v_ref.at[b, j, t, :], mask=live[:, None], other=0).astype(F32)  # [S', Dh]
-    acc_ref[b, j, s] = jnp.sum(p[:, :, None] * v[None, :, :], axis=1)
-    max_ref[b, j, s] = m
-    sum_ref[b, j, s] = jnp.sum(p, axis=1)
+    acc_ref[b, j, :, s] = jnp.sum(p[:, :, None] * v[None, :, :], axis=1)
+    max_ref[b, j, :, s] = m
+    sum_ref[b, j, :, s] = jnp.sum(p, axis=1)
 
 
 def _out_kernel(
@@ -224,24 +225,19 @@ def _out_kernel(
     K, G, Dh = config.num_kv_heads, config.num_groups, config.head_dim
     n = pl.program_id(0)
     out_rows = pl.ds(n * rows, rows)
-    padded, heads = acc_ref.shape[2], acc_ref.shape[3]
-    real = jnp.arange(padded) < blocks
+    real = jnp.arange(acc_ref.shape[3]) < blocks  # [P]
     batch = _batch_rows(x_ref)
+    heads = [(jnp.int32(j), jnp.int32(g), j * G + g) for j in range(K) for g in range(G)]
+    ws = [w_ref[out_rows, pl.ds(h * Dh, Dh)].astype(F32) for _, _, h in heads]  # [R, Dh] each
     ys = [x_ref[b, out_rows].astype(F32) for b in batch]
-    for j in map(jnp.int32, range(K)):
-        attns = []  # per batch row: [G', Dh]
-        for b in batch:
-            m = plt.load(max_ref.at[b, j], mask=real[:, None], other=MASK_VALUE)  # [P, G']
-            weight = jnp.where(real[:, None], jnp.exp(m - jnp.max(m, axis=0)[None, :]), 0.0)
-            total = jnp.sum(weight * plt.load(sum_ref.at[b, j], mask=real[:, None], other=0), 0)
-            acc = plt.load(acc_ref.at[b, j], mask=real[:, None, None], other=0)  # [P, G', Dh]
-            attns.append(jnp.sum(weight[:, :, None] * acc, axis=0) / total[:, None])
-        for g in range(G):
-            w = w_ref[out_rows, pl.ds((j * G + g) * Dh, Dh)].astype(F32)  # [R, Dh]
-            pick = (jnp.arange(heads) == g)[:, None]
-            for i, attn in enumerate(attns):
-                head = jnp.sum(jnp.where(pick, attn, 0.0), axis=0)
-                ys[i] = ys[i] + jnp.sum(w * head[None, :], axis=1)
+    for (j, g, _), w in zip(heads, ws, strict=True):
+        for i, b in enumerate(batch):
+            m = plt.load(max_ref.at[b, j, g], mask=real, other=MASK_VALUE)
+            weight = jnp.where(real, jnp.exp(m - jnp.max(m)), 0.0)
+            total = jnp.sum(weight * plt.load(sum_ref.at[b, j, g], mask=real, other=0))
+            acc = plt.load(acc_ref.at[b, j, g], mask=real[:, None], other=0)  # [P, Dh]
+            attn = jnp.sum(weight[:, None] * acc, axis=0) / total  # [Dh]
+            ys[i] = ys[i] + jnp.sum(w * attn[None, :], axis=1)
     for b, y in zip(batch, ys, strict=True):
         out_ref[b, out_rows] = y.astype(out_ref.dtype)
 
@@ -251,11 +247,11 @@ def _mlp_in_kernel(x_ref, norm_ref, w_ref, act_ref, *, config: ModelConfig, rows
     2u and up row u at 2u + 1), from the RMS-normed x."""
     f = pl.program_id(0)
     pieces = _pieces(config.hidden_size)
+    ws = [_rows(w_ref, pl.ds(2 * f * rows + i, rows, stride=2), pieces) for i in (0, 1)]
     xs = [
         _normed(_row(x_ref, b, pieces), norm_ref, config.rms_norm_eps) for b in _batch_rows(x_ref)
     ]
-    gates = _matvec(w_ref, pl.ds(2 * f * rows, rows, stride=2), xs)
-    ups = _matvec(w_ref, pl.ds(2 * f * rows + 1, rows, stride=2), xs)
+    gates, ups = (_matvec(w, xs) for w in ws)
     for b, gate, up in zip(_batch_rows(x_ref), gates, ups, strict=True):
         act_ref[b, pl.ds(f * rows, rows)] = (jax.nn.silu(gate) * up).astype(act_ref.dtype)
 
@@ -265,8 +261,9 @@ def _down_kernel(x_ref, act_ref, w_ref, out_ref, *, config: ModelConfig, rows: i
     n = pl.program_id(0)
     out_rows = pl.ds(n * rows, rows)
     pieces = _pieces(config.intermediate_size)
+    w = _rows(w_ref, out_rows, pieces)
     acts = [_row(act_ref, b, pieces) for b in _batch_rows(x_ref)]
-    for b, y in zip(_batch_rows(x_ref), _matvec(w_ref, out_rows, acts), strict=True):
+    for b, y in zip(_batch_rows(x_ref), _matvec(w, acts), strict=True):
         out_ref[b, out_rows] = (x_ref[b, out_rows].astype(F32) + y).astype(out_ref.dtype)
 
 
@@ -334,7 +331,7 @@ def layer(
 
     slots = _block(S, blocks.slots)
     n_blocks = S // slots
-    partial = (B, K, _next_power_of_two(n_blocks), heads)
+    partial = (B, K, heads, _next_power_of_two(n_blocks))  # per query head: its slot blocks
     acc, maxes, sums = call(
         functools.partial(_attention_kernel, config=config, slots=slots),
         (B * K, n_blocks),
