@@ -9,7 +9,8 @@
 # The batch-1 target (within 2x of the bandwidth bound) is what the steps measure, in order of
 # need: the fused Pallas decode step (`--pallas-decode on`, `models.gpu_decode`) at batch 1,
 # XLA's unrolled step at batch 1 (the baseline, same machine), the fused step under the
-# profiler (its kernels' times), at batch 8 (the most it fuses, `gpu_decode.MAX_BATCH`), and
+# profiler without XLA's command buffers (which would show the whole step as one op: here each
+# kernel is its own), at batch 8 (the most it fuses, `gpu_decode.MAX_BATCH`), and
 # with smaller blocks (twice the programs per kernel). Each run also dumps the decode
 # program's optimized HLO (`$OUT/hlo_<step>/`), to count its kernels offline. If the fused
 # step fails to compile, its log holds Triton's error; `bench/triton_check.py` compiles the
@@ -38,7 +39,7 @@ run() {  # run NAME LIMIT_S ARGS...
   ((limit > left)) && limit=$left
   local dump="--xla_dump_to=$OUT/hlo_$name --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*decode.*"
   echo "== $name (limit ${limit}s): rlver-jax $*" | tee -a "$OUT/commands.txt"
-  env XLA_FLAGS="$dump" timeout "$limit" \
+  env XLA_FLAGS="${XLA_EXTRA:-} $dump" timeout "$limit" \
     python3 -m rlver_jax.cli "$@" "${SHAPE[@]}" --json "$OUT/$name.json" >"$OUT/$name.log" 2>&1
   echo "   exit $? after ${SECONDS}s total" | tee -a "$OUT/commands.txt"
   sed -n '/^summary/,$p' "$OUT/$name.log" | grep -E "^ +jax"
@@ -55,7 +56,8 @@ python3 -c "import jax, jaxlib; print(jax.__version__, jaxlib.__version__, jax.d
 git log --oneline -1 >>"$OUT/gpu.txt" 2>&1
 run b1_pallas 150 "${SAMPLE[@]}" --pallas-decode on --batches 1 --dtypes float32,bfloat16
 run b1_xla 100 "${SAMPLE[@]}" --batches 1 --dtypes float32,bfloat16
-run b1_pallas_profile 80 "${SAMPLE[@]}" --pallas-decode on --batches 1 --dtypes float32 --profile
+XLA_EXTRA=--xla_gpu_enable_command_buffer= run b1_pallas_profile 80 "${SAMPLE[@]}" \
+  --pallas-decode on --batches 1 --dtypes float32 --profile
 run b8_pallas 100 "${SAMPLE[@]}" --pallas-decode on --batches 8 --dtypes float32,bfloat16
 run b1_pallas_small_blocks 90 "${SAMPLE[@]}" --pallas-decode on --batches 1 \
   --dtypes float32,bfloat16 --pallas-blocks qkv_rows=4,out_rows=8,mlp_rows=8,down_rows=4,slots=16
