@@ -48,7 +48,8 @@ def test_pieces_and_blocks() -> None:
 
 
 @pytest.mark.parametrize(
-    ("dtype", "tie", "bias"), [("float32", False, True), ("bfloat16", True, False)]
+    ("dtype", "tie", "bias"),
+    [("float32", False, True), pytest.param("bfloat16", True, False, marks=pytest.mark.slow)],
 )
 def test_fused_step_equals_decode_step(dtype: str, tie: bool, bias: bool) -> None:
     """Two decode steps of the fused kernels (interpret mode) == `decode_step`'s, from a cache
@@ -153,6 +154,7 @@ def test_pallas_blocks_from_a_config_and_their_checks() -> None:
         gpu_decode.Blocks(num_warps=64)
 
 
+@pytest.mark.slow  # ~20 s of interpret-mode compiles; the default run has the sampler test
 def test_sampler_keeps_xla_step_above_max_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     """Batch buckets up to `gpu_decode.MAX_BATCH` trace the fused step; larger ones XLA's."""
     traced: list[int] = []
