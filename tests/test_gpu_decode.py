@@ -48,16 +48,21 @@ def test_pieces_and_blocks() -> None:
 
 
 @pytest.mark.parametrize(
-    ("dtype", "tie", "bias"),
-    [("float32", False, True), pytest.param("bfloat16", True, False, marks=pytest.mark.slow)],
+    ("dtype", "tie", "bias", "heads"),
+    [
+        ("float32", False, True, 6),
+        pytest.param("bfloat16", True, False, 6, marks=pytest.mark.slow),
+        pytest.param("float32", True, True, 14, marks=pytest.mark.slow),  # 7 a group: Qwen2.5's
+    ],
 )
-def test_fused_step_equals_decode_step(dtype: str, tie: bool, bias: bool) -> None:
+def test_fused_step_equals_decode_step(dtype: str, tie: bool, bias: bool, heads: int) -> None:
     """Two decode steps of the fused kernels (interpret mode) == `decode_step`'s, from a cache
     a prefill left with a left-padded row: logits and both caches (bf16 ones held as bits), to
     float32 / bf16 rounding."""
     config = dataclasses.replace(
-        CONFIG, dtype=dtype, param_dtype=dtype, tie_word_embeddings=tie, attention_bias=bias
-    )
+        CONFIG, dtype=dtype, param_dtype=dtype, tie_word_embeddings=tie, attention_bias=bias,
+        num_heads=heads,
+    )  # fmt: skip
     params = _params(config, seed=int(tie))
     B, P = 3, 6
     rng = np.random.default_rng(1)
