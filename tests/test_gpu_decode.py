@@ -5,6 +5,7 @@ sampler's use of it, and the errors where it cannot run."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import jax
@@ -107,8 +108,10 @@ def test_lowers_to_five_triton_kernels_a_layer_for_cuda() -> None:
 
     traced = jax.jit(step, donate_argnums=(3,)).trace(weights, ids, ids, cache)
     text = traced.lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("@__gpu$xla.gpu.triton") == 5 * config.num_layers
-    assert text.count("#stablehlo.output_operand_alias<") == 2 * config.num_layers
+    # the layers share one lowered function (so each kernel is lowered once), called per layer
+    assert text.count("@__gpu$xla.gpu.triton") == 5
+    assert text.count("#stablehlo.output_operand_alias<") == 2
+    assert len(re.findall(r"call @layer\b", text)) == config.num_layers
 
 
 def test_sampler_pallas_decode_gives_the_unrolled_tokens() -> None:

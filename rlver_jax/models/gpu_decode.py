@@ -70,7 +70,7 @@ BLOCKS = Blocks()
 
 # The kernels unroll the batch inside each program (each weight block is read once for every
 # row), so code size, registers and compile time grow with it (`bench/triton_check.py`: the
-# output kernel compiles in ~2 s at batch 1, ~35 s at 8); larger batches are GEMM-shaped work
+# output kernel compiles in ~2 s at batch 1, ~40 s at 8); larger batches are GEMM-shaped work
 # that XLA's own step does well. The sampler runs bigger batch buckets through XLA's step.
 MAX_BATCH = 8
 
@@ -299,6 +299,7 @@ def _like(values: jax.Array, held: jax.Array) -> jax.Array:
     )
 
 
+@functools.partial(jax.jit, static_argnames=("config", "blocks", "interpret"))
 def layer(
     x: jax.Array, p: Params, cos: jax.Array, sin: jax.Array, valid: jax.Array,
     start: jax.Array, k_cache: jax.Array, v_cache: jax.Array, config: ModelConfig,
@@ -308,7 +309,10 @@ def layer(
     `decode_step.decode_weights`, cos / sin [B, Dh] at the rows' positions, `valid` [B, S]
     int32 (1: the slot is attended), `start` [1] int32 the slot written; the caches in the
     per-layer layouts (`KVCache`). Returns (x, (k cache, v cache)); the caches are updated in
-    place (the kernels alias them)."""
+    place (the kernels alias them).
+
+    A jit of its own: a step's layers then share one lowering, so each kernel is lowered (and,
+    where JAX compiles Triton while lowering, compiled) once, not once per layer."""
     B, D = x.shape
     K, G, Dh, F = config.num_kv_heads, config.num_groups, config.head_dim, config.intermediate_size
     S = k_cache.shape[-1]
@@ -377,8 +381,9 @@ def decode_step(
     ks, vs = [], []
     for p, k_cache, v_cache in zip(weights["layers"], cache.k, cache.v, strict=True):
         x, (k_cache, v_cache) = layer(
-            x, p, cos, sin, valid, start, k_cache, v_cache, config, blocks, interpret
-        )
+            x, p, cos, sin, valid, start, k_cache, v_cache,
+            config=config, blocks=blocks, interpret=interpret,
+        )  # fmt: skip
         ks.append(k_cache)
         vs.append(v_cache)
     new_cache = cache.replace(k=tuple(ks), v=tuple(vs), key_mask=key_mask, end=cache.end + 1)
