@@ -105,6 +105,22 @@ def _row(ref: Any, b: Any, pieces: tuple[tuple[int, int], ...]) -> list[jax.Arra
     return [ref[b, pl.ds(s, n)].astype(F32) for s, n in pieces]
 
 
+def _from_cache(block: jax.Array) -> jax.Array:
+    """Cache values as float32; a bf16 cache may be held as its uint16 bits (`kv_cache.as_bits`):
+    the kernels read and write the bits themselves, where a bitcast of the whole buffer outside
+    them could cost XLA a copy of it."""
+    if block.dtype == jnp.uint16:
+        block = jax.lax.bitcast_convert_type(block, jnp.bfloat16)
+    return block.astype(F32)
+
+
+def _to_cache(values: jax.Array, ref: Any) -> jax.Array:
+    """`values` in the cache buffer `ref`'s dtype (bf16 bits for a uint16 one, `_from_cache`)."""
+    if ref.dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(values.astype(jnp.bfloat16), jnp.uint16)
+    return values.astype(ref.dtype)
+
+
 def _batch_rows(ref: Any) -> list[jax.Array]:
     """Indices of a [B, ...] ref's rows, unrolled (as arrays: interpret mode rejects Python
     ints in a ref's index)."""
@@ -184,8 +200,8 @@ def _qkv_kernel(
         )
         for cols, val in zip((cols_lo, cols_hi), rotated, strict=True):
             plt.store(q_ref.at[b, j, g, cols], val.astype(q_ref.dtype), mask=ones & is_q)
-            plt.store(k_ref.at[b, j, cols, start], val.astype(k_ref.dtype), mask=ones & is_k)
-            plt.store(v_ref.at[b, j, start, cols], val.astype(v_ref.dtype), mask=ones & is_v)
+            plt.store(k_ref.at[b, j, cols, start], _to_cache(val, k_ref), mask=ones & is_k)
+            plt.store(v_ref.at[b, j, start, cols], _to_cache(val, v_ref), mask=ones & is_v)
 
 
 def _attention_kernel(
@@ -201,8 +217,8 @@ def _attention_kernel(
     heads = q_ref.shape[2]  # G rounded up to a power of two
     t = pl.ds(s * slots, slots)
     live = valid_ref[b, t] != 0  # [S']
-    k = plt.load(k_ref.at[b, j, :, t], mask=live[None, :], other=0).astype(F32)  # [Dh, S']
-    v = plt.load(v_ref.at[b, j, t, :], mask=live[:, None], other=0).astype(F32)  # [S', Dh]
+    k = _from_cache(plt.load(k_ref.at[b, j, :, t], mask=live[None, :], other=0))  # [Dh, S']
+    v = _from_cache(plt.load(v_ref.at[b, j, t, :], mask=live[:, None], other=0))  # [S', Dh]
     q = q_ref[b, j].astype(F32) / math.sqrt(config.head_dim)  # [G', Dh]
     z = jnp.sum(q[:, :, None] * k[None, :, :], axis=1)  # [G', S']
     use = live[None, :] & (jnp.arange(heads) < G)[:, None]
@@ -285,20 +301,6 @@ def _call(
     )(*args)
 
 
-def _as_values(buffer: jax.Array) -> jax.Array:
-    """A cache buffer held as bf16 bits (`kv_cache.as_bits`) viewed as bf16 (a bitcast)."""
-    if buffer.dtype == jnp.uint16:
-        return jax.lax.bitcast_convert_type(buffer, jnp.bfloat16)
-    return buffer
-
-
-def _like(values: jax.Array, held: jax.Array) -> jax.Array:
-    """`values` back in the form the cache buffer `held` had (`_as_values` undone)."""
-    return (
-        jax.lax.bitcast_convert_type(values, held.dtype) if held.dtype != values.dtype else values
-    )
-
-
 @functools.partial(jax.jit, static_argnames=("config", "blocks", "interpret"))
 def layer(
     x: jax.Array, p: Params, cos: jax.Array, sin: jax.Array, valid: jax.Array,
@@ -317,19 +319,18 @@ def layer(
     K, G, Dh, F = config.num_kv_heads, config.num_groups, config.head_dim, config.intermediate_size
     S = k_cache.shape[-1]
     heads = _next_power_of_two(G)
-    keys, values = _as_values(k_cache), _as_values(v_cache)
     call = functools.partial(_call, num_warps=blocks.num_warps, interpret=interpret)
     sds = jax.ShapeDtypeStruct
 
     qkv_rows = _block(Dh // 2, blocks.qkv_rows)
     bias = tuple(p[n].reshape(-1) for n in ("bq", "bk", "bv")) if config.attention_bias else ()
     n_in = 6 + len(bias)  # the caches' places among the inputs: aliased to outputs 1 and 2
-    q, keys, values = call(
+    q, k_cache, v_cache = call(
         functools.partial(_qkv_kernel, config=config, rows=qkv_rows),
         (K * (G + 2), Dh // 2 // qkv_rows),
-        (sds((B, K, heads, Dh), x.dtype), sds(keys.shape, keys.dtype),
-         sds(values.shape, values.dtype)),
-        start, x, p["attn_norm"].reshape(D), p["wqkv"], cos, sin, *bias, keys, values,
+        (sds((B, K, heads, Dh), x.dtype), sds(k_cache.shape, k_cache.dtype),
+         sds(v_cache.shape, v_cache.dtype)),
+        start, x, p["attn_norm"].reshape(D), p["wqkv"], cos, sin, *bias, k_cache, v_cache,
         aliases={n_in: 1, n_in + 1: 2},
     )  # fmt: skip
 
@@ -340,7 +341,7 @@ def layer(
         functools.partial(_attention_kernel, config=config, slots=slots),
         (B * K, n_blocks),
         (sds((*partial, Dh), F32), sds(partial, F32), sds(partial, F32)),
-        valid, q, keys, values,
+        valid, q, k_cache, v_cache,
     )  # fmt: skip
 
     out_rows = _block(D, blocks.out_rows)
@@ -358,7 +359,7 @@ def layer(
         functools.partial(_down_kernel, config=config, rows=down_rows),
         (D // down_rows,), sds(x.shape, x.dtype), x, act, p["w_down"],
     )  # fmt: skip
-    return x, (_like(keys, k_cache), _like(values, v_cache))
+    return x, (k_cache, v_cache)
 
 
 def decode_step(
