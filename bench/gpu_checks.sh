@@ -7,18 +7,20 @@
 #     bash bench/gpu_checks.sh        # logs, JSON and the decode programs' HLO under $OUT
 #
 # The batch-1 target (within 2x of the bandwidth bound) is what the steps measure, in order of
-# need: the fused Pallas decode step (`--pallas-decode on`, `models.gpu_decode`) at batch 1,
-# XLA's unrolled step at batch 1 (the baseline, same machine), the fused step under the
-# profiler without XLA's command buffers (which would show the whole step as one op: here each
-# kernel is its own), at batch 8 (the most it fuses, `gpu_decode.MAX_BATCH`), and
-# with smaller blocks (twice the programs per kernel). Each run also dumps the decode
-# program's optimized HLO (`$OUT/hlo_<step>/`), to count its kernels offline. If the fused
-# step fails to compile, its log holds Triton's error; `bench/triton_check.py` compiles the
-# same kernels on a CPU machine.
+# need: the fused Pallas decode step (`--pallas-decode on`, `models.gpu_decode`) at batch 1;
+# XLA's unrolled step at batch 1 (the baseline, same machine); the fused step with command
+# buffers over every op (in case the default set leaves its custom calls out); the fused step
+# under the profiler without command buffers (with them the whole step is one op; here each
+# kernel is its own); at batch 8 (the most it fuses, `gpu_decode.MAX_BATCH`); with smaller
+# blocks (twice the programs per kernel). Each run also dumps the decode program's optimized
+# HLO (`$OUT/hlo_<step>/`), to count its kernels offline. If the fused step fails to compile,
+# its log holds Triton's error; `bench/triton_check.py` compiles the same kernels on a CPU.
 #
 # SMOKE=1 runs the same steps on minuscule models (a check of this script on a CPU, where the
 # fused kernels run in Pallas' interpret mode).
 set -u
+# XLA's command buffers (CUDA graphs) over every kind of op, the while loop included
+CMDBUF=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL
 OUT=${OUT:-bench/results/gpu-$(date +%F)}
 OUT=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
 DEADLINE_S=${DEADLINE_S:-540}
@@ -56,6 +58,8 @@ python3 -c "import jax, jaxlib; print(jax.__version__, jaxlib.__version__, jax.d
 git log --oneline -1 >>"$OUT/gpu.txt" 2>&1
 run b1_pallas 150 "${SAMPLE[@]}" --pallas-decode on --batches 1 --dtypes float32,bfloat16
 run b1_xla 100 "${SAMPLE[@]}" --batches 1 --dtypes float32,bfloat16
+XLA_EXTRA=$CMDBUF run b1_pallas_cmdbuf 80 "${SAMPLE[@]}" --pallas-decode on --batches 1 \
+  --dtypes float32
 XLA_EXTRA=--xla_gpu_enable_command_buffer= run b1_pallas_profile 80 "${SAMPLE[@]}" \
   --pallas-decode on --batches 1 --dtypes float32 --profile
 run b8_pallas 100 "${SAMPLE[@]}" --pallas-decode on --batches 8 --dtypes float32,bfloat16
