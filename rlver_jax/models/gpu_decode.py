@@ -336,11 +336,11 @@ def layer(
 
     slots = _block(S, blocks.slots)
     n_blocks = S // slots
-    partial = (B, K, heads, _next_power_of_two(n_blocks))  # per query head: its slot blocks
+    per_head = (B, K, heads, _next_power_of_two(n_blocks))  # per query head: its slot blocks
     acc, maxes, sums = call(
         functools.partial(_attention_kernel, config=config, slots=slots),
         (B * K, n_blocks),
-        (sds((*partial, Dh), F32), sds(partial, F32), sds(partial, F32)),
+        (sds((*per_head, Dh), F32), sds(per_head, F32), sds(per_head, F32)),
         valid, q, k_cache, v_cache,
     )  # fmt: skip
 
