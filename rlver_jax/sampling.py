@@ -457,13 +457,12 @@ class Sampler:
         prefix = np.asarray(forced_prefix, np.int32).reshape(F)
         args = (prompt, mask, prefix, np.arange(B) < n, settings, np.int32(seed % 2**31))
         pool, rules = self.sampler_config.top_k_pool, self.rules
+        fused = self.pallas_decode and B <= gpu_decode.MAX_BATCH  # larger: XLA's step
         jits = _jitted(
             self.config, self.mesh, rules, pool, self.pad_id, self.unroll_decode,
             self.attention_kernel, self.matmul_kernel,
-            self.sampler_config.pallas_blocks
-            if self.pallas_decode and B <= gpu_decode.MAX_BATCH
-            else None,
-            self.prefill_causal_block, B, P, N,
+            self.sampler_config.pallas_blocks if fused else None, self.prefill_causal_block,
+            B, P, N,
         )  # fmt: skip
         pre, dec, ins = jits
         ctx = contextlib.nullcontext() if self.mesh is None else axis_rules(self.mesh, rules)

@@ -239,17 +239,26 @@ def decode_step(
     Returns (next-token logits [B, V] float32, the updated cache).
     """
     x, cos, sin, key_mask, mask = step_inputs(weights, tokens, positions, cache, config, rope)
-    x = constrain(x.T, _COLS)
-    start = cache.end
+
+    def layer(x: jax.Array, p: Params, k: jax.Array, v: jax.Array) -> Any:
+        return _layer(x, p, cos, sin, mask, k, v, cache.end, config, attention)
+
+    x, new_cache = step_layers(layer, constrain(x.T, _COLS), weights, cache, key_mask)
+    return step_logits(weights, x, config), new_cache
+
+
+def step_layers(
+    layer: Callable[..., tuple[jax.Array, tuple[jax.Array, jax.Array]]], x: jax.Array,
+    weights: Params, cache: KVCache, key_mask: jax.Array,
+) -> tuple[jax.Array, KVCache]:  # fmt: skip
+    """A decode step's layer loop: ``x, (k, v) = layer(x, p, k, v)`` over the layers' weights
+    and cache buffers. Returns (x, the cache with the new buffers, `key_mask` and `end` + 1)."""
     ks, vs = [], []
     for p, k_cache, v_cache in zip(weights["layers"], cache.k, cache.v, strict=True):
-        x, (k_cache, v_cache) = _layer(
-            x, p, cos, sin, mask, k_cache, v_cache, start, config, attention
-        )
+        x, (k_cache, v_cache) = layer(x, p, k_cache, v_cache)
         ks.append(k_cache)
         vs.append(v_cache)
-    new_cache = cache.replace(k=tuple(ks), v=tuple(vs), key_mask=key_mask, end=start + 1)
-    return step_logits(weights, x, config), new_cache
+    return x, cache.replace(k=tuple(ks), v=tuple(vs), key_mask=key_mask, end=cache.end + 1)
 
 
 def step_inputs(

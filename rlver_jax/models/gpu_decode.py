@@ -37,8 +37,8 @@ from jax.experimental.pallas import triton as plt
 
 from rlver_jax.models.attention import MASK_VALUE
 from rlver_jax.models.config import ModelConfig
-from rlver_jax.models.decode_step import step_inputs, step_logits
-from rlver_jax.models.kv_cache import KVCache
+from rlver_jax.models.decode_step import step_inputs, step_layers, step_logits
+from rlver_jax.models.kv_cache import KVCache, as_held, cache_values
 
 Params = dict[str, Any]
 F32 = jnp.float32
@@ -103,22 +103,6 @@ def _block(rows: int, want: int) -> int:
 def _row(ref: Any, b: Any, pieces: tuple[tuple[int, int], ...]) -> list[jax.Array]:
     """Row b of a [B, n] ref as float32 pieces."""
     return [ref[b, pl.ds(s, n)].astype(F32) for s, n in pieces]
-
-
-def _from_cache(block: jax.Array) -> jax.Array:
-    """Cache values as float32; a bf16 cache may be held as its uint16 bits (`kv_cache.as_bits`):
-    the kernels read and write the bits themselves, where a bitcast of the whole buffer outside
-    them could cost XLA a copy of it."""
-    if block.dtype == jnp.uint16:
-        block = jax.lax.bitcast_convert_type(block, jnp.bfloat16)
-    return block.astype(F32)
-
-
-def _to_cache(values: jax.Array, ref: Any) -> jax.Array:
-    """`values` in the cache buffer `ref`'s dtype (bf16 bits for a uint16 one, `_from_cache`)."""
-    if ref.dtype == jnp.uint16:
-        return jax.lax.bitcast_convert_type(values.astype(jnp.bfloat16), jnp.uint16)
-    return values.astype(ref.dtype)
 
 
 def _batch_rows(ref: Any) -> list[jax.Array]:
@@ -200,8 +184,8 @@ def _qkv_kernel(
         )
         for cols, val in zip((cols_lo, cols_hi), rotated, strict=True):
             plt.store(q_ref.at[b, j, g, cols], val.astype(q_ref.dtype), mask=ones & is_q)
-            plt.store(k_ref.at[b, j, cols, start], _to_cache(val, k_ref), mask=ones & is_k)
-            plt.store(v_ref.at[b, j, start, cols], _to_cache(val, v_ref), mask=ones & is_v)
+            plt.store(k_ref.at[b, j, cols, start], as_held(val, k_ref.dtype), mask=ones & is_k)
+            plt.store(v_ref.at[b, j, start, cols], as_held(val, v_ref.dtype), mask=ones & is_v)
 
 
 def _attention_kernel(
@@ -217,8 +201,11 @@ def _attention_kernel(
     heads = q_ref.shape[2]  # G rounded up to a power of two
     t = pl.ds(s * slots, slots)
     live = valid_ref[b, t] != 0  # [S']
-    k = _from_cache(plt.load(k_ref.at[b, j, :, t], mask=live[None, :], other=0))  # [Dh, S']
-    v = _from_cache(plt.load(v_ref.at[b, j, t, :], mask=live[:, None], other=0))  # [S', Dh]
+    # a bf16 cache held as bits is read and written as bits here, in the kernels: a bitcast of
+    # the whole buffer outside them could cost XLA a copy of it
+    k = cache_values(plt.load(k_ref.at[b, j, :, t], mask=live[None, :], other=0))  # [Dh, S']
+    v = cache_values(plt.load(v_ref.at[b, j, t, :], mask=live[:, None], other=0))  # [S', Dh]
+    k, v = k.astype(F32), v.astype(F32)
     q = q_ref[b, j].astype(F32) / math.sqrt(config.head_dim)  # [G', Dh]
     z = jnp.sum(q[:, :, None] * k[None, :, :], axis=1)  # [G', S']
     use = live[None, :] & (jnp.arange(heads) < G)[:, None]
@@ -283,10 +270,6 @@ def _down_kernel(x_ref, act_ref, w_ref, out_ref, *, config: ModelConfig, rows: i
         out_ref[b, out_rows] = (x_ref[b, out_rows].astype(F32) + y).astype(out_ref.dtype)
 
 
-def _next_power_of_two(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 def _call(
     kernel: Any, grid: tuple[int, ...], out_shape: Any, *args: jax.Array,
     aliases: dict[int, int] | None = None, num_warps: int, interpret: bool,
@@ -318,7 +301,7 @@ def layer(
     B, D = x.shape
     K, G, Dh, F = config.num_kv_heads, config.num_groups, config.head_dim, config.intermediate_size
     S = k_cache.shape[-1]
-    heads = _next_power_of_two(G)
+    heads = pl.next_power_of_2(G)
     call = functools.partial(_call, num_warps=blocks.num_warps, interpret=interpret)
     sds = jax.ShapeDtypeStruct
 
@@ -336,7 +319,7 @@ def layer(
 
     slots = _block(S, blocks.slots)
     n_blocks = S // slots
-    per_head = (B, K, heads, _next_power_of_two(n_blocks))  # per query head: its slot blocks
+    per_head = (B, K, heads, pl.next_power_of_2(n_blocks))  # per query head: its slot blocks
     acc, maxes, sums = call(
         functools.partial(_attention_kernel, config=config, slots=slots),
         (B * K, n_blocks),
@@ -379,13 +362,11 @@ def decode_step(
     cos, sin = cos[:, 0], sin[:, 0]
     valid = mask[:, 0].astype(jnp.int32)
     start = cache.end.reshape(1).astype(jnp.int32)
-    ks, vs = [], []
-    for p, k_cache, v_cache in zip(weights["layers"], cache.k, cache.v, strict=True):
-        x, (k_cache, v_cache) = layer(
-            x, p, cos, sin, valid, start, k_cache, v_cache,
-            config=config, blocks=blocks, interpret=interpret,
-        )  # fmt: skip
-        ks.append(k_cache)
-        vs.append(v_cache)
-    new_cache = cache.replace(k=tuple(ks), v=tuple(vs), key_mask=key_mask, end=cache.end + 1)
+
+    def fused(x: jax.Array, p: Params, k: jax.Array, v: jax.Array) -> Any:
+        return layer(
+            x, p, cos, sin, valid, start, k, v, config=config, blocks=blocks, interpret=interpret
+        )
+
+    x, new_cache = step_layers(fused, x, weights, cache, key_mask)
     return step_logits(weights, x.T, config), new_cache

@@ -110,11 +110,16 @@ def cache_values(buffer: jax.Array) -> jax.Array:
     return buffer
 
 
+def as_held(values: jax.Array, dtype: Any) -> jax.Array:
+    """`values` in a cache buffer's dtype `dtype`: bf16 bits for one held as bits (`as_bits`),
+    the inverse of `cache_values`."""
+    if jnp.dtype(dtype) == jnp.uint16:
+        return jax.lax.bitcast_convert_type(values.astype(jnp.bfloat16), jnp.uint16)
+    return values.astype(dtype)
+
+
 def write_slot(cache: jax.Array, block: jax.Array, axis: int, slot: jax.Array) -> jax.Array:
     """`block` (size 1 on `axis`, the cache's size elsewhere) written into `cache` at index
-    `slot` of `axis`, in the cache's dtype (as bf16 bits into a cache held as bits, `as_bits`):
-    the per-layer decode step's cache write."""
+    `slot` of `axis`, in the cache's form (`as_held`): the per-layer decode step's cache write."""
     at = tuple(slot if i == axis else 0 for i in range(cache.ndim))
-    if cache.dtype == jnp.uint16:
-        block = jax.lax.bitcast_convert_type(block.astype(jnp.bfloat16), jnp.uint16)
-    return jax.lax.dynamic_update_slice(cache, block.astype(cache.dtype), at)
+    return jax.lax.dynamic_update_slice(cache, as_held(block, cache.dtype), at)
