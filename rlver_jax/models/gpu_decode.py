@@ -296,8 +296,9 @@ def layer(
     per-layer layouts (`KVCache`). Returns (x, (k cache, v cache)); the caches are updated in
     place (the kernels alias them).
 
-    A jit of its own: a step's layers then share one lowering, so each kernel is lowered (and,
-    where JAX compiles Triton while lowering, compiled) once, not once per layer."""
+    A jit of its own: a step's layers then share one lowering, so each kernel is lowered to
+    Triton IR once, not once per layer (SmolLM2's step: 1 s, was 12 s). JAX 0.10.2 and 0.11.2
+    hand that IR to XLA as `__gpu$xla.gpu.triton` custom calls, which XLA compiles."""
     B, D = x.shape
     K, G, Dh, F = config.num_kv_heads, config.num_groups, config.head_dim, config.intermediate_size
     S = k_cache.shape[-1]
