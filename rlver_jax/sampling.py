@@ -343,10 +343,14 @@ class Sampler:
         self._calls = 0
         self._per_layer: tuple[list[Any], Params] | None = None  # (params' leaves, weights)
 
+    @property
+    def num_devices(self) -> int:
+        """Devices the sampler runs on: its mesh's, or the one default device."""
+        return 1 if self.mesh is None else self.mesh.devices.size
+
     def _use_kernel(self, option: str, shape_ok: bool) -> bool:
         """`SamplerConfig.<option>` (a CPU kernel) resolved for this sampler (see there)."""
-        want, mesh = getattr(self.sampler_config, option), self.mesh
-        devices = 1 if mesh is None else mesh.devices.size
+        want, mesh, devices = getattr(self.sampler_config, option), self.mesh, self.num_devices
         applies = self.unroll_decode and platform_of(mesh) == "cpu" and devices == 1
         if want and not applies:
             raise ValueError(
@@ -374,7 +378,7 @@ class Sampler:
         """`SamplerConfig.pallas_decode` checked against this sampler (see there)."""
         if not self.sampler_config.pallas_decode:
             return False
-        devices = 1 if self.mesh is None else self.mesh.devices.size
+        devices = self.num_devices
         if not self.unroll_decode or devices != 1:
             raise ValueError(
                 "pallas_decode=True needs an unrolled decode on one device (the kernels are "

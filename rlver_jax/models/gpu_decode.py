@@ -100,11 +100,6 @@ def _block(rows: int, want: int) -> int:
     return math.gcd(rows, 1 << (max(want, 1).bit_length() - 1))
 
 
-def _row(ref: Any, b: Any, pieces: tuple[tuple[int, int], ...]) -> list[jax.Array]:
-    """Row b of a [B, n] ref as float32 pieces."""
-    return [ref[b, pl.ds(s, n)].astype(F32) for s, n in pieces]
-
-
 def _batch_rows(ref: Any) -> list[jax.Array]:
     """Indices of a [B, ...] ref's rows, unrolled (as arrays: interpret mode rejects Python
     ints in a ref's index)."""
@@ -122,11 +117,12 @@ def _normed(x: list[jax.Array], scale_ref: Any, eps: float) -> list[jax.Array]:
     return out
 
 
-def _rows(w_ref: Any, rows: Any, pieces: tuple[tuple[int, int], ...]) -> list[jax.Array]:
-    """`w[rows, :]` as float32 pieces [R, n]. The kernels load their weights before anything
-    else: the loads are then in flight together, while the inputs are read and normed (a
+def _rows(ref: Any, rows: Any, pieces: tuple[tuple[int, int], ...]) -> list[jax.Array]:
+    """`ref[rows, :]` of a 2-d ref as float32 pieces: [R, n] for a weight's block of rows,
+    [n] for one batch row of an input. The kernels load their weights before anything else:
+    the loads are then in flight together, while the inputs are read and normed (a
     reduction's barrier would otherwise hold back every load after it)."""
-    return [w_ref[rows, pl.ds(s, n)].astype(F32) for s, n in pieces]
+    return [ref[rows, pl.ds(s, n)].astype(F32) for s, n in pieces]
 
 
 def _matvec(w: list[jax.Array], xs: list[list[jax.Array]]) -> list[jax.Array]:
@@ -157,7 +153,7 @@ def _qkv_kernel(
     offsets = (r * rows, half + r * rows)  # the pair's two halves
     ws = [_rows(w_ref, pl.ds(c * Dh + offset, rows), pieces) for offset in offsets]
     xs = [
-        _normed(_row(x_ref, b, pieces), norm_ref, config.rms_norm_eps) for b in _batch_rows(q_ref)
+        _normed(_rows(x_ref, b, pieces), norm_ref, config.rms_norm_eps) for b in _batch_rows(q_ref)
     ]
     outs = []
     for offset, w in zip(offsets, ws, strict=True):
@@ -252,7 +248,7 @@ def _mlp_in_kernel(x_ref, norm_ref, w_ref, act_ref, *, config: ModelConfig, rows
     pieces = _pieces(config.hidden_size)
     ws = [_rows(w_ref, pl.ds(2 * f * rows + i, rows, stride=2), pieces) for i in (0, 1)]
     xs = [
-        _normed(_row(x_ref, b, pieces), norm_ref, config.rms_norm_eps) for b in _batch_rows(x_ref)
+        _normed(_rows(x_ref, b, pieces), norm_ref, config.rms_norm_eps) for b in _batch_rows(x_ref)
     ]
     gates, ups = (_matvec(w, xs) for w in ws)
     for b, gate, up in zip(_batch_rows(x_ref), gates, ups, strict=True):
@@ -265,7 +261,7 @@ def _down_kernel(x_ref, act_ref, w_ref, out_ref, *, config: ModelConfig, rows: i
     out_rows = pl.ds(n * rows, rows)
     pieces = _pieces(config.intermediate_size)
     w = _rows(w_ref, out_rows, pieces)
-    acts = [_row(act_ref, b, pieces) for b in _batch_rows(x_ref)]
+    acts = [_rows(act_ref, b, pieces) for b in _batch_rows(x_ref)]
     for b, y in zip(_batch_rows(x_ref), _matvec(w, acts), strict=True):
         out_ref[b, out_rows] = (x_ref[b, out_rows].astype(F32) + y).astype(out_ref.dtype)
 
