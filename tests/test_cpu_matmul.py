@@ -72,7 +72,8 @@ def test_project_equals_numpy(dtype: str, F: int, D: int, B: int) -> None:
     np.testing.assert_array_equal(np.asarray(again), np.asarray(got))  # a fixed order per output
 
 
-def _random_params(config: ModelConfig, seed: int = 0) -> dict:
+def random_params(config: ModelConfig, seed: int = 0) -> dict:
+    """Random weights of `config`'s shape, N(0, 0.3), in its param dtype."""
     rng = np.random.default_rng(seed)
     return jax.tree.map(
         lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape), config.param_dtype),
@@ -89,7 +90,7 @@ def test_packed_decode_step_equals_unpacked(tie: bool, dtype: str) -> None:
         CONFIG, tie_word_embeddings=tie, dtype=dtype, param_dtype=dtype, attention_bias=True
     )
     assert packable_config(config) and cpu_kernels.available()
-    params = _random_params(config, seed=int(tie))
+    params = random_params(config, seed=int(tie))
     B, P = 3, 6
     rng = np.random.default_rng(1)
     tokens = jnp.asarray(rng.integers(1, config.vocab_size, (B, P + 2)))

@@ -21,6 +21,7 @@ from rlver_jax.models.kv_cache import as_bits, cache_values, init_cache, unstack
 from rlver_jax.models.transformer import forward, param_shapes
 from rlver_jax.parallel import MeshConfig, make_mesh
 from rlver_jax.sampling import Sampler, SamplerConfig
+from tests.test_cpu_matmul import random_params
 from tests.test_sampling import BUCKETS, PROMPTS
 
 # Widths that are not powers of two (hidden 96 = 64 + 32, MLP 160 = 128 + 32) and 3 query heads
@@ -29,14 +30,6 @@ CONFIG = ModelConfig(
     family="llama", vocab_size=128, hidden_size=96, intermediate_size=160, num_layers=2,
     num_heads=6, num_kv_heads=2, head_dim=16,
 )  # fmt: skip
-
-
-def _params(config: ModelConfig, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape), config.param_dtype),
-        param_shapes(config),
-    )
 
 
 def test_pieces_and_blocks() -> None:
@@ -64,7 +57,7 @@ def test_fused_step_equals_decode_step(dtype: str, tie: bool, bias: bool, heads:
         CONFIG, dtype=dtype, param_dtype=dtype, tie_word_embeddings=tie, attention_bias=bias,
         num_heads=heads,
     )  # fmt: skip
-    params = _params(config, seed=int(tie))
+    params = random_params(config, seed=int(tie))
     B, P = 3, 6
     rng = np.random.default_rng(1)
     tokens = jnp.asarray(rng.integers(1, config.vocab_size, (B, P + 2)))
@@ -117,7 +110,7 @@ def test_lowers_to_five_triton_kernels_a_layer_for_cuda() -> None:
 def test_sampler_pallas_decode_gives_the_unrolled_tokens() -> None:
     """The sampler with `pallas_decode` (interpret mode on CPU) samples what the unrolled XLA
     decode samples, greedily and at temperature 1 with one seed."""
-    params = _params(CONFIG, seed=3)
+    params = random_params(CONFIG, seed=3)
     outs = []
     for pallas in (False, True):
         sampler_config = dataclasses.replace(
@@ -179,7 +172,7 @@ def test_sampler_keeps_xla_step_above_max_batch(monkeypatch: pytest.MonkeyPatch)
         BUCKETS, batch_buckets=(2, 4), unroll_decode=True, pallas_decode=True
     )
     sampler = Sampler(config, pad_id=0, sampler_config=sampler_config)
-    params = _params(config)
+    params = random_params(config)
     small = sampler(params, PROMPTS[:2], max_new_tokens=3, temperature=0.0)
     large = sampler(params, PROMPTS, max_new_tokens=3, temperature=0.0)
     assert traced == [2]
