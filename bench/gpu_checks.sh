@@ -42,7 +42,7 @@ run() {  # run NAME LIMIT_S ARGS...
   local dump="--xla_dump_to=$OUT/hlo_$name --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*decode.*"
   echo "== $name (limit ${limit}s): rlver-jax $*" | tee -a "$OUT/commands.txt"
   env XLA_FLAGS="${XLA_EXTRA:-} $dump" timeout "$limit" \
-    python3 -m rlver_jax.cli "$@" "${SHAPE[@]}" --json "$OUT/$name.json" >"$OUT/$name.log" 2>&1
+    python3 -m rlver_jax.cli.main "$@" "${SHAPE[@]}" --json "$OUT/$name.json" >"$OUT/$name.log" 2>&1
   echo "   exit $? after ${SECONDS}s total" | tee -a "$OUT/commands.txt"
   sed -n '/^summary/,$p' "$OUT/$name.log" | grep -E "^ +jax"
   tail -n 5 "$OUT/$name.log" | grep -iE "error|exception" | head -n 3

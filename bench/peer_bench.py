@@ -1,4 +1,5 @@
-"""`rlver-jax bench peer`: the same GRPO step in rlver_jax and in google-tunix, side by side.
+"""The same GRPO step in rlver_jax and in google-tunix, side by side (`python bench/peer_bench.py`;
+not installed: it needs tunix, see bench/setup_peer_env.sh).
 
 Both tools, in ONE process, run the same step on the same CPU: ``prompts x group`` rows of a
 ``prompt_len``-token prompt, ``new_tokens`` sampled tokens each (temperature 1, no stop token:
@@ -47,7 +48,7 @@ COLUMNS = (
     ("train_tok_s", "{:.0f}"), ("trainstep_tok", "{:.0f}"), ("step_s", "{:.3f}"),
 )  # fmt: skip
 SPEEDUP_COLUMNS = tuple((name, "{}" if fmt == "{}" else "{:.2f}x") for name, fmt in COLUMNS)
-SETUP_HINT = "bash bench/setup_peer_env.sh && /tmp/rlver-peer-venv/bin/rlver-jax bench peer"
+SETUP_HINT = "bash bench/setup_peer_env.sh && /tmp/rlver-peer-venv/bin/python bench/peer_bench.py"
 EXIT_NO_TUNIX = 2
 
 
@@ -131,7 +132,7 @@ def bench_rlver(shape: Shape, steps: int, share_prefixes: bool = True) -> dict[s
     from rlver_jax.models.transformer import init_params
     from rlver_jax.parallel.compile_count import count_compiles
     from rlver_jax.rl.learner import Learner
-    from rlver_jax.sampling import Sampler, SamplerConfig
+    from rlver_jax.sampling.sampler import Sampler, SamplerConfig
     from rlver_jax.trajectories import Trajectories
 
     s, T = shape, shape.prompt_len + shape.new_tokens
@@ -313,7 +314,7 @@ def speedup(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="rlver-jax bench peer", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="bench/peer_bench.py", description=__doc__.split("\n")[0])
     for field in dataclasses.fields(Shape):
         flag = "--" + field.name.replace("_", "-")
         ap.add_argument(flag, type=type(field.default), default=field.default)

@@ -2,7 +2,7 @@
 # Create the peer-benchmark environment: this repo + google-tunix in a venv of their own.
 #
 #   bash bench/setup_peer_env.sh [VENV_DIR]          # default VENV_DIR: /tmp/rlver-peer-venv
-#   VENV_DIR/bin/rlver-jax bench peer                # run the side-by-side benchmark
+#   VENV_DIR/bin/python bench/peer_bench.py                # run the side-by-side benchmark
 #
 # tunix is never installed into the dev / CI env (its dependency tree is large and pins
 # safetensors<0.8). The repo is installed first (jax==0.10.2, flax, optax, ... from
@@ -33,4 +33,4 @@ import tunix.rl.grpo.grpo_learner  # noqa: F401
 
 print("tunix imports OK")
 PY
-echo "peer env ready: $VENV/bin/rlver-jax bench peer"
+echo "peer env ready: $VENV/bin/python bench/peer_bench.py"

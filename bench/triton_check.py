@@ -28,7 +28,7 @@ from jax._src.pallas.triton import lowering
 from triton.backends.compiler import GPUTarget
 
 from rlver_jax.bench.models import model_config
-from rlver_jax.models import gpu_decode
+from rlver_jax.kernels.gpu import decode as gpu_decode
 from rlver_jax.models.decode_step import decode_weights
 from rlver_jax.models.kv_cache import as_bits, init_cache
 from rlver_jax.models.transformer import param_shapes

@@ -27,7 +27,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Literal
 
-from rlver_jax.models.tokenizer import Tokenizer
+from rlver_jax.model_io.tokenizer import Tokenizer
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")

@@ -11,13 +11,14 @@ from rlver_jax.env.dynamics import EmotionDynamicsConfig
 from rlver_jax.env.profiles import Profile, load_builtin_profiles, load_profiles
 from rlver_jax.env.rollout import RolloutEngine
 from rlver_jax.env.user import SimulatedUser
-from rlver_jax.models.loader import ModelSpec, load_model
-from rlver_jax.models.tokenizer import Tokenizer
+from rlver_jax.model_io.loader import ModelSpec, load_model
+from rlver_jax.model_io.tokenizer import Tokenizer
+from rlver_jax.models.sharding import param_shardings
 from rlver_jax.models.transformer import Params
 from rlver_jax.parallel import distributed
-from rlver_jax.parallel.mesh import make_mesh, param_shardings
+from rlver_jax.parallel.mesh import make_mesh
 from rlver_jax.run_config import RunConfig
-from rlver_jax.sampling import Sampler
+from rlver_jax.sampling.sampler import Sampler
 
 Split = Literal["train", "test"]
 

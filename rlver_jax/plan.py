@@ -99,7 +99,7 @@ from rlver_jax.plan_sizes import (
 )
 from rlver_jax.rl.model_outputs import vocab_block
 from rlver_jax.run_config import RunConfig
-from rlver_jax.sampling import SamplerConfig
+from rlver_jax.sampling.sampler import SamplerConfig
 
 Phase = Literal["resident", "init", "rollout", "old", "train"]
 GB = 1e9

@@ -18,10 +18,10 @@ from rlver_jax.env.dynamics import EmotionDynamicsConfig
 from rlver_jax.env.llm_user import LLMUserConfig
 from rlver_jax.env.reference_user import ReferenceUserConfig
 from rlver_jax.env.rollout import RolloutConfig
-from rlver_jax.models.loader import ModelSpec
+from rlver_jax.model_io.loader import ModelSpec
 from rlver_jax.parallel.mesh import MeshConfig
 from rlver_jax.rl.optim import LearnerConfig
-from rlver_jax.sampling import SamplerConfig
+from rlver_jax.sampling.sampler import SamplerConfig
 from rlver_jax.scaffold import ScaffoldConfig
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 
 from rlver_jax.chat_format import ChatFormat
-from rlver_jax.models.tokenizer import Tokenizer
+from rlver_jax.model_io.tokenizer import Tokenizer
 from rlver_jax.trajectories import Trajectories
 
 ScaffoldMode = Literal["think", "plain"]

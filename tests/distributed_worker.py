@@ -70,13 +70,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     assert distributed.initialize()  # idempotent: a second call is a no-op
     from rlver_jax.models.config import ModelConfig
+    from rlver_jax.models.sharding import param_shardings
     from rlver_jax.models.transformer import forward, positions_from_mask
     from rlver_jax.parallel.mesh import (
         MeshConfig,
         batch_sharding,
         host_to_global,
         make_mesh,
-        param_shardings,
         shard_params,
         to_host,
     )
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         logits = fwd_jit(params, tokens, mask)
     results = {"logits": to_host(logits)}
     if args.sample:
-        from rlver_jax.sampling import Sampler, SamplerConfig
+        from rlver_jax.sampling.sampler import Sampler, SamplerConfig
 
         buckets = SamplerConfig(prompt_buckets=(8,), batch_buckets=(4,), new_token_buckets=(8,))
         sampler = Sampler(config, mesh=mesh, sampler_config=buckets)

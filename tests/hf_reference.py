@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from rlver_jax.model_io.weight_map import leaf_from_hf
 from rlver_jax.models.config import ModelConfig
-from rlver_jax.models.weight_map import leaf_from_hf
 
 TINY = dict(
     vocab_size=97,

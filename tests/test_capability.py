@@ -31,8 +31,8 @@ from rlver_jax.eval.capability import (
     summarize_scores,
 )
 from rlver_jax.eval.report import bootstrap_ci, bootstrap_diff_ci, radar_chart
+from rlver_jax.model_io.tokenizer import Tokenizer
 from rlver_jax.models.config import ModelConfig
-from rlver_jax.models.tokenizer import Tokenizer
 from rlver_jax.models.transformer import forward, init_params, positions_from_mask
 
 THOUGHT = "SECRET-PLAN flatter them"
@@ -310,7 +310,7 @@ def test_summarize_scores_and_radar(ref_judge: ReferenceCapabilityJudge, tmp_pat
 def test_smollm2_capability_judge_real_rubric() -> None:
     """SmolLM2-135M judges with the packaged rubric: one program per bucket, scores in [1, 5]
     (a 135M model is no reliable judge; the scores are printed, not asserted to order)."""
-    from rlver_jax.models.default_model import load_default_model
+    from rlver_jax.model_io.default_model import load_default_model
 
     params, config, tok = load_default_model()
     j = LLMCapabilityJudge(params, config, tok, batch_buckets=(5,))

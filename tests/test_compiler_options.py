@@ -9,7 +9,7 @@ import numpy as np
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.transformer import init_params
 from rlver_jax.parallel.compiler_options import large_gemm_options, platform_of
-from rlver_jax.sampling import MAX_STOP_IDS, Settings, _jitted
+from rlver_jax.sampling.sampler import MAX_STOP_IDS, Settings, _jitted
 
 YNN = "__ynn_fusion"
 CFG = ModelConfig(

@@ -12,13 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlver_jax.models import cpu_attention, cpu_kernels
+from rlver_jax.kernels.cpu import attention as cpu_attention
+from rlver_jax.kernels.cpu import build as cpu_kernels
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.decode_step import decode_step, decode_weights, one_query_attention
 from rlver_jax.models.kv_cache import as_bits, cache_values, init_cache, unstack_cache
 from rlver_jax.models.transformer import forward
 from rlver_jax.parallel import MeshConfig, make_mesh
-from rlver_jax.sampling import Sampler
+from rlver_jax.sampling.sampler import Sampler
 from tests.test_sampling import BUCKETS, CONFIG, PAD, PROMPTS, _params
 
 needs_compiler = pytest.mark.skipif(

@@ -11,11 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlver_jax import sampling
-from rlver_jax.models import cpu_causal_attention, cpu_kernels
+from rlver_jax.kernels.cpu import build as cpu_kernels
+from rlver_jax.kernels.cpu import causal_attention as cpu_causal_attention
 from rlver_jax.models.attention import attention
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.transformer import attention_mask
+from rlver_jax.sampling import sampler as sampling
 from tests.test_sampling import BUCKETS, CONFIG, PAD, _params
 
 pytestmark = pytest.mark.skipif(

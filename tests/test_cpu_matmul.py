@@ -11,13 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlver_jax.models import cpu_kernels, cpu_matmul
+from rlver_jax.kernels.cpu import build as cpu_kernels
+from rlver_jax.kernels.cpu import matmul as cpu_matmul
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.decode_step import decode_step, decode_weights, packable_config
 from rlver_jax.models.kv_cache import init_cache, unstack_cache
 from rlver_jax.models.transformer import forward, param_shapes
 from rlver_jax.parallel import MeshConfig, make_mesh
-from rlver_jax.sampling import Sampler
+from rlver_jax.sampling.sampler import Sampler
 from tests.test_sampling import BUCKETS, CONFIG
 
 needs_compiler = pytest.mark.skipif(

@@ -150,7 +150,7 @@ def test_two_processes_share_one_mesh(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_two_processes_sample_like_one(tmp_path: Path) -> None:
     """Greedy sampling on the two-process mesh gives the single-process tokens."""
-    from rlver_jax.sampling import Sampler, SamplerConfig
+    from rlver_jax.sampling.sampler import Sampler, SamplerConfig
 
     results = _run_two_processes(tmp_path, ["--sample"], timeout=240)
     config, params, _ = _reference_logits()

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from rlver_jax import cli
+from rlver_jax.cli import main as cli
 from rlver_jax.env import dynamics
 from rlver_jax.eval.sentient import (
     emotion_matrix,
@@ -62,7 +62,7 @@ def write_checkpoint(run_dir: Path, config: Path | Any, step: int = 3, shift: fl
     """A checkpoint in the trainer's layout (`run_dir/checkpoints/<step>`: the whole TrainState
     plus the JSON extra with the run config); the policy is the config's random init + `shift`.
     Returns the policy params."""
-    from rlver_jax.models.loader import load_model
+    from rlver_jax.model_io.loader import load_model
     from rlver_jax.rl.checkpoint import Checkpointer, checkpoint_extra
     from rlver_jax.rl.learner import init_train_state
     from rlver_jax.run_config import load_run_config, run_config_dict
@@ -129,7 +129,7 @@ def test_write_eval_files(tmp_path: Path) -> None:
     import matplotlib.image
 
     from rlver_jax.eval.capability import ReferenceCapabilityJudge
-    from rlver_jax.models.tokenizer import Tokenizer
+    from rlver_jax.model_io.tokenizer import Tokenizer
 
     ts = synthetic([[40, 50, 100], [40, 20, 5], [40, 45, 55]])
     judge = ReferenceCapabilityJudge(Tokenizer.tiny())
@@ -228,7 +228,7 @@ def test_eval_checkpoint_export_round_trip(tmp_path: Path) -> None:
 
 
 def test_export_errors(tmp_path: Path) -> None:
-    from rlver_jax.export_cli import resolve_checkpoint_dir
+    from rlver_jax.cli.export import resolve_checkpoint_dir
     from rlver_jax.rl.checkpoint import CheckpointNotFoundError
 
     with pytest.raises(FileNotFoundError):

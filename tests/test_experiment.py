@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from rlver_jax import cli
+from rlver_jax.cli import main as cli
 from rlver_jax.eval.capability import DIMENSIONS
 from rlver_jax.eval.experiment import (
     ARMS,

@@ -17,13 +17,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlver_jax.models import default_model
+from rlver_jax.model_io import default_model
+from rlver_jax.model_io.gguf_io import load_gguf, unpermute_rope
+from rlver_jax.model_io.tokenizer import Tokenizer
+from rlver_jax.model_io.weight_map import WeightError
 from rlver_jax.models.config import ModelConfig, ModelConfigError
-from rlver_jax.models.gguf_io import load_gguf, unpermute_rope
 from rlver_jax.models.kv_cache import init_cache
-from rlver_jax.models.tokenizer import Tokenizer
 from rlver_jax.models.transformer import forward, positions_from_mask
-from rlver_jax.models.weight_map import WeightError
 from tests.hf_reference import tiny_torch_model, torch_logits
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from rlver_jax.config_io import from_dict, to_dict
-from rlver_jax.models import gpu_decode
+from rlver_jax.kernels.gpu import decode as gpu_decode
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.decode_step import decode_step, decode_weights
 from rlver_jax.models.kv_cache import as_bits, cache_values, init_cache, unstack_cache
 from rlver_jax.models.transformer import forward, param_shapes
 from rlver_jax.parallel import MeshConfig, make_mesh
-from rlver_jax.sampling import Sampler, SamplerConfig
+from rlver_jax.sampling.sampler import Sampler, SamplerConfig
 from tests.test_cpu_matmul import random_params
 from tests.test_sampling import BUCKETS, PROMPTS
 

@@ -14,16 +14,16 @@ from jax.sharding import AxisType, PartitionSpec
 from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rlver_jax.model_io.hf_io import INDEX_FILE, SINGLE_FILE, export_hf, load_hf_checkpoint
+from rlver_jax.model_io.tokenizer import Tokenizer
+from rlver_jax.model_io.weight_map import WeightError
 from rlver_jax.models.config import ModelConfigError
-from rlver_jax.models.hf_io import INDEX_FILE, SINGLE_FILE, export_hf, load_hf_checkpoint
-from rlver_jax.models.tokenizer import Tokenizer
 from rlver_jax.models.transformer import (
     forward,
     param_logical_axes,
     param_shapes,
     positions_from_mask,
 )
-from rlver_jax.models.weight_map import WeightError
 from rlver_jax.parallel.rules import axis_rules, tree_shardings
 from tests.hf_reference import tiny_torch_model, torch_logits
 

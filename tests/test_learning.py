@@ -45,7 +45,7 @@ def test_tiny_config_learns(algorithm: str, mode: str, tmp_path: Path) -> None:
         f"output_dir={tmp_path}",
         "trainer.progress_bar=false",
     ]
-    cmd = [sys.executable, "-m", "rlver_jax.cli", "train", "--config"]
+    cmd = [sys.executable, "-m", "rlver_jax.cli.main", "train", "--config"]
     cmd += [str(REPO / "configs" / "tiny_cpu.yaml"), *overrides]
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=3600)

@@ -26,11 +26,11 @@ from rlver_jax.env.llm_judge import (
 from rlver_jax.env.llm_user import LLMUser, LLMUserConfig, clean_reply
 from rlver_jax.env.profiles import Profile
 from rlver_jax.env.user import SimulatedUser, Turn
+from rlver_jax.model_io.tokenizer import Tokenizer
 from rlver_jax.models.config import ModelConfig
-from rlver_jax.models.tokenizer import Tokenizer
 from rlver_jax.models.transformer import forward, init_params, positions_from_mask
 from rlver_jax.parallel.compile_count import count_compiles
-from rlver_jax.sampling import SampleOutput
+from rlver_jax.sampling.sampler import SampleOutput
 from rlver_jax.scaffold import load_prompts
 
 PERSONA = "- Name: Anna Lee\n- Age: 29\n- Job: teacher"
@@ -374,7 +374,7 @@ def test_reply_and_opening_with_real_sampler(user: LLMUser, short_prompts: None)
 # --------------------------------------------------------------------------- real model
 @pytest.mark.slow
 def test_smollm2_judges_kind_vs_rude() -> None:
-    from rlver_jax.models.default_model import load_default_model
+    from rlver_jax.model_io.default_model import load_default_model
 
     params, config, tok = load_default_model()
     u = LLMUser(params, config, tok)

@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.kv_cache import init_cache
+from rlver_jax.models.sharding import cache_shardings, param_shardings
 from rlver_jax.models.transformer import param_shapes
 from rlver_jax.parallel import (
     MESH_AXES,
@@ -17,11 +18,9 @@ from rlver_jax.parallel import (
     MeshConfigError,
     batch_axis_size,
     batch_sharding,
-    cache_shardings,
     count_compiles,
     host_to_global,
     make_mesh,
-    param_shardings,
     replicated,
     shard_params,
     to_host,

@@ -27,17 +27,20 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from rlver_jax import plan, plan_cli, sampling
+from rlver_jax import plan
+from rlver_jax.cli import plan as plan_cli
 from rlver_jax.config_io import from_dict
 from rlver_jax.env import llm_judge
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.decode_step import decode_weights
+from rlver_jax.models.sharding import param_shardings
 from rlver_jax.models.transformer import param_logical_axes, param_shapes
-from rlver_jax.parallel.mesh import MeshConfig, make_mesh, param_shardings
+from rlver_jax.parallel.mesh import MeshConfig, make_mesh
 from rlver_jax.parallel.rules import axis_rules
 from rlver_jax.rl.learner import Learner, LearnerBatch
 from rlver_jax.run_config import RunConfig
-from rlver_jax.sampler_config import CPU_PREFILL_CAUSAL_BLOCK
+from rlver_jax.sampling import sampler as sampling
+from rlver_jax.sampling.config import CPU_PREFILL_CAUSAL_BLOCK
 from rlver_jax.trajectories import Trajectories
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,7 +20,7 @@ from rlver_jax.env.reference_user import (
     profile_name,
 )
 from rlver_jax.env.user import SimulatedUser, Turn
-from rlver_jax.models.tokenizer import Tokenizer
+from rlver_jax.model_io.tokenizer import Tokenizer
 
 PERSONA = {
     "en": "* Name: Alex Morgan\n* Age: 30\n* Occupation: nurse",
@@ -337,7 +337,7 @@ def test_messages(user: ReferenceUser, language: str):
 @pytest.mark.parametrize("language", ["en", "zh"])
 def test_good_and_bad_replies_with_smollm2_tokenizer(language: str):
     """The same cases with a real 49k-vocab BPE (SmolLM2's, from its GGUF; ~10 s to load)."""
-    from rlver_jax.models import default_model
+    from rlver_jax.model_io import default_model
 
     try:
         path = default_model.smollm2_gguf_path()

@@ -11,9 +11,9 @@ import pytest
 from rlver_jax.env.profiles import load_builtin_profiles
 from rlver_jax.env.reference_user import ReferenceUser
 from rlver_jax.env.rollout import RolloutConfig, RolloutEngine, write_transcripts
-from rlver_jax.models.loader import ModelSpec, load_model
+from rlver_jax.model_io.loader import ModelSpec, load_model
 from rlver_jax.parallel.mesh import MeshConfig, make_mesh
-from rlver_jax.sampling import Sampler
+from rlver_jax.sampling.sampler import Sampler
 from rlver_jax.scaffold import ScaffoldConfig
 
 

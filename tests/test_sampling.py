@@ -13,8 +13,8 @@ import pytest
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.transformer import forward, param_shapes, positions_from_mask
 from rlver_jax.parallel import MeshConfig, count_compiles, make_mesh
-from rlver_jax.sampling import Sampler, SamplerConfig, StopReason
-from rlver_jax.token_sampling import Settings, filter_logits, sample_tokens, top_p_bisect
+from rlver_jax.sampling.sampler import Sampler, SamplerConfig, StopReason
+from rlver_jax.sampling.tokens import Settings, filter_logits, sample_tokens, top_p_bisect
 
 CONFIG = ModelConfig(
     family="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,

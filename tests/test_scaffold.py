@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from rlver_jax.chat_format import ChatFormat, ChatFormatError, derive_template_texts
-from rlver_jax.models.tokenizer import Tokenizer
+from rlver_jax.model_io.tokenizer import Tokenizer
 from rlver_jax.scaffold import (
     DialogueRecord,
     ParsedReply,

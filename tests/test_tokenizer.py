@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from rlver_jax.model_io.tokenizer import Tokenizer, TokenizerError, check_compatible
 from rlver_jax.models.config import ModelConfig
-from rlver_jax.models.tokenizer import Tokenizer, TokenizerError, check_compatible
 
 TEXTS = [
     "I hear you. That sounds really hard, and it is okay to feel upset.",

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from rlver_jax import plan_cli
+from rlver_jax.cli import plan as plan_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 TPU = ROOT / "tpu"

@@ -29,7 +29,7 @@ from rlver_jax.rl.trainer import PPO_KEYS, STEP_KEYS, config_diff, rollout_seed,
 from rlver_jax.run_config import RunConfig, load_run_config, run_config_dict
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "rlver_jax.cli", "train"]
+CLI = [sys.executable, "-m", "rlver_jax.cli.main", "train"]
 TINY = REPO / "configs" / "tiny_cpu.yaml"
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 SMALL = [

@@ -27,7 +27,7 @@ def model_config(model: str) -> ModelConfig:
     ``rlver-jax plan`` knows (e.g. "qwen2.5-0.5b": the GPU benchmark's shape)."""
     if model in ("smollm2", "tiny"):
         return SMOLLM2_135M if model == "smollm2" else TINY
-    from rlver_jax.plan_cli import KNOWN_HF_CONFIGS
+    from rlver_jax.cli.plan import KNOWN_HF_CONFIGS
 
     if model not in KNOWN_HF_CONFIGS:
         known = ", ".join(["smollm2", "tiny", *KNOWN_HF_CONFIGS])
@@ -52,7 +52,7 @@ def model_and_params(
     runtime = {"dtype": dtype, "param_dtype": param_dtype, "remat": remat}
     shape = check_model(model, weights)
     if weights == "smollm2":
-        from rlver_jax.models import default_model
+        from rlver_jax.model_io import default_model
 
         params, cfg, _ = default_model.load_default_model(**runtime)
         return cfg, params

@@ -98,8 +98,8 @@ def _device_copy_bandwidth(nbytes: int, repeats: int, chain: int = 8) -> float:
 def hf_dir(weights: str, config: Any, params: Any, scratch: str) -> str:
     """An HF checkpoint of the benchmarked float32 weights for torch: SmolLM2's cached export,
     or ``params`` (random) written to ``scratch``."""
-    from rlver_jax.models import default_model
-    from rlver_jax.models.hf_io import export_hf
+    from rlver_jax.model_io import default_model
+    from rlver_jax.model_io.hf_io import export_hf
 
     if weights == "smollm2":
         return str(default_model.default_hf_dir())
@@ -145,7 +145,7 @@ class JaxEngine:
         self, dtype: str, batches: Sequence[int], args: argparse.Namespace, bw: float,
         config32: Any, params32: Any,
     ) -> None:  # fmt: skip
-        from rlver_jax.sampling import Sampler, SamplerConfig
+        from rlver_jax.sampling.sampler import Sampler, SamplerConfig
 
         self.dtype, self.args, self.bw = dtype, args, bw
         self.config = config32.replace(
@@ -302,7 +302,7 @@ def bench_dtype(
 
 def pallas_blocks(text: str) -> Any:
     """`--pallas-blocks`: "name=value,..." over `gpu_decode.Blocks`' defaults."""
-    from rlver_jax.models.gpu_decode import Blocks
+    from rlver_jax.kernels.gpu.decode import Blocks
 
     fields = {f.name for f in dataclasses.fields(Blocks)}
     changes = {}

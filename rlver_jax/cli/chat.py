@@ -26,8 +26,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(list(argv))
 
-    from rlver_jax.models.loader import ModelSpec, load_model
-    from rlver_jax.sampling import Sampler
+    from rlver_jax.model_io.loader import ModelSpec, load_model
+    from rlver_jax.sampling.sampler import Sampler
     from rlver_jax.scaffold import ScaffoldConfig, system_prompt
 
     t0 = time.perf_counter()

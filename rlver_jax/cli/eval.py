@@ -50,8 +50,8 @@ def build_capability_judge(
     if isinstance(user, LLMUser):
         params, config, tok = user.params, user.model_config, user.tokenizer
     else:
-        from rlver_jax.models.loader import load_model
-        from rlver_jax.parallel.mesh import param_shardings
+        from rlver_jax.model_io.loader import load_model
+        from rlver_jax.models.sharding import param_shardings
 
         params, config, tok = load_model(cfg.user.model, lambda c: param_shardings(c, mesh))
     return LLMCapabilityJudge(params, config, tok, language=lang, mesh=mesh)
@@ -74,7 +74,7 @@ def run_eval(
     written to `out_dir/summary.json`, which also records the policy's source."""
     from rlver_jax import components
     from rlver_jax.eval.sentient import benchmark_rollout_config, evaluate
-    from rlver_jax.sampling import Sampler
+    from rlver_jax.sampling.sampler import Sampler
 
     if checkpoint is not None and hf is not None:
         raise ValueError("give --checkpoint or --hf, not both")
@@ -82,7 +82,7 @@ def run_eval(
     t0 = time.perf_counter()
     source: dict[str, Any]
     if checkpoint is not None:
-        from rlver_jax.export_cli import load_checkpoint_policy
+        from rlver_jax.cli.export import load_checkpoint_policy
 
         policy = load_checkpoint_policy(checkpoint, step, mesh)
         params, mcfg, tok = policy.params, policy.model_config, policy.tokenizer
@@ -144,7 +144,7 @@ def main(argv: Sequence[str]) -> int:
     if config is None:
         if args.checkpoint is None:
             parser.error("--config is required unless --checkpoint is given")
-        from rlver_jax.export_cli import resolve_checkpoint_dir
+        from rlver_jax.cli.export import resolve_checkpoint_dir
 
         config = resolve_checkpoint_dir(args.checkpoint)[0].parent / "config.yaml"
     cfg = load_run_config(config, args.overrides)

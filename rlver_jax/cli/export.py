@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from jax.sharding import Mesh
 
+    from rlver_jax.model_io.loader import ModelSpec
+    from rlver_jax.model_io.tokenizer import Tokenizer
     from rlver_jax.models.config import ModelConfig
-    from rlver_jax.models.loader import ModelSpec
-    from rlver_jax.models.tokenizer import Tokenizer
     from rlver_jax.run_config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,9 @@ def resolve_checkpoint_dir(path: str | Path) -> tuple[Path, int | None]:
 
 def model_config_and_tokenizer(spec: ModelSpec) -> tuple[ModelConfig, Tokenizer]:
     """The ModelConfig and tokenizer of a model spec, without loading weights (except GGUF)."""
+    from rlver_jax.model_io.loader import load_model
+    from rlver_jax.model_io.tokenizer import Tokenizer
     from rlver_jax.models.config import ModelConfig
-    from rlver_jax.models.loader import load_model
-    from rlver_jax.models.tokenizer import Tokenizer
 
     if spec.source == "random":
         return spec.model_config(), Tokenizer.tiny()
@@ -69,7 +69,7 @@ def model_config_and_tokenizer(spec: ModelSpec) -> tuple[ModelConfig, Tokenizer]
         if spec.source == "hf":
             path = Path(spec.path or "")
         else:
-            from rlver_jax.models.default_model import default_hf_dir
+            from rlver_jax.model_io.default_model import default_hf_dir
 
             path = default_hf_dir()
         return ModelConfig.from_hf_dir(path, **spec.runtime), Tokenizer.from_hf_dir(path)
@@ -81,12 +81,12 @@ def load_checkpoint_policy(
     path: str | Path, step: int | None = None, mesh: Mesh | None = None
 ) -> CheckpointPolicy:
     """Restore the policy params of a training checkpoint (latest step unless given), placed
-    with `parallel.mesh.param_shardings` on `mesh` when given (host numpy arrays otherwise)."""
+    with `models.sharding.param_shardings` on `mesh` when given (host numpy arrays otherwise)."""
     import jax
     import orbax.checkpoint as ocp
 
     from rlver_jax.config_io import ConfigError, from_dict, load_yaml
-    from rlver_jax.models.loader import ModelSpec
+    from rlver_jax.model_io.loader import ModelSpec
     from rlver_jax.models.transformer import param_shapes
     from rlver_jax.rl.checkpoint import STATE_ITEM, Checkpointer, CheckpointNotFoundError
     from rlver_jax.run_config import RunConfig
@@ -114,7 +114,7 @@ def load_checkpoint_policy(
     config, tok = model_config_and_tokenizer(spec)
     shapes = param_shapes(config)
     if mesh is not None:
-        from rlver_jax.parallel.mesh import param_shardings
+        from rlver_jax.models.sharding import param_shardings
 
         shapes = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -134,7 +134,7 @@ def load_checkpoint_policy(
 
 def export_checkpoint(path: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
     """Write the policy of a training checkpoint as a HF directory; returns `out_dir`."""
-    from rlver_jax.models.hf_io import export_hf
+    from rlver_jax.model_io.hf_io import export_hf
 
     policy = load_checkpoint_policy(path, step)
     return export_hf(policy.params, policy.model_config, out_dir, policy.tokenizer)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 
 def _chat(argv: Sequence[str]) -> int:
-    from rlver_jax.chat import main
+    from rlver_jax.cli.chat import main
 
     return main(argv)
 
@@ -16,29 +16,27 @@ def _chat(argv: Sequence[str]) -> int:
 def _bench(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="rlver-jax bench")
     parser.add_argument(
-        "what", choices=["sample", "train", "rollout", "peer"], help="which benchmark to run"
+        "what", choices=["sample", "train", "rollout"], help="which benchmark to run"
     )
     args, rest = parser.parse_known_args(argv)
     if args.what == "sample":
         from rlver_jax.bench.sample_bench import main
     elif args.what == "train":
         from rlver_jax.bench.train_bench import main
-    elif args.what == "rollout":
+    else:
         from rlver_jax.bench.rollout_bench import main
-    else:  # peer: exits 2 when tunix is not installed (see bench/setup_peer_env.sh)
-        from rlver_jax.bench.peer_bench import main
     main(list(rest))
     return 0
 
 
 def _rollout(argv: Sequence[str]) -> int:
-    from rlver_jax.rollout_cli import main
+    from rlver_jax.cli.rollout import main
 
     return main(argv)
 
 
 def _eval(argv: Sequence[str]) -> int:
-    from rlver_jax.eval_cli import main
+    from rlver_jax.cli.eval import main
 
     return main(argv)
 
@@ -50,19 +48,19 @@ def _experiment(argv: Sequence[str]) -> int:
 
 
 def _export(argv: Sequence[str]) -> int:
-    from rlver_jax.export_cli import main
+    from rlver_jax.cli.export import main
 
     return main(argv)
 
 
 def _train(argv: Sequence[str]) -> int:
-    from rlver_jax.train_cli import main
+    from rlver_jax.cli.train import main
 
     return main(argv)
 
 
 def _plan(argv: Sequence[str]) -> int:
-    from rlver_jax.plan_cli import main
+    from rlver_jax.cli.plan import main
 
     return main(argv)
 
@@ -71,7 +69,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "chat": (_chat, "one chat turn with a model (default: SmolLM2-135M-Instruct, offline)"),
     "rollout": (_rollout, "roll out dialogues with a config and print the transcripts"),
     "train": (_train, "PPO / GRPO training from a config (resumes from its checkpoints)"),
-    "bench": (_bench, "benchmarks: `bench sample | train | rollout | peer`"),
+    "bench": (_bench, "benchmarks: `bench sample | train | rollout`"),
     "eval": (_eval, "benchmark a policy on the test profiles (SAGE protocol + capability)"),
     "experiment": (_experiment, "think vs plain: `experiment scaffold` trains, evaluates, reports"),
     "export": (_export, "a training checkpoint -> a HF directory (weights, config, tokenizer)"),

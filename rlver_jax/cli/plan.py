@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from rlver_jax.config_io import ConfigError, apply_overrides, from_dict, load_yaml
+from rlver_jax.model_io.loader import ModelSpec
 from rlver_jax.models.config import ModelConfig
-from rlver_jax.models.loader import ModelSpec
 from rlver_jax.parallel.mesh import MeshConfig
 from rlver_jax.plan import GB, MemoryPlan, count, plan_memory
 from rlver_jax.run_config import RunConfig
@@ -115,7 +115,7 @@ def load_plan_data(
 def model_config(spec: ModelSpec) -> ModelConfig:
     """The ModelConfig of a spec without loading weights (SmolLM2: its cached HF export)."""
     if spec.source == "smollm2":
-        from rlver_jax.models.default_model import default_hf_dir
+        from rlver_jax.model_io.default_model import default_hf_dir
 
         return ModelConfig.from_hf_dir(default_hf_dir(), **spec.runtime)
     return spec.model_config()

@@ -23,7 +23,7 @@ default), scored as the log of their total probability, so "5<|im_end|>" and "5\
 `JudgeScorer` is the host driver: it left-pads prompts to a power-of-two length bucket and the
 batch to a batch bucket (a multiple of the mesh's batch axes), so a whole run compiles at most
 len(prompt buckets) x len(batch buckets) programs; larger batches run in chunks. With a mesh,
-params are expected in the layout of `parallel.mesh.param_shardings` (the sampler's layout), rows
+params are expected in the layout of `models.sharding.param_shardings` (the sampler's layout), rows
 are split over the batch axes and the program is traced under the logical axis rules. The
 repeated cache holds 21 copies of the prompt cache, so its memory is 21 x B x P key/value
 slots: `batch_buckets` (the largest is the chunk size) is the knob that bounds it.
@@ -48,9 +48,10 @@ from rlver_jax.env.dynamics import band
 from rlver_jax.env.intentions import INTENTION_DESCRIPTIONS_EN, INTENTION_FROM_ZH
 from rlver_jax.env.profiles import Language, Profile
 from rlver_jax.env.user import Turn
+from rlver_jax.model_io.tokenizer import Tokenizer
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.kv_cache import CACHE_LOGICAL_AXES, KVCache, init_cache
-from rlver_jax.models.tokenizer import Tokenizer
+from rlver_jax.models.sharding import param_shardings
 from rlver_jax.models.transformer import (
     Params,
     forward,
@@ -373,7 +374,7 @@ class JudgeScorer:
                 rep = mesh_lib.replicated(mesh)
                 grid = mesh_lib.batch_sharding(mesh, (B, P), rules)
                 ins = (
-                    mesh_lib.param_shardings(self.config, mesh, rules),
+                    param_shardings(self.config, mesh, rules),
                     grid,
                     grid,
                     rep,

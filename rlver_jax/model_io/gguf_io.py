@@ -9,18 +9,18 @@ so GGUF weights reach our params by exactly the same code path as HF safetensors
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
+from rlver_jax.model_io.gguf_file import open_gguf
+from rlver_jax.model_io.hf_io import params_from_hf_getter
+from rlver_jax.model_io.tokenizer import Tokenizer, check_compatible
+from rlver_jax.model_io.weight_map import WeightError, checked, expected_hf_shape, hf_tensor_names
 from rlver_jax.models.config import ModelConfig, ModelConfigError, RopeScaling
-from rlver_jax.models.hf_io import params_from_hf_getter
-from rlver_jax.models.tokenizer import Tokenizer, check_compatible
 from rlver_jax.models.transformer import Params
-from rlver_jax.models.weight_map import WeightError, checked, expected_hf_shape, hf_tensor_names
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -44,19 +44,6 @@ _LAYER = {
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
-
-
-def open_gguf(reader_or_path: Any) -> tuple[GGUFReader, str]:
-    """A `GGUFReader` and the file name to put in error messages."""
-    if isinstance(reader_or_path, GGUFReader):
-        return reader_or_path, str(getattr(reader_or_path.data, "filename", "<gguf>"))
-    path = Path(reader_or_path)
-    if not path.is_file():
-        raise WeightError(f"{path}: GGUF file not found")
-    try:
-        return GGUFReader(path), str(path)
-    except (ValueError, OSError) as err:
-        raise WeightError(f"{path}: not a readable GGUF file ({err})") from None
 
 
 def gguf_name(hf_name: str) -> str:

@@ -25,18 +25,18 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from rlver_jax.models.config import ModelConfig
-from rlver_jax.models.transformer import Params, param_shapes
-from rlver_jax.models.weight_map import (
+from rlver_jax.model_io.weight_map import (
     WeightError,
     checked,
     hf_tensor_names,
     leaf_from_hf,
     params_to_hf_tensors,
 )
+from rlver_jax.models.config import ModelConfig
+from rlver_jax.models.transformer import Params, param_shapes
 
 if TYPE_CHECKING:
-    from rlver_jax.models.tokenizer import Tokenizer
+    from rlver_jax.model_io.tokenizer import Tokenizer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

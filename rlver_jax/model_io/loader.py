@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 import jax
 
+from rlver_jax.model_io.tokenizer import Tokenizer, check_compatible
 from rlver_jax.models.config import ModelConfig, check_attention_block
-from rlver_jax.models.tokenizer import Tokenizer, check_compatible
 from rlver_jax.models.transformer import Params, init_params
 
 Source = Literal["smollm2", "hf", "gguf", "random"]
@@ -96,21 +96,21 @@ def load_model(
 ) -> tuple[Params, ModelConfig, Tokenizer]:
     """Load (params, config, tokenizer) for `spec`; `shardings_fn(config)` gives placements."""
     if spec.source == "smollm2":
-        from rlver_jax.models.default_model import default_hf_dir, load_default_model
+        from rlver_jax.model_io.default_model import default_hf_dir, load_default_model
 
         shardings = None
         if shardings_fn is not None:  # the config comes from the cached HF export
             shardings = shardings_fn(ModelConfig.from_hf_dir(default_hf_dir(), **spec.runtime))
         params, config, tok = load_default_model(shardings=shardings, **spec.runtime)
     elif spec.source == "hf":
-        from rlver_jax.models.hf_io import load_hf_checkpoint
+        from rlver_jax.model_io.hf_io import load_hf_checkpoint
 
         config = ModelConfig.from_hf_dir(spec.path or "", **spec.runtime)
         shardings = None if shardings_fn is None else shardings_fn(config)
         params, config = load_hf_checkpoint(spec.path or "", shardings=shardings, **spec.runtime)
         tok = Tokenizer.from_hf_dir(spec.path or "")
     elif spec.source == "gguf":
-        from rlver_jax.models.gguf_io import load_gguf
+        from rlver_jax.model_io.gguf_io import load_gguf
 
         params, config, tok = load_gguf(spec.path or "", **spec.runtime)
         if shardings_fn is not None:

@@ -25,6 +25,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as RustTokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from rlver_jax.model_io.gguf_file import open_gguf
 from rlver_jax.models.config import ModelConfig
 
 Message = dict[str, str]
@@ -85,8 +86,6 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, reader_or_path: Any) -> Tokenizer:
         """The byte-level BPE tokenizer stored in a GGUF file (a path or a `gguf.GGUFReader`)."""
-        from rlver_jax.models.gguf_io import open_gguf
-
         reader, source = open_gguf(reader_or_path)
         return cls(_hf_from_gguf(reader, source))
 

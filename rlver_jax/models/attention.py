@@ -16,7 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from rlver_jax.models import cpu_causal_attention
+from rlver_jax.kernels.cpu import causal_attention as cpu_causal_attention
 from rlver_jax.models.config import ModelConfig
 
 __all__ = ["MASK_VALUE", "attention", "query_block"]

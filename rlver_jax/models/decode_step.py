@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rlver_jax.models import cpu_matmul
+from rlver_jax.kernels.cpu import matmul as cpu_matmul
 from rlver_jax.models import transformer as tfm
 from rlver_jax.models.attention import MASK_VALUE
 from rlver_jax.models.config import ModelConfig

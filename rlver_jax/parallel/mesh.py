@@ -24,14 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rlver_jax.models.config import ModelConfig
-from rlver_jax.models.kv_cache import KVCache, cache_logical_axes
-from rlver_jax.models.transformer import (
-    is_logical_axes,
-    param_logical_axes,
-    param_shapes,
-)
-from rlver_jax.parallel.rules import DEFAULT_RULES, MeshAxes, named_sharding, tree_shardings
+from rlver_jax.parallel.rules import DEFAULT_RULES, MeshAxes, named_sharding
 
 MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
 Rules = Sequence[tuple[str, MeshAxes]]
@@ -114,11 +107,6 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[Any] | None = Non
 
 
 # --------------------------------------------------------------------------- shardings
-def param_shardings(config: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
-    """`NamedSharding` of every weight of `config`, in the params pytree structure."""
-    return tree_shardings(param_logical_axes(config), param_shapes(config), mesh, rules)
-
-
 def shard_params(params: Any, shardings: Any) -> Any:
     """Place a params pytree (host numpy or device arrays) on the mesh of `shardings`.
 
@@ -126,16 +114,6 @@ def shard_params(params: Any, shardings: Any) -> Any:
     `host_to_global`, which works from per-process copies of the full weights.
     """
     return jax.tree.map(host_to_global, params, shardings)
-
-
-def cache_shardings(cache: KVCache, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> KVCache:
-    """Shardings of a `KVCache` (or one of `jax.ShapeDtypeStruct`s), stacked or per layer."""
-    return jax.tree.map(
-        lambda names, leaf: named_sharding(names, leaf.shape, mesh, rules),
-        cache_logical_axes(cache),
-        cache,
-        is_leaf=is_logical_axes,
-    )
 
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int], rules: Rules = DEFAULT_RULES) -> NamedSharding:

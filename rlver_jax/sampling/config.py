@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from rlver_jax.models import gpu_decode
+from rlver_jax.kernels.gpu import decode as gpu_decode
 from rlver_jax.models.config import check_attention_block
 
 

@@ -43,7 +43,9 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
-from rlver_jax.models import cpu_attention, cpu_kernels, gpu_decode
+from rlver_jax.kernels.cpu import attention as cpu_attention
+from rlver_jax.kernels.cpu import build as cpu_kernels
+from rlver_jax.kernels.gpu import decode as gpu_decode
 from rlver_jax.models import transformer as tfm
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.decode_step import (
@@ -55,6 +57,7 @@ from rlver_jax.models.decode_step import (
     slot_rope_tables,
 )
 from rlver_jax.models.kv_cache import KVCache, as_bits, init_cache
+from rlver_jax.models.sharding import cache_shardings, param_shardings
 from rlver_jax.models.transformer import Params
 from rlver_jax.parallel import mesh as mesh_lib
 from rlver_jax.parallel.compiler_options import large_gemm_options, platform_of
@@ -65,8 +68,8 @@ from rlver_jax.parallel.rules import (
     named_sharding,
     tree_shardings,
 )
-from rlver_jax.sampler_config import SamplerConfig
-from rlver_jax.token_sampling import Settings, sample_tokens
+from rlver_jax.sampling.config import SamplerConfig
+from rlver_jax.sampling.tokens import Settings, sample_tokens
 
 MAX_STOP_IDS = 16  # stop ids are a traced [16] array padded with -1: any set up to 16 ids
 
@@ -235,7 +238,7 @@ def _decode_weights_jit(config: ModelConfig, mesh: Mesh | None, rules: Any, pack
 
     if mesh is None:
         return jax.jit(fn)
-    shardings = mesh_lib.param_shardings(config, mesh, rules)
+    shardings = param_shardings(config, mesh, rules)
     out = dict(_decode_weight_shardings(config, mesh, rules, packed))
     del out["embed"]
     return jax.jit(fn, in_shardings=(shardings,), out_shardings=out)
@@ -284,10 +287,10 @@ def _jitted(
     rep, row = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh, (B,), rules)
     grid, out = (mesh_lib.batch_sharding(mesh, (B, n), rules) for n in (P, N))
     ins = (grid, grid, rep, row, Settings(row, row, row, rep, rep), rep)
-    params = mesh_lib.param_shardings(config, mesh, rules)
+    params = param_shardings(config, mesh, rules)
     dec_params = _decode_weight_shardings(config, mesh, rules, packed) if unroll else params
     state = DecodeState(
-        cache=mesh_lib.cache_shardings(
+        cache=cache_shardings(
             jax.eval_shape(lambda: as_bits(init_cache(config, B, P + N, per_layer=unroll))),
             mesh,
             rules,
@@ -413,7 +416,7 @@ class Sampler:
         """Place `params` as the sampler's jits expect (a no-op without a mesh)."""
         if self.mesh is None:
             return params
-        shardings = mesh_lib.param_shardings(self.config, self.mesh, self.rules)
+        shardings = param_shardings(self.config, self.mesh, self.rules)
         return mesh_lib.shard_params(params, shardings)
 
     def __call__(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlver_jax.models import cpu_kernels
+from rlver_jax.kernels.cpu import build as cpu_kernels
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.decode_step import grouped_query
 

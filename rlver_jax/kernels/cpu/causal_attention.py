@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlver_jax.models import cpu_kernels
+from rlver_jax.kernels.cpu import build as cpu_kernels
 from rlver_jax.models.config import ModelConfig
 
 _TILE = 16  # the kernel's register tiles: Dh must be a multiple (cpu_causal_attention.cc kCols)

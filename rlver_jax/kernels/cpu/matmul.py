@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlver_jax.models import cpu_kernels
+from rlver_jax.kernels.cpu import build as cpu_kernels
 
 COLS = 16  # a packed tile's columns (cpu_matmul.cc's kCols)
 _TARGETS = {
