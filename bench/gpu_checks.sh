@@ -7,7 +7,7 @@
 #     bash bench/gpu_checks.sh        # logs, JSON and the decode programs' HLO under $OUT
 #
 # The batch-1 target (within 2x of the bandwidth bound) is what the steps measure, in order of
-# need: the fused Pallas decode step (`--pallas-decode on`, `models.gpu_decode`) at batch 1;
+# need: the fused Pallas decode step (`--decode pallas`, `kernels.gpu.decode`) at batch 1;
 # XLA's unrolled step at batch 1 (the baseline, same machine); the fused step with command
 # buffers over every op (in case the default set leaves its custom calls out); the fused step
 # under the profiler without command buffers (with them the whole step is one op; here each
@@ -24,7 +24,7 @@ CMDBUF=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,
 OUT=${OUT:-bench/results/gpu-$(date +%F)}
 OUT=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
 DEADLINE_S=${DEADLINE_S:-540}
-SAMPLE=(bench sample --weights random --skip-torch --repeats 3 --unroll-decode on)
+SAMPLE=(bench sample --weights random --skip-torch --repeats 3 --decode unrolled)
 SHAPE=()
 if [[ ${SMOKE:-0} == 1 ]]; then
   SHAPE=(--model tiny --prompt-len 8 --new-tokens 4)
@@ -56,12 +56,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.
 python3 -c "import jax, jaxlib; print(jax.__version__, jaxlib.__version__, jax.devices())" \
   >>"$OUT/gpu.txt" 2>&1
 git log --oneline -1 >>"$OUT/gpu.txt" 2>&1
-run b1_pallas 150 "${SAMPLE[@]}" --pallas-decode on --batches 1 --dtypes float32,bfloat16
+run b1_pallas 150 "${SAMPLE[@]}" --decode pallas --batches 1 --dtypes float32,bfloat16
 run b1_xla 100 "${SAMPLE[@]}" --batches 1 --dtypes float32,bfloat16
-XLA_EXTRA=$CMDBUF run b1_pallas_cmdbuf 80 "${SAMPLE[@]}" --pallas-decode on --batches 1 \
+XLA_EXTRA=$CMDBUF run b1_pallas_cmdbuf 80 "${SAMPLE[@]}" --decode pallas --batches 1 \
   --dtypes float32
 XLA_EXTRA=--xla_gpu_enable_command_buffer= run b1_pallas_profile 80 "${SAMPLE[@]}" \
-  --pallas-decode on --batches 1 --dtypes float32 --profile
-run b8_pallas 100 "${SAMPLE[@]}" --pallas-decode on --batches 8 --dtypes float32,bfloat16
-run b1_pallas_small_blocks 90 "${SAMPLE[@]}" --pallas-decode on --batches 1 \
+  --decode pallas --batches 1 --dtypes float32 --profile
+run b8_pallas 100 "${SAMPLE[@]}" --decode pallas --batches 8 --dtypes float32,bfloat16
+run b1_pallas_small_blocks 90 "${SAMPLE[@]}" --decode pallas --batches 1 \
   --dtypes float32,bfloat16 --pallas-blocks qkv_rows=4,out_rows=8,mlp_rows=8,down_rows=4,slots=16

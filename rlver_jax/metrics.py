@@ -147,12 +147,16 @@ class PhaseTimer:
     """Wall-clock seconds per named phase ("rollout", "learner", "checkpoint", ...) in a step.
 
     JAX dispatches asynchronously, so a phase only measures device work if its block waits for
-    the results (``jax.block_until_ready``) before leaving. :meth:`lap` returns
-    ``{"time/<phase>": s, ..., "time/step": s}`` and starts the next step.
+    the results before leaving: pass them through :meth:`ready`, which blocks on them when the
+    timer was made with ``block=True`` (a benchmark's phase breakdown) and returns them as they
+    are otherwise (training adds no synchronisation). :attr:`totals` holds the seconds per
+    phase so far; :meth:`lap` returns ``{"time/<phase>": s, ..., "time/step": s}`` and starts
+    the next step.
     """
 
-    def __init__(self) -> None:
-        self._totals: dict[str, float] = collections.defaultdict(float)
+    def __init__(self, *, block: bool = False) -> None:
+        self.block = block
+        self.totals: dict[str, float] = collections.defaultdict(float)
         self._step_start = time.perf_counter()
 
     @contextlib.contextmanager
@@ -161,13 +165,17 @@ class PhaseTimer:
         try:
             yield
         finally:
-            self._totals[phase] += time.perf_counter() - start
+            self.totals[phase] += time.perf_counter() - start
+
+    def ready(self, tree: Any) -> Any:
+        """``tree``, blocked on (``jax.block_until_ready``) when the timer blocks."""
+        return jax.block_until_ready(tree) if self.block else tree
 
     def lap(self) -> dict[str, float]:
         now = time.perf_counter()
-        out = {f"time/{k}": v for k, v in self._totals.items()}
+        out = {f"time/{k}": v for k, v in self.totals.items()}
         out["time/step"] = now - self._step_start
-        self._totals.clear()
+        self.totals.clear()
         self._step_start = now
         return out
 

@@ -79,6 +79,7 @@ from typing import Literal
 import numpy as np
 from jax.sharding import AbstractMesh
 
+from rlver_jax.buckets import capped_bucket, pow2_multiple
 from rlver_jax.models.attention import query_block
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.transformer import param_logical_axes, param_shapes
@@ -86,7 +87,6 @@ from rlver_jax.models.value_head import value_logical_axes, value_param_shapes
 from rlver_jax.parallel.mesh import MESH_AXES
 from rlver_jax.plan_sizes import (
     abstract_mesh,
-    bucket,
     count,
     decode_weight_bytes,
     dp_round,
@@ -339,14 +339,14 @@ def _user(
     `env/llm_judge.py`)."""
     llm = run.user.llm
     bound = min(max(llm.prompt_buckets), u.max_position_embeddings - C)
-    P = bucket(min(prompt_tokens, bound), llm.prompt_buckets)
+    P = capped_bucket(min(prompt_tokens, bound), llm.prompt_buckets)
     sc = SamplerConfig()  # LLMUser's own sampler: default buckets but its prompt buckets
-    B = dp_round(bucket(dialogues, sc.batch_buckets), mesh)
-    N = bucket(llm.max_reply_tokens, sc.new_token_buckets)
+    B = dp_round(capped_bucket(dialogues, sc.batch_buckets), mesh)
+    N = capped_bucket(llm.max_reply_tokens, sc.new_token_buckets)
     out = _sampler("user sampler", u, B, P, N, mesh, sc.resolved_unroll_decode(platform),
                    sc.resolved_prefill_causal_block(platform))  # fmt: skip
     chunk = dp_round(max(llm.judge_batch_buckets), mesh)
-    Bj = dp_round(bucket(min(dialogues, chunk), llm.judge_batch_buckets), mesh)
+    Bj = dp_round(capped_bucket(min(dialogues, chunk), llm.judge_batch_buckets), mesh)
     rows, V = rows_per_device(Bj, mesh), split(u.vocab_size, "act_vocab", mesh)
     cache = kv_cache_bytes(u, Bj, P + C, mesh)
     K = JUDGE_CANDIDATES
@@ -377,13 +377,12 @@ def _user(
 def train_shapes(run: RunConfig, mesh: AbstractMesh) -> dict[str, int]:
     """T (learner bucket), N rows, micro rows m and forward rows m_f per device."""
     ro, lc = run.rollout, run.learner
-    T = bucket(bucket(ro.max_prompt_tokens + ro.max_reply_tokens, ro.seq_len_buckets),
-               lc.seq_buckets)  # fmt: skip
+    width = capped_bucket(ro.max_prompt_tokens + ro.max_reply_tokens, ro.seq_len_buckets)
+    T = capped_bucket(width, lc.seq_buckets)
     per_turn = run.scaffold.mode == "think" and run.scaffold.strip_thoughts_from_context
     n = ro.profiles_per_batch * ro.samples_per_profile
     n *= run.dynamics.max_turns_train if per_turn else 1
-    minis = -(-n // lc.mini_batch_size)
-    N = lc.mini_batch_size * (1 << max(minis - 1, 0).bit_length())  # trainer.row_bucket
+    N = pow2_multiple(n, lc.mini_batch_size)  # the trainer's rows
     return {
         "T": T, "N": N, "m": rows_per_device(lc.micro_batch_size, mesh),
         "m_fwd": rows_per_device(lc.fwd_micro, mesh), "rows": rows_per_device(N, mesh),
@@ -457,9 +456,9 @@ def plan_memory(
     mesh = abstract_mesh(sizes)
     ro, sc = run.rollout, run.sampler
     dialogues = ro.profiles_per_batch * ro.samples_per_profile
-    B = dp_round(bucket(dialogues, sc.batch_buckets), mesh)
-    P = bucket(ro.max_prompt_tokens, sc.prompt_buckets)
-    N = bucket(ro.max_reply_tokens, sc.new_token_buckets)
+    B = dp_round(capped_bucket(dialogues, sc.batch_buckets), mesh)
+    P = capped_bucket(ro.max_prompt_tokens, sc.prompt_buckets)
+    N = capped_bucket(ro.max_reply_tokens, sc.new_token_buckets)
     comps = _models(run, policy, user, mesh)
     unroll, causal = sc.resolved_unroll_decode(platform), sc.resolved_prefill_causal_block(platform)
     comps += _sampler("policy sampler", policy, B, P, N, mesh, unroll, causal)

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from jax.sharding import AbstractMesh
 
+from rlver_jax.buckets import round_up
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.decode_step import decode_weight_logical_axes, decode_weights
 from rlver_jax.models.kv_cache import CACHE_LOGICAL_AXES
@@ -86,11 +87,6 @@ def rows_per_device(n: int, mesh: AbstractMesh) -> int:
     return split(n, "batch", mesh)
 
 
-def bucket(n: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket >= n (the largest one when n exceeds them all)."""
-    return min((b for b in buckets if b >= n), default=max(buckets))
-
-
 def count(n: float) -> str:
     """7.62B, 135M, 107k."""
     return next(f"{n / s:.3g}{u}" for u, s in (("B", 1e9), ("M", 1e6), ("k", 1e3), ("", 1))
@@ -99,8 +95,7 @@ def count(n: float) -> str:
 
 def dp_round(n: int, mesh: AbstractMesh) -> int:
     """n rounded up to a multiple of the batch axes (the samplers pad their batch so)."""
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    return -(-n // dp) * dp
+    return round_up(n, mesh.shape["data"] * mesh.shape["fsdp"])
 
 
 def decode_weight_bytes(c: ModelConfig, mesh: AbstractMesh) -> int:

@@ -12,12 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rlver_jax.kernels import select
 from rlver_jax.kernels.cpu import attention as cpu_attention
 from rlver_jax.kernels.cpu import build as cpu_kernels
+from rlver_jax.kernels.cpu.decode_ops import KERNEL_OPS, XLA_CPU_OPS
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.decode_step import decode_step, decode_weights, one_query_attention
 from rlver_jax.models.kv_cache import as_bits, cache_values, init_cache, unstack_cache
-from rlver_jax.models.transformer import forward
+from rlver_jax.models.transformer import forward, param_shapes
 from rlver_jax.parallel import MeshConfig, make_mesh
 from rlver_jax.sampling.sampler import Sampler
 from tests.test_sampling import BUCKETS, CONFIG, PAD, PROMPTS, _params
@@ -83,38 +85,41 @@ def test_kernel_rejects_other_cache_dtypes() -> None:
 
 @needs_compiler
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-@pytest.mark.parametrize(
-    ("option", "attribute", "other"),
-    [
-        ("cpu_attention_kernel", "attention_kernel", "cpu_matmul_kernel"),
-        ("cpu_matmul_kernel", "matmul_kernel", "cpu_attention_kernel"),
-    ],
-)
-def test_sampler_with_a_kernel_matches_xla(
-    option: str, attribute: str, other: str, temperature: float
-) -> None:
-    """One kernel on (the default on one CPU device) against XLA's form, the other kernel off in
-    both: same tokens, logprobs to 1e-4."""
-    params = _params()
-    only = dataclasses.replace(BUCKETS, **{other: False})
-    with_kernel = Sampler(CONFIG, pad_id=PAD, sampler_config=only)
-    xla = Sampler(CONFIG, pad_id=PAD, sampler_config=dataclasses.replace(only, **{option: False}))
-    assert getattr(with_kernel, attribute) and not getattr(xla, attribute)
+@pytest.mark.parametrize("vocab", [CONFIG.vocab_size, CONFIG.vocab_size - 1])
+def test_sampler_with_the_kernels_matches_xla(vocab: int, temperature: float) -> None:
+    """`sampler.decode: cpu_kernels` (auto on one CPU device) against `unrolled` (XLA's forms):
+    same tokens, logprobs to 1e-4; with both kernels, and with the attention kernel alone where
+    the weights do not pack (a vocabulary that is not a multiple of 16)."""
+    config = CONFIG.replace(vocab_size=vocab)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda s: rng.normal(0.0, 0.5, s.shape).astype(np.float32), param_shapes(config)
+    )
+    with_kernel = Sampler(config, pad_id=PAD, sampler_config=BUCKETS)
+    xla = Sampler(
+        config, pad_id=PAD, sampler_config=dataclasses.replace(BUCKETS, decode="unrolled")
+    )
+    assert with_kernel.decode.impl == "cpu_kernels" and xla.decode.impl == "unrolled"
+    assert with_kernel.decode.ops.attention is cpu_attention.one_query_attention
+    assert with_kernel.decode.packed == (vocab == CONFIG.vocab_size)
+    assert not xla.decode.packed and xla.decode.ops.attention is one_query_attention
     a = with_kernel(params, PROMPTS, max_new_tokens=12, temperature=temperature, seed=3)
     b = xla(params, PROMPTS, max_new_tokens=12, temperature=temperature, seed=3)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
 
 
-def test_requiring_the_kernel_where_it_cannot_run_fails_early() -> None:
-    required = dataclasses.replace(BUCKETS, cpu_attention_kernel=True)
-    with pytest.raises(ValueError, match="one CPU device"):
+def test_requiring_the_kernels_where_they_cannot_run_fails_early() -> None:
+    """An explicit `cpu_kernels` on a mesh is a config error naming the knob; auto keeps XLA's
+    forms there (unrolled on a CPU mesh, the scan on an accelerator)."""
+    required = dataclasses.replace(BUCKETS, decode="cpu_kernels")
+    with pytest.raises(select.BackendError, match=r"sampler\.decode=cpu_kernels.*one CPU device"):
         Sampler(CONFIG, mesh=make_mesh(MeshConfig(data=2, fsdp=1, tensor=4)),
                 sampler_config=required)  # fmt: skip
-    with pytest.raises(ValueError, match="unroll_decode=False"):
-        Sampler(CONFIG, sampler_config=dataclasses.replace(required, unroll_decode=False))
     sharded = Sampler(CONFIG, mesh=make_mesh(MeshConfig(data=8, fsdp=1, tensor=1)))
-    assert not sharded.attention_kernel  # auto: XLA's form where the kernel does not apply
+    assert sharded.decode.impl == "unrolled" and not sharded.decode.packed
+    assert select.decode_choice("auto", CONFIG, select.Target("gpu", 1)).impl == "scan"
+    assert select.decode_choice("auto", CONFIG, select.Target("tpu", 8)).impl == "scan"
 
 
 def test_build_errors_name_the_compiler(tmp_path) -> None:
@@ -166,8 +171,8 @@ def test_bf16_cache_held_as_bits_decodes_the_same() -> None:
     plain = unstack_cache(cache)
     bits = as_bits(plain)
     assert bits.k[0].dtype == jnp.uint16 and plain.k[0].dtype == jnp.bfloat16
-    for attention in (one_query_attention, cpu_attention.one_query_attention):
-        step = jax.jit(lambda w, t, p, c, a=attention: decode_step(w, t, p, c, config, a))
+    for ops in (XLA_CPU_OPS, KERNEL_OPS):
+        step = jax.jit(lambda w, t, p, c, o=ops: decode_step(w, t, p, c, config, o))
         a_cache, b_cache = plain, bits
         for t in (P, P + 1):
             a, a_cache = step(weights, tokens[:, t], pos[:, t], a_cache)

@@ -3,7 +3,6 @@ where it applies, and the sampler's prefill running it."""
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 
 import jax
@@ -11,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rlver_jax.kernels import select
 from rlver_jax.kernels.cpu import build as cpu_kernels
 from rlver_jax.kernels.cpu import causal_attention as cpu_causal_attention
 from rlver_jax.models.attention import attention
@@ -62,41 +62,52 @@ def test_kernel_equals_xla_causal_attention(
     got = np.asarray(jax.jit(cpu_causal_attention.causal_attention)(q, k, v, mask))
     real = tokens[:, :, None, None]
     for block in (0, 16):
-        c = config.replace(causal_block=block)
+        c = config.replace(attention="xla_causal", causal_block=block)
         want = np.asarray(jax.jit(lambda *a, c=c: attention(*a, c, causal=True))(q, k, v, mask))
         np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=5e-6)
     assert not np.any(np.where(real, 0, got))
 
 
-def test_attention_routes_causal_calls_to_the_kernel_where_it_applies() -> None:
-    """`ModelConfig.causal_kernel` sends causal float32 calls to the kernel (its zeros on the
-    padding queries show it ran); bf16 operands, a head dim that is not a multiple of 16 and
-    non-causal calls keep XLA's form."""
+def test_attention_routes_causal_calls_to_the_kernel_and_select_gives_it_where_it_applies():
+    """``ModelConfig.attention == "cpu_kernel"`` sends causal calls to the kernel (its zeros on
+    the padding queries show it ran) and non-causal ones to XLA's form; the kernel declares
+    what it supports (float32, head dims of 16 n, one CPU device), and `kernels.select` gives it
+    to a prefill under auto only there (bf16: XLA's causal blocks; training: XLA's form)."""
     q, k, v, mask, tokens, config = _case(2, 24, 2, 2, 16, 4)
-    on = config.replace(causal_kernel=True)
+    on = config.replace(attention="cpu_kernel")
     pad = ~tokens[:, :, None, None]
     run = jax.jit(lambda *a, c=on, causal=True: attention(*a, c, causal=causal))
     assert not np.any(np.where(pad, np.asarray(run(q, k, v, mask)), 0))  # the kernel's zeros
     xla = jax.jit(lambda *a: attention(*a, on))(q, k, v, mask)  # not causal: XLA averages
     assert np.any(np.where(pad, np.asarray(xla), 0))
-    bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-    assert not cpu_causal_attention.applies(*bf16, on)
-    assert np.any(np.where(pad, np.asarray(run(*bf16, mask), np.float32), 0))
-    q20, k20, v20, _, _, c20 = _case(1, 8, 1, 1, 20, 0)
-    assert not cpu_causal_attention.applies(q20, k20, v20, c20)
-    assert cpu_causal_attention.applies(q, k, v, on)
+    supports = cpu_causal_attention.supports
+    assert supports(config, "cpu", 1) is None
+    assert "float32" in supports(config.replace(dtype="bfloat16"), "cpu", 1)
+    assert "head_dim 20" in supports(_case(1, 8, 1, 1, 20, 0)[-1], "cpu", 1)
+    assert "one CPU device" in supports(config, "cpu", 8)
+    auto, cpu = config.replace(attention="auto"), select.Target("cpu", 1)
+    assert select.attention_choice(auto, "prefill", cpu).impl == "cpu_kernel"
+    bf16 = auto.replace(dtype="bfloat16")
+    assert select.attention_choice(bf16, "prefill", cpu).impl == "xla_causal"
+    assert select.attention_choice(auto, "train", cpu).impl == "xla"
+    assert select.attention_choice(auto, "prefill", select.Target("gpu", 1)).impl == "xla"
+    with pytest.raises(select.BackendError, match="no backward pass"):
+        select.attention_choice(on, "train", cpu)
+    with pytest.raises(select.BackendError, match="float32"):
+        select.attention_choice(on.replace(dtype="bfloat16"), "prefill", cpu)
 
 
 @pytest.mark.parametrize("kernel", [True, False])
 def test_sampler_prefill_runs_the_kernel_when_its_option_is_on(kernel: bool) -> None:
-    """The prefill program holds the kernel's custom call exactly when the sampler resolved
-    `cpu_attention_kernel` on (the tokens of both: `test_cpu_attention`'s sampler parity)."""
-    config = dataclasses.replace(BUCKETS, cpu_attention_kernel=kernel)
-    sampler = sampling.Sampler(CONFIG, pad_id=PAD, sampler_config=config)
-    assert sampler.attention_kernel == kernel
+    """The prefill program holds the kernel's custom call exactly when the sampler's prefill
+    attention resolved to it (auto on one CPU device in float32; xla_causal chosen: none)."""
+    model = CONFIG.replace(attention="auto" if kernel else "xla_causal")
+    sampler = sampling.Sampler(model, pad_id=PAD, sampler_config=BUCKETS)
+    assert (sampler.prefill_config.attention == "cpu_kernel") == kernel
     B, P, N = 4, 16, 16
-    pre = sampling._jitted(CONFIG, None, (), 256, PAD, True, kernel, sampler.matmul_kernel, None,
-                           sampler.prefill_causal_block, B, P, N)[0]  # fmt: skip
+    plan = sampler.decode
+    pre = sampling._jitted(model, sampler.prefill_config, None, (), 256, PAD, plan.unrolled,
+                           plan.ops, None, B, P, N)[0]  # fmt: skip
     S = jax.ShapeDtypeStruct
     settings = sampling.Settings(
         S((B,), jnp.float32), S((B,), jnp.float32), S((B,), jnp.int32),

@@ -13,8 +13,10 @@ import pytest
 
 from rlver_jax.kernels.cpu import build as cpu_kernels
 from rlver_jax.kernels.cpu import matmul as cpu_matmul
+from rlver_jax.kernels.cpu.decode_ops import PACKED_KERNEL_OPS, XLA_CPU_OPS
+from rlver_jax.kernels.cpu.matmul import packable_config
 from rlver_jax.models.config import ModelConfig
-from rlver_jax.models.decode_step import decode_step, decode_weights, packable_config
+from rlver_jax.models.decode_step import decode_step, decode_weights
 from rlver_jax.models.kv_cache import init_cache, unstack_cache
 from rlver_jax.models.transformer import forward, param_shapes
 from rlver_jax.parallel import MeshConfig, make_mesh
@@ -98,14 +100,18 @@ def test_packed_decode_step_equals_unpacked(tie: bool, dtype: str) -> None:
     pos = jnp.broadcast_to(jnp.arange(P + 2), (B, P + 2))
     _, cache = forward(params, tokens[:, :P], pos[:, :P], jnp.ones((B, P), bool), config,
                        init_cache(config, B, P + 4))  # fmt: skip
-    plain, packed = decode_weights(params, config), decode_weights(params, config, packed=True)
+    plain = decode_weights(params, config)
+    packed = decode_weights(params, config, PACKED_KERNEL_OPS.pack)
     assert packed["layers"][0]["wqkv"].ndim == 3 and packed["lm_head"].ndim == 3
-    step = jax.jit(lambda w, t, p, c: decode_step(w, t, p, c, config))
+    ops = {"plain": XLA_CPU_OPS, "packed": PACKED_KERNEL_OPS}
+    step = jax.jit(
+        lambda w, t, p, c, kind: decode_step(w, t, p, c, config, ops[kind]), static_argnums=4
+    )
     a_cache = b_cache = unstack_cache(cache)
     atol = 2e-5 if dtype == "float32" else 0.1
     for t in (P, P + 1):
-        a, a_cache = step(plain, tokens[:, t], pos[:, t], a_cache)
-        b, b_cache = step(packed, tokens[:, t], pos[:, t], b_cache)
+        a, a_cache = step(plain, tokens[:, t], pos[:, t], a_cache, "plain")
+        b, b_cache = step(packed, tokens[:, t], pos[:, t], b_cache, "packed")
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=atol, rtol=0)
     for i in range(config.num_layers):
         np.testing.assert_allclose(np.asarray(b_cache.k[i], np.float32),
@@ -119,14 +125,12 @@ def test_packable_config() -> None:
     assert not packable_config(dataclasses.replace(CONFIG, param_dtype="float16"))
 
 
-def test_requiring_the_kernel_where_it_cannot_run_fails_early() -> None:
-    required = dataclasses.replace(BUCKETS, cpu_matmul_kernel=True)
-    with pytest.raises(ValueError, match="one CPU device"):
-        Sampler(CONFIG, mesh=make_mesh(MeshConfig(data=2, fsdp=1, tensor=4)),
-                sampler_config=required)  # fmt: skip
+def test_the_projection_kernel_only_where_the_weights_pack() -> None:
+    """`cpu_kernels` packs the weights for the projection kernel only where they pack; other
+    models keep XLA's dots beside the attention kernel (the sampler's choice, no error)."""
     odd = dataclasses.replace(CONFIG, vocab_size=120)
-    with pytest.raises(ValueError, match="multiples of 16"):
-        Sampler(odd, sampler_config=required)
-    assert not Sampler(odd, sampler_config=BUCKETS).matmul_kernel  # auto: XLA's dots
+    plan = Sampler(odd, sampler_config=dataclasses.replace(BUCKETS, decode="cpu_kernels")).decode
+    assert plan.impl == "cpu_kernels" and not plan.packed and "do not pack" in plan.why
+    assert Sampler(CONFIG, sampler_config=BUCKETS).decode.packed  # auto on one CPU device
     sharded = Sampler(CONFIG, mesh=make_mesh(MeshConfig(data=8, fsdp=1, tensor=1)))
-    assert not sharded.matmul_kernel
+    assert not sharded.decode.packed

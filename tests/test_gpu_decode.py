@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlver_jax.config_io import from_dict, to_dict
+from rlver_jax.config_io import ConfigError, from_dict, to_dict
+from rlver_jax.kernels import select
 from rlver_jax.kernels.gpu import decode as gpu_decode
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.decode_step import decode_step, decode_weights
@@ -108,17 +109,15 @@ def test_lowers_to_five_triton_kernels_a_layer_for_cuda() -> None:
 
 
 def test_sampler_pallas_decode_gives_the_unrolled_tokens() -> None:
-    """The sampler with `pallas_decode` (interpret mode on CPU) samples what the unrolled XLA
+    """The sampler with `decode: pallas` (interpret mode on CPU) samples what the unrolled XLA
     decode samples, greedily and at temperature 1 with one seed."""
     params = random_params(CONFIG, seed=3)
     outs = []
     for pallas in (False, True):
-        sampler_config = dataclasses.replace(
-            BUCKETS, unroll_decode=True, pallas_decode=pallas, cpu_attention_kernel=False,
-            cpu_matmul_kernel=False,
-        )  # fmt: skip
+        decode = "pallas" if pallas else "unrolled"
+        sampler_config = dataclasses.replace(BUCKETS, decode=decode)
         sampler = Sampler(CONFIG, pad_id=0, sampler_config=sampler_config, seed=5)
-        assert sampler.pallas_decode == pallas
+        assert sampler.decode.impl == decode and (sampler.decode.blocks is not None) == pallas
         greedy = sampler(params, PROMPTS, max_new_tokens=6, temperature=0.0)
         sampled = sampler(params, PROMPTS, max_new_tokens=6, temperature=1.0)
         outs.append((greedy, sampled))
@@ -128,24 +127,26 @@ def test_sampler_pallas_decode_gives_the_unrolled_tokens() -> None:
 
 
 def test_pallas_decode_where_it_cannot_run_fails_early() -> None:
-    fused = dataclasses.replace(BUCKETS, pallas_decode=True)
-    with pytest.raises(ValueError, match="unrolled decode on one device"):
-        Sampler(CONFIG, sampler_config=dataclasses.replace(fused, unroll_decode=False))
-    with pytest.raises(ValueError, match="unrolled decode on one device"):
+    """`sampler.decode: pallas` on a mesh or for a model the kernels do not fuse is a config
+    error naming the knob and the reason, raised when the sampler is made."""
+    fused = dataclasses.replace(BUCKETS, decode="pallas")
+    with pytest.raises(select.BackendError, match="not partitioned"):
         Sampler(CONFIG, mesh=make_mesh(MeshConfig(data=2, fsdp=1, tensor=4)),
-                sampler_config=dataclasses.replace(fused, unroll_decode=True))  # fmt: skip
-    with pytest.raises(ValueError, match="Qwen3"):
+                sampler_config=fused)  # fmt: skip
+    with pytest.raises(select.BackendError, match=r"sampler\.decode=pallas.*Qwen3"):
         Sampler(dataclasses.replace(CONFIG, qk_norm=True), sampler_config=fused)
-    with pytest.raises(ValueError, match="both replace the decode step"):
-        Sampler(CONFIG, sampler_config=dataclasses.replace(fused, cpu_attention_kernel=True))
     assert gpu_decode.supported(dataclasses.replace(CONFIG, head_dim=24)) is not None
+    with pytest.raises(ConfigError, match=r"replaced by sampler\.decode"):
+        from_dict(SamplerConfig, {"pallas_decode": True})
+    with pytest.raises(ConfigError, match=r"sampler\.decode must be one of"):
+        SamplerConfig(decode="fused")
 
 
 def test_pallas_blocks_from_a_config_and_their_checks() -> None:
     """`sampler.pallas_blocks` reads from a config dict (as from YAML); sizes must be powers
     of two."""
     sampler = from_dict(
-        SamplerConfig, {"pallas_decode": True, "pallas_blocks": {"slots": 64, "num_warps": 8}}
+        SamplerConfig, {"decode": "pallas", "pallas_blocks": {"slots": 64, "num_warps": 8}}
     )
     assert sampler.pallas_blocks == gpu_decode.Blocks(slots=64, num_warps=8)
     assert to_dict(sampler)["pallas_blocks"]["qkv_rows"] == gpu_decode.BLOCKS.qkv_rows
@@ -168,9 +169,7 @@ def test_sampler_keeps_xla_step_above_max_batch(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(gpu_decode, "decode_step", spy)
     monkeypatch.setattr(gpu_decode, "MAX_BATCH", 2)
     config = dataclasses.replace(CONFIG, vocab_size=136)  # its own compiled programs
-    sampler_config = dataclasses.replace(
-        BUCKETS, batch_buckets=(2, 4), unroll_decode=True, pallas_decode=True
-    )
+    sampler_config = dataclasses.replace(BUCKETS, batch_buckets=(2, 4), decode="pallas")
     sampler = Sampler(config, pad_id=0, sampler_config=sampler_config)
     params = random_params(config)
     small = sampler(params, PROMPTS[:2], max_new_tokens=3, temperature=0.0)

@@ -112,6 +112,15 @@ def test_phase_timer_accumulates_per_step() -> None:
     assert set(timer.lap()) == {"time/step"}  # reset for the next step
 
 
+def test_phase_timer_blocks_only_when_asked() -> None:
+    x = jnp.arange(3.0)
+    assert PhaseTimer().ready(x) is x  # training: no synchronisation added
+    timer = PhaseTimer(block=True)  # a benchmark's breakdown (Learner.update's timings)
+    with timer("train_s"):
+        y = timer.ready(x + 1)
+    assert y.is_ready() and set(timer.totals) == {"train_s"} and timer.totals["train_s"] > 0
+
+
 def test_progress_bar_shows_step_reward_and_rate() -> None:
     with progress_bar(10, initial=2) as bar:
         bar.update(3, {"reward/mean": jnp.float32(0.75)})

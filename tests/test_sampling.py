@@ -72,17 +72,17 @@ def test_tokens_and_logprobs_match_the_uncached_forward(
 
 
 def test_causal_block_prefill_matches_the_uncached_forward(params: dict) -> None:
-    """`prefill_causal_block`: the prompt attended in blocks of 4 queries over the keys up to
-    the diagonal gives the tokens and logprobs of the uncached forward (the 16-slot prompt
-    bucket: 4 blocks). None resolves to 64 on CPU, 0 elsewhere."""
-    blocked = Sampler(
-        CONFIG, pad_id=PAD, sampler_config=dataclasses.replace(BUCKETS, prefill_causal_block=4)
-    )
-    assert blocked.prefill_causal_block == 4
+    """`model.attention: xla_causal`: the prompt attended in blocks of 4 queries over the keys
+    up to the diagonal gives the tokens and logprobs of the uncached forward (the 16-slot
+    prompt bucket: 4 blocks); the training programs keep XLA's reference form."""
+    blocked_config = CONFIG.replace(attention="xla_causal", causal_block=4)
+    blocked = Sampler(blocked_config, pad_id=PAD, sampler_config=BUCKETS)
+    assert blocked.prefill_config.attention == "xla_causal"
+    assert blocked.prefill_config.causal_block == 4
     out = blocked(params, PROMPTS, max_new_tokens=12, temperature=0.0, seed=1)
     _check_against_the_uncached_forward(params, out, 0.0)
-    default = Sampler(CONFIG, pad_id=PAD, sampler_config=BUCKETS).prefill_causal_block
-    assert default == (64 if jax.default_backend() == "cpu" else 0)
+    default = Sampler(CONFIG, pad_id=PAD, sampler_config=BUCKETS).prefill_config.attention
+    assert default == ("cpu_kernel" if jax.default_backend() == "cpu" else "xla")
 
 
 def _check_against_the_uncached_forward(params: dict, out: Any, temperature: float) -> None:
@@ -124,11 +124,11 @@ def test_unrolled_and_scanned_decode_agree(sampler: Sampler, params: dict) -> No
     (scan over stacked layers and cache) sample the same tokens with the same logprobs (to
     float32 rounding: the CPU default's prefill attention is also a compiled kernel, whose sums
     run in another order, 1.3e-5 apart after 12 tokens)."""
-    assert sampler.unroll_decode  # CPU backend default
+    assert sampler.decode.unrolled  # CPU backend default
     scanned = Sampler(
-        CONFIG, pad_id=PAD, sampler_config=dataclasses.replace(BUCKETS, unroll_decode=False)
+        CONFIG, pad_id=PAD, sampler_config=dataclasses.replace(BUCKETS, decode="scan")
     )
-    assert not scanned.unroll_decode
+    assert not scanned.decode.unrolled
     for temperature in (0.0, 0.8):
         a = sampler(params, PROMPTS, max_new_tokens=12, temperature=temperature, seed=3)
         b = scanned(params, PROMPTS, max_new_tokens=12, temperature=temperature, seed=3)

@@ -25,7 +25,7 @@ from rlver_jax.config_io import ConfigError
 from rlver_jax.metrics import read_metrics
 from rlver_jax.rl import trainer as trainer_lib
 from rlver_jax.rl.checkpoint import Checkpointer
-from rlver_jax.rl.trainer import PPO_KEYS, STEP_KEYS, config_diff, rollout_seed, row_bucket, train
+from rlver_jax.rl.trainer import PPO_KEYS, STEP_KEYS, config_diff, rollout_seed, train
 from rlver_jax.run_config import RunConfig, load_run_config, run_config_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,5 +196,4 @@ def test_helpers() -> None:
     assert rollout_seed(0, 1) == rollout_seed(0, 1) != rollout_seed(0, 2)
     assert rollout_seed(1, 1) != rollout_seed(0, 1)
     assert 0 <= rollout_seed(2**40, 10**9) < 2_000_000
-    assert [row_bucket(n, 4) for n in (1, 4, 5, 8, 9, 17)] == [4, 4, 8, 8, 16, 32]
     assert config_diff({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}, "d": 0}) == ["a.c", "d"]

@@ -382,7 +382,7 @@ def test_bad_config_errors_name_the_key() -> None:
 def test_project_values_and_gradients_match_einsum(dtype: str, out_dtype: str | None, tol: float):
     """The CPU projection's custom backward (one shared transpose of x) against autodiff of
     plain einsums, for a group of weights of different output shapes."""
-    from rlver_jax.models.projection import project
+    from rlver_jax.kernels.cpu.projection import project_cpu as project
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 5, 8)), dtype)
@@ -481,7 +481,9 @@ def test_blocked_attention_equals_whole(remat: str) -> None:
     grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
     (l_whole, logits_whole), g_whole = grad(params, whole.replace(remat=remat))
     for block, causal in BLOCKINGS:
-        cfg = config.replace(attention_block=block, causal_block=causal, remat=remat)
+        cfg = config.replace(
+            attention_block=block, attention="xla_causal", causal_block=causal, remat=remat
+        )
         (l_blk, logits_blk), g_blk = grad(params, cfg)
         real = np.asarray(seg > 0)  # a padding query sees no key: its output is arbitrary
         np.testing.assert_allclose(logits_blk[real], logits_whole[real], atol=1e-5)
@@ -491,7 +493,13 @@ def test_blocked_attention_equals_whole(remat: str) -> None:
 
     mask = jnp.ones((2, 16), bool).at[0, :5].set(False)  # left padding, into a 20-slot cache
     outs = []
-    for cfg in (whole, *(config.replace(attention_block=a, causal_block=c) for a, c in BLOCKINGS)):
+    for cfg in (
+        whole,
+        *(
+            config.replace(attention_block=a, attention="xla_causal", causal_block=c)
+            for a, c in BLOCKINGS
+        ),
+    ):
         prefill = jax.jit(functools.partial(forward, config=cfg, empty_cache=True))
         cache = init_cache(cfg, 2, 20)
         logits, _ = prefill(params, tokens[:, :16], positions_from_mask(mask), mask, cache=cache)
@@ -510,7 +518,7 @@ def test_causal_blocks_skip_the_keys_above_the_diagonal() -> None:
     mask = attention_mask(jnp.ones((B, T), bool))
 
     def flops(causal: int) -> float:
-        cfg = config.replace(causal_block=causal)
+        cfg = config.replace(attention="xla_causal", causal_block=causal)
         run = jax.jit(lambda *a: attention(*a, cfg, causal=True))
         return run.lower(q, k, v, mask).compile().cost_analysis()["flops"]
 

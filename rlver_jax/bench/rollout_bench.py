@@ -141,10 +141,11 @@ def build_config(args: argparse.Namespace) -> Any:
 def run_steps(cfg: Any, steps: int, ckpt_dir: str) -> list[dict[str, Any]]:
     """``steps`` trainer steps of ``cfg``; one dict of phase seconds and counts per step."""
     from rlver_jax import components
+    from rlver_jax.buckets import pow2_multiple
     from rlver_jax.parallel.compile_count import compile_count
     from rlver_jax.rl.checkpoint import Checkpointer, checkpoint_extra
     from rlver_jax.rl.learner import Learner
-    from rlver_jax.rl.trainer import rollout_seed, row_bucket
+    from rlver_jax.rl.trainer import rollout_seed
 
     compile_count()  # install the listener before the first jit
     mesh = components.build_mesh(cfg)
@@ -168,10 +169,8 @@ def run_steps(cfg: Any, steps: int, ckpt_dir: str) -> list[dict[str, Any]]:
             c0, judge_acc[0], timed_sampler.device_s = compile_count(), 0.0, 0.0
             batch = [profiles[(step * b + i) % len(profiles)] for i in range(b)]
             t0 = time.perf_counter()
-            if hasattr(user, "set_seed"):
-                user.set_seed(rollout_seed(cfg.seed, step))
             result = engine.run(state.policy, batch, seed=rollout_seed(cfg.seed, step))
-            n_rows = row_bucket(result.trajectories.num_samples, cfg.learner.mini_batch_size)
+            n_rows = pow2_multiple(result.trajectories.num_samples, cfg.learner.mini_batch_size)
             state, _, lt = timed_update(learner, state, result.trajectories, n_rows)
             t = time.perf_counter()
             extra = checkpoint_extra(seed=cfg.seed, metrics={"step": step})

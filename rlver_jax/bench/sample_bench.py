@@ -46,6 +46,7 @@ import numpy as np
 from rlver_jax.bench.common import format_row, header
 from rlver_jax.bench.models import check_model, model_and_params
 from rlver_jax.bench.thunk_profile import profile_call
+from rlver_jax.kernels.select import ATTENTION_CHOICES, DECODE_CHOICES
 
 COLUMNS = (
     ("engine", "{}"), ("dtype", "{}"), ("batch", "{}"), ("compile_s", "{:.1f}"),
@@ -54,8 +55,6 @@ COLUMNS = (
     ("vs_torch", "{:.2f}x"), ("rss_peak_mb", "{:.0f}"), ("dev_peak_mb", "{:.0f}"),
 )  # fmt: skip
 
-
-AUTO_ON_OFF = {"auto": None, "on": True, "off": False}  # tri-state flags -> config values
 
 OP_COLUMNS = (  # the --profile table
     ("op", "{}"), ("ms_per_step", "{:.2f}"), ("runs_per_step", "{:.1f}"), ("share", "{:.1%}"),
@@ -149,15 +148,14 @@ class JaxEngine:
 
         self.dtype, self.args, self.bw = dtype, args, bw
         self.config = config32.replace(
-            dtype=dtype, param_dtype=dtype, scan_layers=args.scan_layers == "on"
-        )
+            dtype=dtype, param_dtype=dtype, scan_layers=args.scan_layers == "on",
+            attention=args.attention,
+        )  # fmt: skip
         self.params = jax.tree.map(lambda x: x.astype(dtype), params32)
         buckets = SamplerConfig(
             prompt_buckets=(args.prompt_len,), batch_buckets=tuple(batches),
-            new_token_buckets=(args.new_tokens,), unroll_decode=AUTO_ON_OFF[args.unroll_decode],
-            cpu_attention_kernel=AUTO_ON_OFF[args.cpu_attention_kernel],
-            cpu_matmul_kernel=AUTO_ON_OFF[args.cpu_matmul_kernel],
-            pallas_decode=args.pallas_decode == "on", pallas_blocks=args.pallas_blocks,
+            new_token_buckets=(args.new_tokens,), decode=args.decode,
+            pallas_blocks=args.pallas_blocks,
         )  # fmt: skip
         self.sampler = Sampler(self.config, pad_id=0, sampler_config=buckets, time_phases=True)
         rng = np.random.default_rng(0)
@@ -193,18 +191,21 @@ class JaxEngine:
         ms = 1e3 * best["decode_s"] / steps
         cache_len = self.args.prompt_len + new_tokens
         bound = 1e3 * step_bytes(self.config, self.params, b, cache_len) / self.bw
+        plan = self.sampler.decode
         row = {
             "engine": "jax", "dtype": self.dtype, "batch": b, "compile_s": self.compile_s[b],
             "prefill_ms": 1e3 * best["prefill_s"], "ms_per_step": ms,
             "decode_tok_s": b * steps / best["decode_s"],
             "e2e_tok_s": b * new_tokens / (best["prefill_s"] + best["decode_s"]),
             "bound_ms": bound, "x_bound": ms / bound, "rss_peak_mb": rss_peak_mb(),
-            "dev_peak_mb": device_peak_mb(), "unroll_decode": self.sampler.unroll_decode,
+            "dev_peak_mb": device_peak_mb(), "decode": plan.impl,
+            "prefill_attention": self.sampler.prefill_config.attention,
             "scan_layers": self.config.scan_layers,
-            "attention_kernel": self.sampler.attention_kernel,
-            "pallas_decode": self.sampler.pallas_decode,
+            # the older results' fields, kept so that bench/perf_doc.py reads both
+            "unroll_decode": plan.unrolled, "attention_kernel": plan.impl == "cpu_kernels",
+            "pallas_decode": plan.impl == "pallas",
         }  # fmt: skip
-        if self.sampler.pallas_decode:
+        if plan.impl == "pallas":
             row["pallas_blocks"] = dataclasses.asdict(self.args.pallas_blocks)
         print(format_row(COLUMNS, row), flush=True)
         if self.args.profile:
@@ -335,21 +336,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--model", default="smollm2", help="a shape `bench train --model` knows")
     ap.add_argument("--torch-device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument(
-        "--unroll-decode", default="auto", choices=list(AUTO_ON_OFF),
-        help="SamplerConfig.unroll_decode (auto: the sampler's own choice for the backend)",
+        "--decode", default="auto", choices=list(DECODE_CHOICES),
+        help="sampler.decode (auto: kernels.select's choice for the backend)",
     )  # fmt: skip
     ap.add_argument(
-        "--cpu-attention-kernel", default="auto", choices=list(AUTO_ON_OFF),
-        help="SamplerConfig.cpu_attention_kernel (auto: where it applies and builds)",
-    )  # fmt: skip
-    ap.add_argument(
-        "--cpu-matmul-kernel", default="auto", choices=list(AUTO_ON_OFF),
-        help="SamplerConfig.cpu_matmul_kernel (auto: where it applies and builds)",
-    )  # fmt: skip
-    ap.add_argument(
-        "--pallas-decode", default="off", choices=["on", "off"],
-        help="SamplerConfig.pallas_decode: the decode step as fused Pallas kernels (GPUs; "
-        "needs --unroll-decode on there)",
+        "--attention", default="auto", choices=list(ATTENTION_CHOICES),
+        help="model.attention of the prefill (auto: kernels.select's choice)",
     )  # fmt: skip
     ap.add_argument(
         "--pallas-blocks", type=pallas_blocks, default=pallas_blocks(""), metavar="K=V,...",
@@ -375,9 +367,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     bw = copy_bandwidth()
     print(
         f"{args.model} ({args.weights} weights), greedy, prompt {args.prompt_len}, "
-        f"{args.new_tokens} new tokens, unroll_decode {args.unroll_decode}, "
-        f"scan_layers {args.scan_layers}, cpu_attention_kernel {args.cpu_attention_kernel}, "
-        f"cpu_matmul_kernel {args.cpu_matmul_kernel}, pallas_decode {args.pallas_decode}; "
+        f"{args.new_tokens} new tokens, decode {args.decode}, attention {args.attention}, "
+        f"scan_layers {args.scan_layers}; "
         f"jax {jax.__version__} on "
         f"{jax.devices()[0].device_kind} x{jax.device_count()}, torch on {device}, "
         f"{os.cpu_count()} CPUs; measured copy bandwidth {bw / 1e9:.1f} GB/s (read+write); "

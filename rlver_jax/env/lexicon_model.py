@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
+from rlver_jax.buckets import pow2_bucket
+
 SKILLS: tuple[str, ...] = (
     "empathy",
     "insight",
@@ -377,13 +379,11 @@ def pad_batch(
     """Right-pad token lists into [B, T] with T the next power of two >= max length (>= min_len),
     truncated to `cap` tokens per row when given; returns (tokens int32, lengths int32)."""
     lens = [len(s) if cap is None else min(len(s), cap) for s in seqs]
-    t = bucket(max(lens, default=0), min_len)
+    t = pow2_bucket(max(lens, default=0), min_len)
     out = np.zeros((len(seqs), t), np.int32)
     for i, (s, n) in enumerate(zip(seqs, lens, strict=True)):
         out[i, :n] = np.asarray(s[:n], np.int32)
     return out, np.asarray(lens, np.int32)
 
 
-def bucket(n: int, minimum: int = 1) -> int:
-    """Smallest power of two >= max(n, minimum): padded shapes, so few compilations."""
-    return 1 << (max(int(n), int(minimum), 1) - 1).bit_length()
+bucket = pow2_bucket  # eval/capability.py imports it from here

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from rlver_jax.buckets import round_up, smallest_bucket
 from rlver_jax.env.dynamics import band
 from rlver_jax.env.intentions import INTENTION_DESCRIPTIONS_EN, INTENTION_FROM_ZH
 from rlver_jax.env.profiles import Language, Profile
@@ -328,14 +329,6 @@ def changes_from_scores(
 
 
 # --------------------------------------------------------------------------- host driver
-def bucket_up(n: int, buckets: Sequence[int], what: str) -> int:
-    """The smallest bucket >= n (ValueError naming `what` when n exceeds them all)."""
-    for b in sorted(buckets):
-        if n <= b:
-            return b
-    raise ValueError(f"{what} {n} exceeds the largest bucket {max(buckets)}")
-
-
 class JudgeScorer:
     """Bucketed, optionally sharded driver of `candidate_scores` (params passed per call)."""
 
@@ -392,7 +385,7 @@ class JudgeScorer:
         if not prompts or min(len(p) for p in prompts) == 0:
             raise ValueError("need at least one prompt, and every prompt needs >= 1 token")
         cand, cand_len, terms = table.arrays(self.pad_id)
-        chunk = -(-max(self.batch_buckets) // self._dp) * self._dp
+        chunk = round_up(max(self.batch_buckets), self._dp)
         out = []
         for start in range(0, len(prompts), chunk):
             out.append(self._run(params, prompts[start : start + chunk], cand, cand_len, terms))
@@ -407,9 +400,10 @@ class JudgeScorer:
         terms: np.ndarray,
     ) -> np.ndarray:
         n = len(prompts)
-        P = bucket_up(max(len(p) for p in prompts), self.prompt_buckets, "judge prompt length")
-        B = bucket_up(n, self.batch_buckets, "judge batch size")
-        B = -(-B // self._dp) * self._dp
+        P = smallest_bucket(
+            max(len(p) for p in prompts), self.prompt_buckets, "judge prompt length"
+        )
+        B = round_up(smallest_bucket(n, self.batch_buckets, "judge batch size"), self._dp)
         prompt = np.full((B, P), self.pad_id, np.int32)
         mask = np.zeros((B, P), bool)
         for i, p in enumerate(prompts):

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
+from rlver_jax.buckets import pow2_bucket
 from rlver_jax.env.dynamics import BANDS, band, detect_goodbye
 from rlver_jax.env.intentions import INTENTIONS, PERSONALITIES
 from rlver_jax.env.lexicon_model import (
@@ -55,7 +56,6 @@ from rlver_jax.env.lexicon_model import (
     ReplyFeatures,
     TokenizerLike,
     auto_ngram,
-    bucket,
     build_lexicon_model,
     load_lexicon,
     pad_batch,
@@ -333,10 +333,10 @@ class ReferenceUser:
             return Judgement(empty, np.zeros(0, np.float32), ReplyFeatures(*([empty] * 5)))
         ids = self._ids(replies, reply_ids)
         prev_ids = [self.tokenizer.encode(last_text(h, "assistant") or "") for h in histories]
-        rows = bucket(b, MIN_ROWS)  # pad the batch too: one compilation per (rows, T, U)
+        rows = pow2_bucket(b, MIN_ROWS)  # pad the batch too: one compilation per (rows, T, U)
         ids += [[]] * (rows - b)
         prev_ids += [[]] * (rows - b)
-        cap = bucket(max(2 * self.config.max_reply_tokens, MIN_ANALYSED_TOKENS))
+        cap = pow2_bucket(max(2 * self.config.max_reply_tokens, MIN_ANALYSED_TOKENS))
         tokens, lengths = pad_batch(ids, cap=cap)
         prev, prev_lengths = pad_batch(prev_ids, cap=cap)
         full = np.asarray([len(x) for x in ids], np.int32)

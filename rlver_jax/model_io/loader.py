@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import jax
 
+from rlver_jax.kernels.select import ATTENTION_CHOICES, check_choice
 from rlver_jax.model_io.tokenizer import Tokenizer, check_compatible
 from rlver_jax.models.config import ModelConfig, check_attention_block
 from rlver_jax.models.transformer import Params, init_params
@@ -30,22 +31,28 @@ class ModelSpec:
     """Where a model comes from, and how it runs (dtype, scan over layers, remat, attention
     blocks)."""
 
+    # smollm2: the embedded SmolLM2-135M-Instruct (offline); hf: a HF checkpoint directory;
+    # gguf: a GGUF file; random: a random-init model of the shape below (tiny tokenizer)
     source: Source = "smollm2"
     path: str | None = None  # hf: checkpoint directory; gguf: file
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
-    scan_layers: bool = True
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of activations, matmuls
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype the weights are kept in
+    scan_layers: bool = True  # run the layers as one lax.scan over stacked weights
+    # recompute activations in the backward pass: none, full (every layer's), or dots (all
+    # but the matmul outputs)
     remat: Literal["none", "full", "dots"] = "none"
     attention_block: int = 1024  # queries per attention block (0: unblocked); see ModelConfig
+    # causal attention: auto | xla | xla_causal | cpu_kernel (kernels.select; auto: per program)
+    attention: str = "auto"
     # source="random": the shape of a random-init model that uses the project's tiny tokenizer.
-    family: Literal["llama", "qwen2", "qwen3"] = "qwen2"
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int = 16
-    init_seed: int = 0
+    family: Literal["llama", "qwen2", "qwen3"] = "qwen2"  # random: architecture family
+    hidden_size: int = 64  # random: model width
+    intermediate_size: int = 128  # random: MLP width
+    num_layers: int = 2  # random: decoder layers
+    num_heads: int = 4  # random: query heads
+    num_kv_heads: int = 2  # random: key/value heads (grouped-query attention)
+    head_dim: int = 16  # random: width of one head
+    init_seed: int = 0  # random: seed of the weight initialisation
 
     def __post_init__(self) -> None:
         if self.source in ("hf", "gguf") and not self.path:
@@ -53,6 +60,7 @@ class ModelSpec:
         if self.source in ("hf", "gguf") and self.path and not Path(self.path).exists():
             raise ValueError(f"model.path {self.path!r} does not exist")
         check_attention_block(self.attention_block)  # at config load, before any work
+        check_choice("model.attention", self.attention, ATTENTION_CHOICES)
 
     @property
     def runtime(self) -> dict[str, Any]:
@@ -62,6 +70,7 @@ class ModelSpec:
             "scan_layers": self.scan_layers,
             "remat": self.remat,
             "attention_block": self.attention_block,
+            "attention": self.attention,
         }
 
     def model_config(self) -> ModelConfig:

@@ -4,24 +4,41 @@
 
 softmax(q k^T / sqrt(Dh), masked) v for every query head, its kv head shared by G = H / K query
 heads. Long query blocks run in `config.attention_block` pieces under `jax.checkpoint`
-(memory); a causal attention over the queries' own keys can run in `config.causal_block`
-pieces that skip the masked keys above the diagonal (work). `transformer.attend` calls it;
-the decode step's one-query form is `decode_step.one_query_attention`.
+(memory). A causal attention over the queries' own keys runs as `config.attention` names:
+"xla" (this module), "xla_causal" (this module, in `config.causal_block`-query pieces that skip
+the masked keys above the diagonal: less work), or a kernel that `rlver_jax.kernels`
+registers here (`register_causal`); which one a program gets is decided in one place,
+`kernels.select`. `transformer.attend` calls it; the decode step's one-query form is
+`decode_step.one_query_attention`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from rlver_jax.kernels.cpu import causal_attention as cpu_causal_attention
 from rlver_jax.models.config import ModelConfig
 
-__all__ = ["MASK_VALUE", "attention", "query_block"]
+__all__ = ["MASK_VALUE", "XLA_IMPLEMENTATIONS", "attention", "query_block", "register_causal"]
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+XLA_IMPLEMENTATIONS = ("xla", "xla_causal")  # the implementations written in this module
+
+# name -> fn(q, k, v, mask, config): causal attention of q over its own keys, as `attention`.
+CausalAttention = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, ModelConfig], jax.Array]
+_KERNELS: dict[str, CausalAttention] = {}
+
+
+def register_causal(name: str, fn: CausalAttention) -> None:
+    """Make `fn` the causal attention of ``config.attention == name`` (a kernel backend calls
+    this when `rlver_jax.kernels` imports it; the model itself imports no kernel)."""
+    if name in XLA_IMPLEMENTATIONS or name == "auto":
+        raise ValueError(f"attention implementation name {name!r} is reserved")
+    _KERNELS[name] = fn
 
 
 def query_block(config: ModelConfig, T: int) -> int:
@@ -45,18 +62,25 @@ def attention(
     queries, whose outputs are dropped.
 
     `causal`: the caller's promise that the keys are the queries' own T positions under a mask
-    that is causal (attention within a block of tokens: a prompt's prefill, training). An
-    unblocked T then runs in blocks of ``Tc = config.causal_block`` queries over keys ``[0, i +
-    Tc)`` only, when Tc > 0: the key blocks above the diagonal, all masked, are skipped (T =
-    256, Tc = 64: 37.5% of the scores; SmolLM2's prefill attention of 32 x 256 tokens, 30
-    layers on two CPU cores: 4.2-5.0 -> 2.8-3.4 s). With ``config.causal_kernel`` a causal
-    call runs as `cpu_causal_attention`'s compiled kernel where it applies (float32 on the CPU:
-    each query's keys up to its own position, no score matrix in memory; no gradient). Queries
-    with no visible key (padding) get an output used by nobody: an average of keys, or zeros."""
+    that is causal (attention within a block of tokens: a prompt's prefill, training). Such a
+    call runs as ``config.attention`` says: "xla" as above; "xla_causal": an unblocked T in
+    blocks of ``Tc = config.causal_block`` queries over keys ``[0, i + Tc)`` only, skipping the
+    key blocks above the diagonal, all masked (T = 256, Tc = 64: 37.5% of the scores); another
+    name: the kernel registered under it ("auto", unresolved by `kernels.select`, is "xla").
+    Other calls (a decode step over a cache) always run
+    as "xla". Queries with no visible key (padding) get an output used by nobody: an average of
+    keys, or zeros."""
     T = q.shape[1]
-    if causal and config.causal_kernel and cpu_causal_attention.applies(q, k, v, config):
-        return cpu_causal_attention.causal_attention(q, k, v, mask)
-    block, Tc = query_block(config, T), config.causal_block
+    impl = "xla" if config.attention == "auto" else config.attention  # unresolved: the reference
+    if impl not in XLA_IMPLEMENTATIONS and impl not in _KERNELS:
+        raise ValueError(
+            f"attention implementation {impl!r} is not registered: kernel backends register "
+            "theirs when rlver_jax.kernels.select is imported"
+        )
+    if causal and impl in _KERNELS:
+        return _KERNELS[impl](q, k, v, mask, config)
+    block = query_block(config, T)
+    Tc = config.causal_block if impl == "xla_causal" else 0
     if block == T and causal and 0 < Tc < T:
         parts = [
             _block(q[:, e - Tc : e], k[..., :e], v[:, :, :e], mask[:, e - Tc : e, :e], config)

@@ -75,14 +75,14 @@ class ModelConfig:
     # Queries per attention block: longer blocks are attended in blocks of this many queries,
     # each under `jax.checkpoint`, so no T x T score matrix is ever whole (0: never blocked).
     attention_block: int = 1024
-    # Queries per block of a causal attention over the queries' own keys, skipping the key
-    # blocks above the diagonal (0: off; the Sampler's CPU prefill sets it, see
-    # SamplerConfig.prefill_causal_block and attention.attention).
-    causal_block: int = 0
-    # That causal attention as the compiled CPU kernel (models.cpu_causal_attention) where it
-    # applies (float32 on the CPU; forward only: no gradient). The Sampler's prefill sets it on
-    # one CPU device (SamplerConfig.cpu_attention_kernel): XLA cannot partition a custom call.
-    causal_kernel: bool = False
+    # The implementation of causal self-attention (training, a prefill over its own prompt):
+    # "xla" (the reference, `attention.attention`), "xla_causal" (the same, skipping the key
+    # blocks above the diagonal), a kernel registered by `rlver_jax.kernels`, or "auto": the
+    # sampler and the learner resolve it per program (`kernels.select.resolve_attention`);
+    # traced unresolved (the model used on its own), "auto" is the reference.
+    attention: str = "auto"
+    # Queries per block of "xla_causal" (a parameter of that implementation, not a switch).
+    causal_block: int = 64
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -94,8 +94,8 @@ class ModelConfig:
             raise ModelConfigError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
         check_attention_block(self.attention_block)
         check_attention_block(self.causal_block, "causal_block")
-        if not isinstance(self.causal_kernel, bool):
-            raise ModelConfigError(f"causal_kernel must be a bool, got {self.causal_kernel!r}")
+        if not isinstance(self.attention, str):
+            raise ModelConfigError(f"attention must be a name, got {self.attention!r}")
         for key in ("dtype", "param_dtype"):
             if getattr(self, key) not in ("float32", "bfloat16", "float16"):
                 raise ModelConfigError(

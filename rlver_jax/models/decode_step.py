@@ -20,6 +20,7 @@ computes what `transformer.forward` computes for one token per row (tested to 1e
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +28,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rlver_jax.kernels.cpu import matmul as cpu_matmul
 from rlver_jax.models import transformer as tfm
 from rlver_jax.models.attention import MASK_VALUE
 from rlver_jax.models.config import ModelConfig
@@ -44,12 +44,14 @@ _ROW_MAJOR = ("bq", "bk", "bv", "q_norm", "k_norm")
 _MATRICES = ("wqkv", "wo", "w_gate_up", "w_down")
 
 
-def decode_weights(params: Params, config: ModelConfig, packed: bool = False) -> Params:
+def decode_weights(
+    params: Params, config: ModelConfig, pack: Callable[[jax.Array], jax.Array] | None = None
+) -> Params:
     """Per-layer copies of the weights in the layouts `decode_step` reads (as many bytes as the
     params' layers): matrices as [out, in], norm scales and biases as [features, 1] columns.
-    `packed` stores the matrices and the output head (`lm_head`, tied or not) as
-    `cpu_matmul.pack` tiles [out/16, in, 16] for the CPU projection kernel (one more copy of a
-    tied embedding; see `packable_config`).
+    `pack` (a backend's `StepOps.pack`, e.g. the CPU projection kernel's tiles) stores the
+    matrices and the output head (`lm_head`, tied or not) in the form its `StepOps.project`
+    takes (one more copy of a tied embedding).
 
     Projections of the same input are one matrix, so a step runs one GEMM for q, k and v and one
     for gate and up (at batch 1 on a GPU a step is mostly per-kernel latency, ~2 us for each of
@@ -82,22 +84,13 @@ def decode_weights(params: Params, config: ModelConfig, packed: bool = False) ->
     layers = tuple(layer(i) for i in range(config.num_layers))
     weights: Params = {"embed": params["embed"], "final_norm": params["final_norm"][:, None]}
     head = params["embed"] if config.tie_word_embeddings else params["lm_head"].T  # [V, D]
-    if packed:
-        pack = cpu_matmul.pack
+    if pack is not None:
         layers = tuple(p | {k: pack(p[k]) for k in _MATRICES} for p in layers)
         weights["lm_head"] = pack(head)
     elif not config.tie_word_embeddings:
         weights["lm_head"] = head
     weights["layers"] = layers
     return weights
-
-
-def packable_config(config: ModelConfig) -> bool:
-    """Whether `decode_weights(..., packed=True)` applies: every matrix's output size (and the
-    vocabulary) a multiple of the kernel's 16-column tiles, weights in float32 or bfloat16."""
-    K, G, Dh = config.num_kv_heads, config.num_groups, config.head_dim
-    outs = (K * (G + 2) * Dh, config.hidden_size, 2 * config.intermediate_size, config.vocab_size)
-    return all(cpu_matmul.packable((n, 1), config.param_dtype) for n in outs)
 
 
 def decode_weight_logical_axes(config: ModelConfig) -> Params:
@@ -122,17 +115,14 @@ def decode_weight_logical_axes(config: ModelConfig) -> Params:
     return axes
 
 
-def _project(w: jax.Array, x: jax.Array) -> jax.Array:
-    """`w [F, D] @ x [D, B]` -> [F, B]; a packed w (`decode_weights(..., packed=True)`) goes
-    through the CPU kernel, `cpu_matmul.project`. On CPU a barrier keeps XLA from folding a
-    later transpose into the dot, which would turn it back into the slow `x^T @ w^T` form; GPUs
-    and TPUs take either form at full speed, and there the barrier would only stop XLA from
-    fusing neighbours into the GEMM (a residual add as its output operand, an elementwise
-    prologue)."""
-    if w.ndim == 3:
-        return cpu_matmul.project(w, x).astype(x.dtype)
-    out = jnp.dot(w.astype(x.dtype), x)
-    return jax.lax.optimization_barrier(out) if jax.default_backend() == "cpu" else out
+def xla_project(w: jax.Array, x: jax.Array) -> jax.Array:
+    """`w [F, D] @ x [D, B]` -> [F, B] in x's dtype: the weight streamed as the left operand."""
+    return jnp.dot(w.astype(x.dtype), x)
+
+
+def xla_head(head: jax.Array, h: jax.Array) -> jax.Array:
+    """The output head: `head [V, D] @ h [D, B]` -> logits [V, B] accumulated in float32."""
+    return jnp.dot(head.astype(h.dtype), h, preferred_element_type=jnp.float32)
 
 
 def _to_rows(x: jax.Array, heads: int, head_dim: int) -> jax.Array:
@@ -187,29 +177,49 @@ def _sum_over_head_dim(q: jax.Array, k: jax.Array) -> jax.Array:
     return total
 
 
+@dataclasses.dataclass(frozen=True)
+class StepOps:
+    """The decode step's replaceable pieces: what a backend may implement its own way
+    (`kernels.select.resolve_decode` picks them; the defaults are XLA's forms, `XLA_OPS`).
+
+    attention: ``attention(q, k, v, mask, config)``, as `one_query_attention`.
+    project:   ``project(w, x)`` = ``w [F, D] @ x [D, B]`` -> [F, B] in x's dtype.
+    head:      ``head(w, h)`` = ``w [V, D] @ h [D, B]`` -> logits [V, B] float32.
+    pack:      each matrix ``[F, D]`` -> the form `project` and `head` take (None: as is),
+               applied once per params by `decode_weights`.
+    """
+
+    attention: Callable[..., jax.Array] = one_query_attention
+    project: Callable[[jax.Array, jax.Array], jax.Array] = xla_project
+    head: Callable[[jax.Array, jax.Array], jax.Array] = xla_head
+    pack: Callable[[jax.Array], jax.Array] | None = None
+
+
+XLA_OPS = StepOps()
+
+
 def _layer(
     x: jax.Array, p: Params, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-    k_cache: jax.Array, v_cache: jax.Array, start: jax.Array, config: ModelConfig,
-    attention: Callable[..., jax.Array],
+    k_cache: jax.Array, v_cache: jax.Array, start: jax.Array, config: ModelConfig, ops: StepOps,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:  # fmt: skip
     """`transformer._layer` for one token per row on a feature-major x [D, B]."""
     H, K, Dh, eps = config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps
     G, B = config.num_groups, x.shape[1]
     y = tfm.rms_norm(x, p["attn_norm"], eps, axis=0)
-    qkv = _project(p["wqkv"], y).reshape(K, G + 2, Dh, B)  # see `decode_weights`
+    qkv = ops.project(p["wqkv"], y).reshape(K, G + 2, Dh, B)  # see `decode_weights`
     q = _to_rows(qkv[:, :G].reshape(H * Dh, B), H, Dh)
     k = _to_rows(qkv[:, G].reshape(K * Dh, B), K, Dh)
     v = _to_rows(qkv[:, G + 1].reshape(K * Dh, B), K, Dh)
     q, k, v = tfm.finish_qkv(q, k, v, p, cos, sin, config)  # k [B,K,Dh,1], v [B,K,1,Dh]
     k_cache, v_cache = write_slot(k_cache, k, 3, start), write_slot(v_cache, v, 2, start)
-    attn = attention(q, k_cache, v_cache, mask, config)
-    x = x + _project(p["wo"], attn.reshape(x.shape[1], H * Dh).T)
+    attn = ops.attention(q, k_cache, v_cache, mask, config)
+    x = x + ops.project(p["wo"], attn.reshape(x.shape[1], H * Dh).T)
     x = constrain(x, _COLS)
 
     y = tfm.rms_norm(x, p["mlp_norm"], eps, axis=0)
-    gate_up = _project(p["w_gate_up"], y).reshape(-1, 2, B)  # rows f: (gate f, up f)
+    gate_up = ops.project(p["w_gate_up"], y).reshape(-1, 2, B)  # rows f: (gate f, up f)
     act = jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]
-    x = x + _project(p["w_down"], constrain(act, ("act_mlp", "batch")))
+    x = x + ops.project(p["w_down"], constrain(act, ("act_mlp", "batch")))
     return constrain(x, _COLS), (k_cache, v_cache)
 
 
@@ -227,24 +237,25 @@ def slot_rope_tables(config: ModelConfig, max_len: int) -> tuple[jax.Array, jax.
 
 def decode_step(
     weights: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache,
-    config: ModelConfig, attention: Callable[..., jax.Array] = one_query_attention,
+    config: ModelConfig, ops: StepOps | None = None,
     rope: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, KVCache]:  # fmt: skip
     """Feed one token per row: tokens, positions [B] int; `cache` per layer
-    (`kv_cache.unstack_cache`), written at slot `cache.end`. ``attention(q, k, v, mask,
-    config)`` is `one_query_attention` or its compiled kernel (`cpu_attention`); it gets the
-    cache buffers as they are held (bf16 ones possibly as bits, `kv_cache.as_bits`). `rope`:
+    written at slot `cache.end`. `ops` (default `XLA_OPS`) are the step's replaceable pieces;
+    its attention gets the cache buffers as they are held (bf16 ones possibly as bits,
+    `kv_cache.as_bits`). `rope`:
     `slot_rope_tables(config, cache.max_len)`, made here when None.
 
     Returns (next-token logits [B, V] float32, the updated cache).
     """
+    ops = XLA_OPS if ops is None else ops
     x, cos, sin, key_mask, mask = step_inputs(weights, tokens, positions, cache, config, rope)
 
     def layer(x: jax.Array, p: Params, k: jax.Array, v: jax.Array) -> Any:
-        return _layer(x, p, cos, sin, mask, k, v, cache.end, config, attention)
+        return _layer(x, p, cos, sin, mask, k, v, cache.end, config, ops)
 
     x, new_cache = step_layers(layer, constrain(x.T, _COLS), weights, cache, key_mask)
-    return step_logits(weights, x, config), new_cache
+    return step_logits(weights, x, config, ops.head), new_cache
 
 
 def step_layers(
@@ -269,7 +280,7 @@ def step_inputs(
     dtype, RoPE cos and sin [B, 1, Dh] at their positions, the cache's key mask with slot
     `cache.end` set [B, S], the attention mask [B, 1, S]: set slots up to `cache.end`)."""
     if not cache.per_layer:
-        raise ValueError("decode_step takes a per-layer cache (kv_cache.unstack_cache)")
+        raise ValueError("decode_step takes a per-layer cache (init_cache(..., per_layer=True))")
     B = tokens.shape[0]
     x = jnp.take(weights["embed"], tokens, axis=0).astype(jnp.dtype(config.dtype))
     cos_table, sin_table = slot_rope_tables(config, cache.max_len) if rope is None else rope
@@ -281,12 +292,12 @@ def step_inputs(
     return x, cos, sin, key_mask, mask
 
 
-def step_logits(weights: Params, x: jax.Array, config: ModelConfig) -> jax.Array:
-    """Next-token logits [B, V] float32 of the last layer's feature-major output x [D, B]."""
+def step_logits(
+    weights: Params, x: jax.Array, config: ModelConfig,
+    head: Callable[[jax.Array, jax.Array], jax.Array] = xla_head,
+) -> jax.Array:  # fmt: skip
+    """Next-token logits [B, V] float32 of the last layer's feature-major output x [D, B];
+    `head(w, h)` is the output projection (`StepOps.head`)."""
     h = tfm.rms_norm(x, weights["final_norm"], config.rms_norm_eps, axis=0)
-    head = weights.get("lm_head", weights["embed"])
-    if head.ndim == 3:  # packed
-        logits = cpu_matmul.project(head, h)
-    else:
-        logits = jnp.dot(head.astype(h.dtype), h, preferred_element_type=jnp.float32)  # [V, B]
+    logits = head(weights.get("lm_head", weights["embed"]), h)  # [V, B]
     return constrain(jax.lax.optimization_barrier(logits).T, ("batch", "act_vocab"))

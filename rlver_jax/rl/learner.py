@@ -47,6 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rlver_jax.buckets import round_up, smallest_bucket
+from rlver_jax.metrics import PhaseTimer
 from rlver_jax.models import value_head
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.transformer import param_logical_axes, param_shapes
@@ -62,14 +64,12 @@ from rlver_jax.rl.optim import (
     LearnerConfigError,
     OldOutputs,
     TrainState,
-    bucket_length,
     cond_or_zeros,
     minibatch_update,
     opt_state_shardings,
     strided_merge,
     strided_split,
 )
-from rlver_jax.rl.phase_timer import PhaseTimer
 from rlver_jax.trajectories import Trajectories
 
 Array = jax.Array
@@ -204,11 +204,11 @@ class Learner:
         sample) whose packed layout computes the fewest ``filled rows x T`` tokens."""
         n, t = traj.tokens.shape
         m = self.cfg.mini_batch_size
-        n_pad = num_samples if num_samples is not None else -(-n // m) * m
+        n_pad = num_samples if num_samples is not None else round_up(n, m)
         if n_pad % m:
             raise ValueError(f"num_samples={n_pad} must be a multiple of mini_batch_size={m}")
         if not self.cfg.pack_sequences:
-            return traj.pad_to(n_pad, bucket_length(t, self.cfg.seq_buckets))
+            return traj.pad_to(n_pad, smallest_bucket(t, self.cfg.seq_buckets, "sequence length"))
         lengths = np.asarray(traj.token_mask).sum(axis=1)
         longest = max(int(lengths.max()), 1)  # the columns past it are padding in every row
         trimmed = jax.tree.map(lambda x: np.asarray(x)[:, :longest] if np.ndim(x) == 2 else x, traj)
@@ -453,7 +453,7 @@ class Learner:
         """pad -> compute_old (skipped on-policy) -> compute_advantages -> train_step; metrics
         as Python floats. ``timings``: if given, each phase is run to completion and its wall
         seconds are stored there (``pad_s``, ``old_s``, ``adv_s``, ``train_s``, ``fetch_s``)."""
-        timer = PhaseTimer(timings)
+        timer = PhaseTimer(block=timings is not None)
         with timer("pad_s"):
             traj = self.pad(traj, num_samples)
             packing = self.plan_packing(traj) if self.cfg.pack_sequences else None
@@ -477,6 +477,8 @@ class Learner:
             state, m_step = timer.ready(self.train_step(state, batch, on_policy=on_policy))
         with timer("fetch_s"):
             metrics = {k: float(v) for k, v in jax.device_get(m_old | m_adv | m_step).items()}
+        if timings is not None:
+            timings.update(timer.totals)
         return state, metrics
 
 

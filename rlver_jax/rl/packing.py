@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlver_jax.buckets import round_up, smallest_bucket
 from rlver_jax.models.transformer import PREFIX_SHIFT
 from rlver_jax.rl.optim import strided_split
 
@@ -193,7 +194,7 @@ def _mini_batch_groups(
 def _packed_rows(grouped: tuple[list[list[_Group]], int], lengths: np.ndarray, seq_len: int) -> int:
     groups, m = grouped
     bins = (len(_bins(_items(g, lengths, seq_len), seq_len)) for g in groups)
-    return sum(-(-b // m) * m for b in bins)
+    return sum(round_up(b, m) for b in bins)
 
 
 def best_row_length(
@@ -204,9 +205,8 @@ def best_row_length(
     ``packed_rows x T``; ties go to the shorter rows (less attention per token)."""
     lengths = np.asarray(lengths)
     longest = max(int(lengths.max(initial=1)), 1)
-    fits = [b for b in buckets if b >= longest]
-    if not fits:
-        raise ValueError(f"sequence length {longest} exceeds the largest bucket {max(buckets)}")
+    shortest = smallest_bucket(longest, buckets, "sequence length")
+    fits = [b for b in buckets if b >= shortest]
     grouped = _mini_batch_groups(lengths, n_mini, n_micro, share)  # prefixes found once
     return min(fits, key=lambda b: (_packed_rows(grouped, lengths, b) * b, b))
 

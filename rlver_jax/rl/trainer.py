@@ -48,6 +48,7 @@ import yaml
 from jax.sharding import Mesh
 
 from rlver_jax import components
+from rlver_jax.buckets import pow2_multiple
 from rlver_jax.env.profile_dataset import (
     custom_profile_config,
     profile_data_source,
@@ -137,13 +138,6 @@ def rollout_seed(seed: int, step: int) -> int:
     return int(state[0]) % MAX_ROLLOUT_SEED
 
 
-def row_bucket(n: int, mini_batch_size: int) -> int:
-    """Rows the learner pads ``n`` samples to: ``mini_batch_size * 2**k >= n`` (think mode has a
-    varying number of per-turn samples; buckets bound the learner's compilations)."""
-    minis = -(-n // mini_batch_size)
-    return mini_batch_size * (1 << max(minis - 1, 0).bit_length())
-
-
 def profile_source(cfg: RunConfig) -> Sequence[Any]:
     """The train split as a tfds (array_record) data source: the packaged set, or the config's
     own JSONL file under a config name derived from its path."""
@@ -227,10 +221,9 @@ def step_metrics(
 
 
 def _rollout(
-    engine: RolloutEngine, user: Any, state: TrainState, profiles: Sequence[Any], seed: int
+    engine: RolloutEngine, state: TrainState, profiles: Sequence[Any], seed: int
 ) -> RolloutResult:
-    if hasattr(user, "set_seed"):  # the LLM user's sampling seed follows the step
-        user.set_seed(seed)
+    """One step's rollout (the engine seeds the user with ``seed`` too)."""
     return engine.run(state.policy, list(profiles), seed=seed)
 
 
@@ -323,9 +316,11 @@ def train(cfg: RunConfig) -> TrainSummary:
             compiles0 = compile_count()
             seed = rollout_seed(cfg.seed, step)
             with timer("rollout"):
-                result = _rollout(engine, user, state, next(profiles_it), seed)
+                result = _rollout(engine, state, next(profiles_it), seed)
             with timer("learner"):
-                n_rows = row_bucket(result.trajectories.num_samples, cfg.learner.mini_batch_size)
+                # whole mini-batches, a power of two of them: think mode has a varying number
+                # of per-turn samples, and the buckets bound the learner's compilations
+                n_rows = pow2_multiple(result.trajectories.num_samples, cfg.learner.mini_batch_size)
                 state, learner_metrics = learner.update(state, result.trajectories, n_rows)
             if learner_metrics.get("skipped", 0.0) > 0:
                 log.warning(

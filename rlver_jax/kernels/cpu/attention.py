@@ -7,7 +7,7 @@
 reductions, output) on one core; the kernel reads each (row, kv head) block of the cache once,
 only over the row's unmasked span, and splits the pairs over the cores (why and how: the .cc
 file's header). The `Sampler` uses it for an unrolled decode on one CPU device
-(`SamplerConfig.cpu_attention_kernel`); on a mesh the XLA form stays, since XLA cannot
+(`sampler.decode: cpu_kernels`); on a mesh the XLA form stays, since XLA cannot
 partition a custom call.
 
 The kernel is built by `cpu_kernels` (on first use, with the system's C++ compiler); callers

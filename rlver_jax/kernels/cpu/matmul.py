@@ -5,9 +5,9 @@
 
 Why (the .cc file's header has the figures): XLA:CPU's GEMM repacks the weight at every call
 and, for bfloat16 weights, streams float32 copies of them; the kernel streams the packed
-weights once per step in their own dtype. The `Sampler` uses it for an unrolled decode on one
-CPU device (`SamplerConfig.cpu_matmul_kernel`) where `cpu_kernels.available()`; a call
-where the kernels cannot be built raises `cpu_kernels.KernelBuildError`.
+weights once per step in their own dtype. `sampler.decode: cpu_kernels` uses it on one CPU
+device where the weights pack (`packable_config`); a call where the kernels cannot be built
+raises `cpu_kernels.KernelBuildError`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from rlver_jax.kernels.cpu import build as cpu_kernels
+from rlver_jax.models.config import ModelConfig
 
 COLS = 16  # a packed tile's columns (cpu_matmul.cc's kCols)
 _TARGETS = {
@@ -27,6 +28,15 @@ _TARGETS = {
 def packable(w_shape: tuple[int, ...], dtype: object) -> bool:
     """Whether a [F, D] matrix of `dtype` can be packed (F a multiple of 16; fp32 or bf16)."""
     return len(w_shape) == 2 and w_shape[0] % COLS == 0 and jnp.dtype(dtype) in _TARGETS
+
+
+def packable_config(config: ModelConfig) -> bool:
+    """Whether every decode matrix of `config` packs: each output size (q/k/v rows, the hidden
+    size, gate/up rows, the vocabulary) a multiple of the 16-column tiles, weights in float32
+    or bfloat16."""
+    K, G, Dh = config.num_kv_heads, config.num_groups, config.head_dim
+    outs = (K * (G + 2) * Dh, config.hidden_size, 2 * config.intermediate_size, config.vocab_size)
+    return all(packable((n, 1), config.param_dtype) for n in outs)
 
 
 def pack(w: jax.Array) -> jax.Array:

@@ -1,4 +1,4 @@
-"""Projections of one input by several weights, with a CPU-friendly backward pass.
+"""The model's projections on the CPU: the same products, with a CPU-friendly backward pass.
 
 ``project(x, (w1, w2, ...))`` is ``tuple(einsum("btd,d...->bt...", x, w) for w in ws)``. What
 differs is the backward on XLA:CPU: each weight gradient ``dW = x^T @ dY`` contracts over tokens,
@@ -8,7 +8,9 @@ loop fused with its producer. Here the backward transposes ``x`` once, materiali
 ``optimization_barrier``, and reuses it for every weight of the group. Measured on the peer
 benchmark's MLP (4 layers, 8 x 128 tokens, 256 -> 768, fwd + bwd): 280 -> 179 ms.
 
-Other backends (TPU, GPU) handle transposed dot operands natively and get the plain einsums.
+Other backends (TPU, GPU) handle transposed dot operands natively and get the plain products
+of `models.projection`; this one is registered there for the "cpu" platform when
+`rlver_jax.kernels` is imported.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from rlver_jax.models.projection import register_platform
+
 Array = jax.Array
 
-__all__ = ["project"]
+__all__ = ["project_cpu"]
 
 
 def _flat(w: Array) -> Array:
@@ -75,11 +79,11 @@ def _project_cpu_bwd(
 _project_cpu.defvjp(_project_cpu_fwd, _project_cpu_bwd)
 
 
-def project(
+def project_cpu(
     x: Array, weights: tuple[Array, ...], out_dtype: jnp.dtype | None = None
 ) -> tuple[Array, ...]:
-    """``x`` ``[..., D]`` times each ``w`` ``[D, ...]`` -> ``[..., *w.shape[1:]]``, in
-    ``out_dtype`` (default: the operands'; see the module docs for the backward pass on CPU)."""
-    if jax.default_backend() != "cpu":
-        return tuple(jnp.tensordot(x, w, axes=1, preferred_element_type=out_dtype) for w in weights)
+    """`models.projection.project` with the backward pass above."""
     return _project_cpu(x, tuple(weights), out_dtype)
+
+
+register_platform("cpu", project_cpu)

@@ -51,11 +51,11 @@ class Blocks:
     (`SamplerConfig.pallas_blocks`)."""
 
     qkv_rows: int = 8  # per half head: a program computes 2 x qkv_rows outputs (a RoPE pair)
-    out_rows: int = 16
-    mlp_rows: int = 16
-    down_rows: int = 8
-    slots: int = 32
-    num_warps: int = 4
+    out_rows: int = 16  # rows of the attention output projection per program
+    mlp_rows: int = 16  # MLP units (a gate and an up row each) per program
+    down_rows: int = 8  # rows of the down projection per program
+    slots: int = 32  # cache slots per attention program
+    num_warps: int = 4  # Triton warps per program
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
