@@ -29,6 +29,8 @@ from rlver_jax.scaffold import ScaffoldConfig
 class UserConfig:
     """The simulated user: `reference` (compiled lexicon model) or `llm` (a model plays it).
 
+    kind: which user plays the other side: "reference" (the lexicon model of `reference`) or
+      "llm" (the checkpoint `model`, prompted as in `llm`).
     model: the checkpoint that plays an `llm` user (frozen; loaded separately from the policy,
       placed on the same mesh).
     """
@@ -42,7 +44,15 @@ class UserConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Which profiles: a packaged set ("en": our English set; "rlver": RLVER's Chinese set) or
-    JSONL files of the same schema (`train_path` / `test_path`, language given)."""
+    JSONL files of the same schema (`train_path` / `test_path`, language given).
+
+    profile_set: the packaged set: "en" (our English profiles) or "rlver" (RLVER's Chinese ones).
+    train_path: a JSONL file of training profiles instead of the packaged set (None: packaged).
+    test_path: a JSONL file of evaluation profiles (None: the packaged set's test split).
+    language: the language of custom profile files, "en" or "zh" (required with them).
+    shuffle: shuffle the training profiles (by `seed`; reshuffled every epoch).
+    tfds_dir: where the profile dataset is prepared and cached (None: TFDS's default directory).
+    """
 
     profile_set: Literal["en", "rlver"] = "en"
     train_path: str | None = None
@@ -99,7 +109,12 @@ class TrainerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """One experiment: policy, mesh, scaffold, simulated user, rollouts, learner, trainer."""
+    """One experiment: policy, mesh, scaffold, simulated user, rollouts, learner, trainer.
+
+    name: the run's name (in logs and reports).
+    seed: the run's seed: rollout sampling, the order of the profiles, the learner's RNG.
+    output_dir: where the run writes config.yaml, metrics, transcripts and checkpoints.
+    """
 
     name: str = "run"
     seed: int = 0

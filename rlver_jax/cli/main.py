@@ -65,6 +65,12 @@ def _plan(argv: Sequence[str]) -> int:
     return main(argv)
 
 
+def _config(argv: Sequence[str]) -> int:
+    from rlver_jax.cli.config import main
+
+    return main(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "chat": (_chat, "one chat turn with a model (default: SmolLM2-135M-Instruct, offline)"),
     "rollout": (_rollout, "roll out dialogues with a config and print the transcripts"),
@@ -74,6 +80,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "experiment": (_experiment, "think vs plain: `experiment scaffold` trains, evaluates, reports"),
     "export": (_export, "a training checkpoint -> a HF directory (weights, config, tokenizer)"),
     "plan": (_plan, "per-device memory of a config on a mesh, before launch (exit 2: no fit)"),
+    "config": (_config, "`config show`: a config resolved, with each field's default and doc"),
 }
 
 

@@ -48,7 +48,19 @@ class EndReason(enum.IntEnum):
 
 @dataclasses.dataclass(frozen=True)
 class EmotionDynamicsConfig:
-    """Rules of the emotion score. Validated on construction; errors name the bad field."""
+    """Rules of the emotion score. Validated on construction; errors name the bad field.
+
+    initial_train: the user's starting score in training (RLVER: 30, band C).
+    initial_eval: the starting score in evaluation (SAGE: 40, band B).
+    max_change: the largest change one reply can make, either way (None: no clamp, as in the
+      released "hard" simulator).
+    max_turns_train: the most policy replies in a training dialogue.
+    max_turns_eval: the most policy replies in an evaluation dialogue.
+    success_threshold: a score at or above it ends the dialogue, a success (SAGE).
+    failure_threshold: in evaluation, a score below it ends the dialogue (SAGE's early stop).
+    end_on_zero: end the dialogue when the score reaches 0.
+    eval_end_on_failure: apply failure_threshold in evaluation.
+    """
 
     initial_train: int = 30
     initial_eval: int = 40

@@ -58,6 +58,7 @@ class RolloutConfig:
     mode: "train" (emotion starts at 30, 8 turns) or "eval" (40, 10 turns; the SAGE protocol).
     max_reply_tokens: the policy's token budget per turn (thought included).
     max_prompt_tokens: a dialogue whose next prompt is longer ends (reason CONTEXT_FULL).
+    temperature, top_p, top_k: the policy's sampling (top_k 0: no top-k cut).
     per_turn_reward: add each turn's emotion change / 100 on that turn's last token.
     seq_len_buckets: widths the collated Trajectories are padded to (bounded learner compiles).
     """

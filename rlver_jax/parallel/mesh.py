@@ -41,6 +41,11 @@ class MeshConfig:
     At most one size may be -1, meaning "all the devices the other axes leave over" (as in
     MaxText's `ici_*_parallelism`). The default puts every device on `fsdp`, which both splits
     the batch and shards the weights: the right choice for one host of a few chips.
+
+    data: devices along the data axis (pure data parallelism: the batch splits, weights are
+      replicated); -1: all the devices the other axes leave over.
+    fsdp: devices along the fsdp axis (the batch splits and the weights are sharded); -1: fill.
+    tensor: devices along the tensor axis (each matmul split across them); -1: fill.
     """
 
     data: int = 1

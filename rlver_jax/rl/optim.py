@@ -27,7 +27,7 @@ verl's optimiser, re-expressed for JAX (``torch.optim.AdamW`` + ``clip_grad_norm
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -52,6 +52,7 @@ __all__ = [
     "TrainState",
     "UpdateStats",
     "accumulate_gradients",
+    "bucket_length",
     "clip_by_global_norm",
     "cond_or_zeros",
     "guarded_update",
@@ -268,6 +269,14 @@ def minibatch_update(
     return params, opt_state, aux, stats
 
 
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket ``>= length``; raises if ``length`` exceeds the largest."""
+    for b in buckets:
+        if b >= length:
+            return int(b)
+    raise ValueError(f"sequence length {length} exceeds the largest bucket {max(buckets)}")
+
+
 # --------------------------------------------------------------------------- learner data types
 @struct.dataclass
 class TrainState:
@@ -323,7 +332,7 @@ class LearnerConfig:
     ``mini_batch_size``: samples per optimiser step (verl counts prompts, times ``n`` for GRPO);
     ``micro_batch_size``: samples per gradient-accumulation chunk; ``forward_micro_batch_size``
     (default ``micro_batch_size``): samples per chunk of :meth:`Learner.compute_old`.
-    ``critic_mask`` "policy" regresses the critic on policy tokens only; "response" on every token
+    ``critic_mask``: "policy" regresses the critic on policy tokens only; "response" on every token
     from the first policy token on (verl's non-think behaviour, user tokens included).
     ``kl_as_reward``: subtract ``kl_coef * kl`` from token rewards (PPO) instead of adding
     ``kl_coef * kl`` to the actor loss. ``seq_buckets``: allowed padded lengths ``T``.
@@ -337,37 +346,37 @@ class LearnerConfig:
     (single-turn GRPO groups); on RLVER's per-turn rows it only lengthens them (README).
     """
 
-    algorithm: Literal["ppo", "grpo"] = "ppo"
+    algorithm: Literal["ppo", "grpo"] = "ppo"  # ppo: a critic and GAE; grpo: group baselines
     advantage_estimator: str | None = None  # default: "gae" (ppo) / "grpo" (grpo)
     policy_loss: str | None = None  # default: the algorithm's name
-    gamma: float = 1.0
-    lam: float = 1.0
-    whiten_advantages: bool = True
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    clip_ratio_c: float | None = None
-    value_clip: float | None = 0.5
-    entropy_coef: float = 0.001
-    kl_coef: float = 0.0
-    kl_kind: str = "k1"
+    gamma: float = 1.0  # GAE's discount
+    lam: float = 1.0  # GAE's lambda
+    whiten_advantages: bool = True  # PPO: normalise advantages over the loss mask
+    clip_low: float = 0.2  # PPO clip: the ratio is kept >= 1 - clip_low
+    clip_high: float = 0.2  # PPO clip: the ratio is kept <= 1 + clip_high
+    clip_ratio_c: float | None = None  # dual clip for negative advantages, c > 1 (None: off)
+    value_clip: float | None = 0.5  # clip new values to old +- value_clip (None: off)
+    entropy_coef: float = 0.001  # weight of the entropy bonus in the actor loss
+    kl_coef: float = 0.0  # weight of the KL to the reference policy (0: no reference model)
+    kl_kind: str = "k1"  # KL estimator: k1, k2 or k3 (also kl, mse, low_var_kl)
     kl_as_reward: bool = False
-    loss_agg: str = "token-mean"
+    loss_agg: str = "token-mean"  # token-mean, seq-mean-token-mean or seq-mean-token-sum
     critic_mask: Literal["policy", "response"] = "policy"
-    temperature: float = 1.0
-    actor_lr: float = 1e-6
-    critic_lr: float = 5e-6
-    actor_warmup_ratio: float = 0.02
-    critic_warmup_ratio: float = 0.05
-    total_steps: int = 1000
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    grad_clip: float | None = 1.0
-    ppo_epochs: int = 1
+    temperature: float = 1.0  # logprobs are computed at this temperature (the rollout's)
+    actor_lr: float = 1e-6  # the policy's learning rate (AdamW)
+    critic_lr: float = 5e-6  # the critic's learning rate (AdamW)
+    actor_warmup_ratio: float = 0.02  # linear LR warm-up over this share of total_steps
+    critic_warmup_ratio: float = 0.05  # the critic's warm-up share of total_steps
+    total_steps: int = 1000  # the LR schedule's horizon (trainer.steps is where a run stops)
+    weight_decay: float = 0.01  # AdamW's decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's (b1, b2)
+    adam_eps: float = 1e-8  # AdamW's epsilon
+    grad_clip: float | None = 1.0  # clip gradients to this global norm (None: no clip)
+    ppo_epochs: int = 1  # passes over each rollout batch
     mini_batch_size: int = 32
     micro_batch_size: int = 32
     forward_micro_batch_size: int | None = None
-    grpo_eps: float = 1e-6
+    grpo_eps: float = 1e-6  # GRPO: added to a group's reward std before dividing
     seq_buckets: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384)
     pack_sequences: bool = False
     share_prefixes: bool = False
