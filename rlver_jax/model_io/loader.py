@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import jax
 
+from rlver_jax.kernels.select import ATTENTION_CHOICES, check_choice
 from rlver_jax.model_io.tokenizer import Tokenizer, check_compatible
 from rlver_jax.models.config import ModelConfig, check_attention_block
 from rlver_jax.models.transformer import Params, init_params
@@ -41,6 +42,8 @@ class ModelSpec:
     # but the matmul outputs)
     remat: Literal["none", "full", "dots"] = "none"
     attention_block: int = 1024  # queries per attention block (0: unblocked); see ModelConfig
+    # causal attention: auto | xla | xla_causal | cpu_kernel (kernels.select; auto: per program)
+    attention: str = "auto"
     # source="random": the shape of a random-init model that uses the project's tiny tokenizer.
     family: Literal["llama", "qwen2", "qwen3"] = "qwen2"  # random: architecture family
     hidden_size: int = 64  # random: model width
@@ -57,6 +60,7 @@ class ModelSpec:
         if self.source in ("hf", "gguf") and self.path and not Path(self.path).exists():
             raise ValueError(f"model.path {self.path!r} does not exist")
         check_attention_block(self.attention_block)  # at config load, before any work
+        check_choice("model.attention", self.attention, ATTENTION_CHOICES)
 
     @property
     def runtime(self) -> dict[str, Any]:
@@ -66,6 +70,7 @@ class ModelSpec:
             "scan_layers": self.scan_layers,
             "remat": self.remat,
             "attention_block": self.attention_block,
+            "attention": self.attention,
         }
 
     def model_config(self) -> ModelConfig:

@@ -27,7 +27,7 @@ verl's optimiser, re-expressed for JAX (``torch.optim.AdamW`` + ``clip_grad_norm
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -52,7 +52,6 @@ __all__ = [
     "TrainState",
     "UpdateStats",
     "accumulate_gradients",
-    "bucket_length",
     "clip_by_global_norm",
     "cond_or_zeros",
     "guarded_update",
@@ -267,14 +266,6 @@ def minibatch_update(
     grads, loss, aux = accumulate_gradients(objective, params, micro_batches, count, active)
     params, opt_state, stats = guarded_update(opt, params, opt_state, grads, loss, lr, count > 0)
     return params, opt_state, aux, stats
-
-
-def bucket_length(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket ``>= length``; raises if ``length`` exceeds the largest."""
-    for b in buckets:
-        if b >= length:
-            return int(b)
-    raise ValueError(f"sequence length {length} exceeds the largest bucket {max(buckets)}")
 
 
 # --------------------------------------------------------------------------- learner data types
