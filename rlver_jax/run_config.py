@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from rlver_jax.config_io import apply_overrides, from_dict, load_yaml, to_dict
+from rlver_jax.config_io import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from rlver_jax.env.dynamics import EmotionDynamicsConfig
 from rlver_jax.env.llm_user import LLMUserConfig
 from rlver_jax.env.reference_user import ReferenceUserConfig
@@ -130,11 +130,117 @@ class RunConfig:
     learner: LearnerConfig = dataclasses.field(default_factory=LearnerConfig)
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
 
+    def __post_init__(self) -> None:
+        check_sampling_lengths(self)
 
-def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
-    """RunConfig from a YAML file (or defaults when None) plus `key=value` overrides."""
+
+# --------------------------------------------------------------------------- length limits
+def _largest(buckets: Sequence[int], key: str) -> int:
+    if not buckets:
+        raise ConfigError(f"{key}: needs at least one bucket")
+    return max(buckets)
+
+
+def check_sampling_lengths(cfg: RunConfig) -> None:
+    """Limits that every rollout (training or evaluation) must hold; checked whenever a
+    RunConfig is built, so before any work. A dialogue whose next prompt is longer than
+    `rollout.max_prompt_tokens` ends (CONTEXT_FULL), so the sampler gets prompts of at most
+    that many tokens, asks for at most `rollout.max_reply_tokens` and batches at most
+    `profiles_per_batch x samples_per_profile` dialogues:
+
+        rollout.max_prompt_tokens                        <= max(sampler.prompt_buckets)
+        rollout.max_reply_tokens                         <= max(sampler.new_token_buckets)
+        rollout.profiles_per_batch x samples_per_profile <= max(sampler.batch_buckets)
+
+    Raises a one-line ConfigError naming the keys.
+    """
+    ro, sc = cfg.rollout, cfg.sampler
+    prompt = _largest(sc.prompt_buckets, "sampler.prompt_buckets")
+    if ro.max_prompt_tokens > prompt:
+        raise ConfigError(
+            f"rollout.max_prompt_tokens={ro.max_prompt_tokens} exceeds the largest "
+            f"sampler.prompt_buckets {prompt}: add a prompt bucket >= {ro.max_prompt_tokens} "
+            f"or lower rollout.max_prompt_tokens to {prompt}"
+        )
+    new = _largest(sc.new_token_buckets, "sampler.new_token_buckets")
+    if ro.max_reply_tokens > new:
+        raise ConfigError(
+            f"rollout.max_reply_tokens={ro.max_reply_tokens} exceeds the largest "
+            f"sampler.new_token_buckets {new}: add a bucket >= {ro.max_reply_tokens} or lower "
+            "rollout.max_reply_tokens"
+        )
+    rows = ro.profiles_per_batch * ro.samples_per_profile
+    batch = _largest(sc.batch_buckets, "sampler.batch_buckets")
+    if rows > batch:
+        raise ConfigError(
+            f"rollout.profiles_per_batch x rollout.samples_per_profile = {rows} dialogues "
+            f"exceed the largest sampler.batch_buckets {batch}: add a bucket >= {rows} or "
+            "roll out fewer dialogues at once"
+        )
+
+
+def check_training_lengths(cfg: RunConfig) -> None:
+    """Limits of the training samples, checked before the first training step (by
+    `load_run_config` for training and at the start of `rl.trainer.train`).
+
+    A training sample is one prompt the policy was given plus its reply (the per-turn layout),
+    or the whole dialogue up to the last reply, i.e. the last prompt plus that reply (the plain
+    layout). A prompt longer than `rollout.max_prompt_tokens` is never sampled (the dialogue
+    ends) and a reply has at most `rollout.max_reply_tokens` tokens, so whatever the number of
+    turns (`dynamics.max_turns_*`) and the user's message lengths, a sample has at most
+
+        L = rollout.max_prompt_tokens + rollout.max_reply_tokens    tokens, and
+
+        L <= max(rollout.seq_len_buckets)           the rollout pads samples to one of these
+        bucket(L) <= max(learner.seq_buckets)       the learner pads that width to one of its own
+                                                    (with learner.pack_sequences: L itself)
+
+    Evaluation builds no training samples and needs neither. Raises a one-line ConfigError
+    naming the keys.
+    """
+    ro, lc = cfg.rollout, cfg.learner
+    longest = ro.max_prompt_tokens + ro.max_reply_tokens
+    what = (
+        f"rollout.max_prompt_tokens + rollout.max_reply_tokens = {ro.max_prompt_tokens} + "
+        f"{ro.max_reply_tokens} = {longest} tokens (the longest training sample)"
+    )
+    largest = _largest(ro.seq_len_buckets, "rollout.seq_len_buckets")
+    if longest > largest:
+        raise ConfigError(
+            f"{what} exceed the largest rollout.seq_len_buckets {largest}: add a bucket >= "
+            f"{longest} (and to learner.seq_buckets) or lower rollout.max_prompt_tokens to "
+            f"{largest - ro.max_reply_tokens}"
+        )
+    width = longest if lc.pack_sequences else min(b for b in ro.seq_len_buckets if b >= longest)
+    learner = _largest(lc.seq_buckets, "learner.seq_buckets")
+    if width > learner:
+        padded = "" if lc.pack_sequences else f", padded to the rollout.seq_len_buckets {width},"
+        raise ConfigError(
+            f"{what}{padded} exceed the largest learner.seq_buckets {learner}: add a learner "
+            f"bucket >= {width} or lower rollout.max_prompt_tokens"
+        )
+
+
+def load_run_config(
+    path: str | Path | None, overrides: Sequence[str] = (), *, training: bool = True
+) -> RunConfig:
+    """RunConfig from a YAML file (or defaults when None) plus `key=value` overrides.
+
+    Every config is checked against `check_sampling_lengths`; `training` (False for
+    evaluation, which trains nothing) also checks `check_training_lengths`."""
     data = load_yaml(path) if path is not None else {}
-    return from_dict(RunConfig, apply_overrides(data, overrides))
+    cfg = from_dict(RunConfig, apply_overrides(data, overrides))
+    if training:
+        check_training_lengths(cfg)
+    models = {"model": cfg.model}
+    if cfg.user.kind == "llm":
+        models["user.model"] = cfg.user.model
+    try:
+        devices = math.prod(cfg.mesh.shape(jax.device_count()))
+    except MeshConfigError:  # a mesh for another machine (`rlver-jax plan`): its devices
+        devices = math.prod(max(n, 1) for n in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+    check_backends(models, cfg.sampler.decode, devices, training=training)
+    return cfg
 
 
 def run_config_dict(cfg: RunConfig) -> dict:

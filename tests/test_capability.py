@@ -1,5 +1,5 @@
 """Tests of the five-dimension capability judges and the bootstrap intervals (`eval/capability.py`,
-`eval/report.py`).
+`eval/stats.py`).
 
 The LLM judge runs on a tiny RANDOM decoder with the tiny tokenizer (weights drawn with a large
 std so that the five candidate scores are well separated) and a compact rubric with the real
@@ -30,7 +30,8 @@ from rlver_jax.eval.capability import (
     scores_from_logprobs,
     summarize_scores,
 )
-from rlver_jax.eval.report import bootstrap_ci, bootstrap_diff_ci, radar_chart
+from rlver_jax.eval.report import radar_chart
+from rlver_jax.eval.stats import bootstrap_ci, bootstrap_diff_ci
 from rlver_jax.model_io.tokenizer import Tokenizer
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.transformer import forward, init_params, positions_from_mask

@@ -20,14 +20,11 @@ import numpy as np
 import pytest
 
 from rlver_jax.cli import main as cli
+from rlver_jax.config_io import ConfigError
 from rlver_jax.env import dynamics
-from rlver_jax.eval.sentient import (
-    emotion_matrix,
-    read_jsonl,
-    sentient_scores,
-    summarize,
-    write_eval,
-)
+from rlver_jax.eval.sentient import read_jsonl, sentient_scores, summarize, write_eval
+from rlver_jax.eval.stats import emotion_matrix
+from rlver_jax.run_config import check_training_lengths, load_run_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -43,7 +40,7 @@ user: {{kind: reference, reference: {{language: en, max_reply_tokens: 8}}}}
 dynamics: {{max_turns_train: 1, max_turns_eval: 2}}
 data: {{profile_set: en}}
 rollout: {{profiles_per_batch: 2, samples_per_profile: 1, max_reply_tokens: 8,
-          max_prompt_tokens: 1024, temperature: 1.0, seq_len_buckets: [512, 1024]}}
+          max_prompt_tokens: 1016, temperature: 1.0, seq_len_buckets: [512, 1024]}}
 learner: {{algorithm: ppo, actor_lr: 1.0e-3, critic_lr: 3.0e-3, actor_warmup_ratio: 0.0,
           critic_warmup_ratio: 0.0, total_steps: 2, mini_batch_size: 2, micro_batch_size: 2,
           seq_buckets: [512, 1024]}}
@@ -65,7 +62,7 @@ def write_checkpoint(run_dir: Path, config: Path | Any, step: int = 3, shift: fl
     from rlver_jax.model_io.loader import load_model
     from rlver_jax.rl.checkpoint import Checkpointer, checkpoint_extra
     from rlver_jax.rl.learner import init_train_state
-    from rlver_jax.run_config import load_run_config, run_config_dict
+    from rlver_jax.run_config import run_config_dict
 
     cfg = load_run_config(config) if isinstance(config, Path) else config
     params, mcfg, _ = load_model(cfg.model)
@@ -155,7 +152,6 @@ def test_benchmark_protocol(tmp_path: Path) -> None:
     eval endings; dialogues numbered in profile order across batches."""
     from rlver_jax import components
     from rlver_jax.eval.sentient import benchmark_rollout_config, run_benchmark
-    from rlver_jax.run_config import load_run_config
 
     cfg = load_run_config(
         write_tiny_config(tmp_path / "c.yaml", tmp_path), ["dynamics.max_turns_eval=10"]
@@ -184,6 +180,90 @@ def test_benchmark_protocol(tmp_path: Path) -> None:
         assert all(e >= 10 for e in t["emotions"][:-1])  # nothing continues below 10
     with pytest.raises(ValueError, match="mode='eval'"):
         run_benchmark(components.build_engine(cfg, sampler, tok, user), params, profiles, seed=0)
+    # `play` (the benchmark's) plays exactly the dialogues of `run` (training's), without samples
+    played = engine.play(params, profiles[:2], seed=0)
+    ran = engine.run(params, profiles[:2], seed=0)
+    assert played.transcripts == ran.transcripts
+    turns = sum(len(t["emotions"]) - 1 for t in ran.transcripts)  # think: one sample per turn
+    assert ran.metrics["samples"] == ran.trajectories.num_samples == turns
+    assert "samples" not in played.metrics
+
+
+# --------------------------------------------------------------------------- length limits
+SHORT_BUCKETS = ["rollout.seq_len_buckets=[64]", "learner.seq_buckets=[64]"]
+
+
+def test_eval_needs_no_training_buckets(tmp_path: Path) -> None:
+    """Evaluation trains nothing: training buckets far below its dialogues' lengths (the think
+    system prompt alone is ~600 tokens) do not matter to it (a crash before: "a sample of N
+    tokens exceeds the largest seq_len bucket"), while training refuses them before any work."""
+    config = write_tiny_config(tmp_path / "tiny.yaml", tmp_path / "run")
+    out = tmp_path / "ev"
+    argv = ["eval", "--config", str(config), "--limit", "2", "--batch-size", "2", "--judge",
+            "none", "--out", str(out), "dynamics.max_turns_eval=4", *SHORT_BUCKETS]  # fmt: skip
+    assert cli.main(argv) == 0
+    ts = read_jsonl(out / "transcripts.jsonl")
+    assert json.loads((out / "summary.json").read_text())["n"] == len(ts) == 2
+    assert any(len(t["emotions"]) > 2 for t in ts)  # multi-turn dialogues, all longer than 64
+
+    cfg = load_run_config(config, SHORT_BUCKETS, training=False)
+    with pytest.raises(ConfigError, match=r"rollout\.seq_len_buckets"):
+        check_training_lengths(cfg)
+    from rlver_jax.rl.trainer import train
+
+    with pytest.raises(ConfigError, match=r"rollout\.max_prompt_tokens"):
+        train(cfg)  # refused at the trainer's start, before it writes anything
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "keys"),
+    [
+        (SHORT_BUCKETS, ("rollout.max_prompt_tokens + rollout.max_reply_tokens = 1016 + 8 = 1024",
+                         "rollout.seq_len_buckets 64", "lower rollout.max_prompt_tokens to 56")),
+        (["rollout.max_prompt_tokens=1024"], ("= 1032 tokens", "rollout.seq_len_buckets 1024")),
+        (["rollout.seq_len_buckets=[2048]"], ("padded to the rollout.seq_len_buckets 2048",
+                                              "learner.seq_buckets 1024")),
+        (["rollout.seq_len_buckets=[2048]", "learner.pack_sequences=true",
+          "learner.loss_agg=token-mean", "learner.seq_buckets=[512]"],
+         ("= 1024 tokens", "learner.seq_buckets 512")),
+        (["sampler.prompt_buckets=[512]"], ("rollout.max_prompt_tokens=1016",
+                                            "sampler.prompt_buckets 512")),
+        (["rollout.max_reply_tokens=2000", "rollout.max_prompt_tokens=100",
+          "sampler.new_token_buckets=[16]"], ("rollout.max_reply_tokens=2000",
+                                             "sampler.new_token_buckets 16")),
+        (["rollout.profiles_per_batch=16", "sampler.batch_buckets=[1, 8]"],
+         ("rollout.profiles_per_batch x rollout.samples_per_profile = 16", "batch_buckets 8")),
+    ],
+)  # fmt: skip
+def test_limits_that_cannot_hold_are_config_errors(
+    tmp_path: Path, overrides: list[str], keys: tuple[str, ...], capsys: pytest.CaptureFixture
+) -> None:
+    """A config whose length limits can be exceeded is refused when it is loaded, by `train`
+    and `experiment` with one line naming the keys (exit 2), before anything is trained."""
+    config = write_tiny_config(tmp_path / "tiny.yaml", tmp_path / "run")
+    with pytest.raises(ConfigError) as err:
+        load_run_config(config, overrides)
+    assert all(k in str(err.value) for k in keys), str(err.value)
+    for argv in (["train", "--config", str(config)],
+                 ["experiment", "scaffold", "--config", str(config)]):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([*argv, *overrides])
+        assert exit_.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "config error" in lines[0] and keys[0] in lines[0], lines
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_batch_beyond_the_sampler_buckets_exits_2(tmp_path: Path, capsys) -> None:
+    config = write_tiny_config(tmp_path / "tiny.yaml", tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["eval", "--config", str(config), "--batch-size", "1024", "--out",
+                  str(tmp_path / "ev")])  # fmt: skip
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "rollout.profiles_per_batch" in err and "sampler.batch_buckets" in err
+    assert not (tmp_path / "ev").exists()
 
 
 # --------------------------------------------------------------------------- commands

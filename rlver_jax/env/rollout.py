@@ -14,6 +14,12 @@ Finished dialogues leave the batch, so later turns sample only what is still run
 samples of a profile are clones (same profile, same opening), as in RLVER. The reward of a
 dialogue is max(final emotion / 100, 0) on its last policy token (RLVER); per-turn emotion
 changes / 100 can be added on each turn's last token.
+
+`RolloutEngine.run` (training) also collates the dialogues into learner `Trajectories`, padded
+to a `seq_len_buckets` width; `RolloutEngine.play` (the benchmark) stops at the transcripts, so
+evaluation needs no training buckets. The longest training sample is the last prompt a dialogue
+may send (<= max_prompt_tokens) plus its reply (<= max_reply_tokens), whatever the number of
+turns; `run_config.check_training_lengths` checks that bound against the buckets at config load.
 """
 
 from __future__ import annotations
@@ -60,7 +66,9 @@ class RolloutConfig:
     max_prompt_tokens: a dialogue whose next prompt is longer ends (reason CONTEXT_FULL).
     temperature, top_p, top_k: the policy's sampling (top_k 0: no top-k cut).
     per_turn_reward: add each turn's emotion change / 100 on that turn's last token.
-    seq_len_buckets: widths the collated Trajectories are padded to (bounded learner compiles).
+    seq_len_buckets: widths the collated Trajectories of `RolloutEngine.run` are padded to
+      (bounded learner compiles); the largest must hold max_prompt_tokens + max_reply_tokens.
+      `RolloutEngine.play` (evaluation) builds no Trajectories and ignores them.
     """
 
     profiles_per_batch: int = 4
@@ -90,8 +98,17 @@ class RolloutConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DialogueResult:
+    """What `RolloutEngine.play` produced: per-dialogue transcripts and summary metrics."""
+
+    transcripts: list[dict[str, Any]]
+    metrics: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
 class RolloutResult:
-    """What a rollout produced: learner arrays, per-dialogue transcripts and summary metrics."""
+    """What a training rollout produced: learner arrays, per-dialogue transcripts and summary
+    metrics."""
 
     trajectories: Trajectories
     transcripts: list[dict[str, Any]]
@@ -112,7 +129,10 @@ def _seq_bucket(n: int, buckets: Sequence[int]) -> int:
     for b in sorted(buckets):
         if n <= b:
             return b
-    raise ValueError(f"a sample of {n} tokens exceeds the largest seq_len bucket {max(buckets)}")
+    raise ValueError(
+        f"a training sample of {n} tokens exceeds the largest rollout.seq_len_buckets "
+        f"{max(buckets)} (run_config.check_training_lengths refuses such configs)"
+    )
 
 
 class RolloutEngine:
@@ -137,7 +157,26 @@ class RolloutEngine:
         self.system_prompt = system_prompt(scaffold)
 
     def run(self, params: Params, profiles: Sequence[Profile], seed: int) -> RolloutResult:
-        """Roll out G dialogues for each profile; deterministic given params, profiles, seed."""
+        """Roll out G dialogues for each profile and collate their training samples;
+        deterministic given params, profiles, seed."""
+        dialogues, sampled_tokens, timings = self._play(params, profiles, seed)
+        t = time.perf_counter()
+        trajectories = self._collate(dialogues)
+        timings["collate_s"] = time.perf_counter() - t
+        metrics = self._metrics(dialogues, sampled_tokens, timings, trajectories.num_samples)
+        return RolloutResult(trajectories, [self._transcript(d) for d in dialogues], metrics)
+
+    def play(self, params: Params, profiles: Sequence[Profile], seed: int) -> DialogueResult:
+        """The dialogues of `run` (same seeds, same transcripts) without training samples: for
+        evaluation, which never trains and so needs no `seq_len_buckets`."""
+        dialogues, sampled_tokens, timings = self._play(params, profiles, seed)
+        metrics = self._metrics(dialogues, sampled_tokens, timings)
+        return DialogueResult([self._transcript(d) for d in dialogues], metrics)
+
+    def _play(
+        self, params: Params, profiles: Sequence[Profile], seed: int
+    ) -> tuple[list[_Dialogue], int, dict[str, float]]:
+        """(finished dialogues, tokens sampled, timings) of G dialogues per profile."""
         cfg, dyn = self.config, self.dynamics
         G = cfg.samples_per_profile
         timings = {"policy_sampling_s": 0.0, "user_judging_s": 0.0, "user_replies_s": 0.0}
@@ -225,11 +264,7 @@ class RolloutEngine:
                 if dynamics.detect_goodbye(message, d.profile.language):
                     d.done, d.end_reason = True, int(dynamics.EndReason.GOODBYE)
 
-        t = time.perf_counter()
-        trajectories = self._collate(dialogues)
-        timings["collate_s"] = time.perf_counter() - t
-        metrics = self._metrics(dialogues, trajectories, sampled_tokens, timings)
-        return RolloutResult(trajectories, [self._transcript(d) for d in dialogues], metrics)
+        return dialogues, sampled_tokens, timings
 
     # ------------------------------------------------------------------ helpers
     def _history(self, d: _Dialogue, include_last_reply: bool) -> list[Turn]:
@@ -255,15 +290,20 @@ class RolloutEngine:
         )
 
     def _metrics(
-        self, dialogues: list[_Dialogue], traj: Trajectories, sampled: int, timings: dict
+        self,
+        dialogues: list[_Dialogue],
+        sampled: int,
+        timings: dict[str, float],
+        samples: int | None = None,
     ) -> dict[str, float]:
+        """Summary metrics; `samples` (training samples collated) only from `run`."""
         dyn = self.dynamics
         final = np.array([d.emotions[-1] for d in dialogues], np.float64)
         turns = [t for d in dialogues for t in d.record.policy_turns]
         reply_lens = [len(self.tokenizer.encode(t.parsed.visible)) for t in turns]
         thought_lens = [len(self.tokenizer.encode(t.parsed.thought or "")) for t in turns]
         total = sum(timings.values())
-        return {
+        out = {
             "reward_mean": float(np.mean(np.maximum(final / 100.0, 0.0))),
             "final_emotion_mean": float(final.mean()),
             "success_rate": float(np.mean(final >= dyn.success_threshold)),
@@ -272,12 +312,14 @@ class RolloutEngine:
             "format_break_rate": float(np.mean([not t.parsed.format_ok for t in turns])),
             "reply_tokens_mean": float(np.mean(reply_lens)),
             "thought_tokens_mean": float(np.mean(thought_lens)),
-            "samples": float(traj.num_samples),
             "sampled_tokens": float(sampled),
             "sampling_tokens_per_s": sampled / max(timings["policy_sampling_s"], 1e-9),
             **{f"time/{k}": v for k, v in timings.items()},
             "time/rollout_s": total,
         }
+        if samples is not None:
+            out["samples"] = float(samples)
+        return out
 
     def _transcript(self, d: _Dialogue) -> dict[str, Any]:
         messages: list[dict[str, Any]] = []

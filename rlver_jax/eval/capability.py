@@ -14,7 +14,7 @@ The dimensions, their 1-5 level descriptors and the judge prompt come from
   runs (the mapping is documented on the class).
 
 Only the visible part of each policy reply is judged (thoughts are never shown to the judge).
-`summarize_scores` adds seeded bootstrap intervals over dialogues (`report.bootstrap_ci`).
+`summarize_scores` adds seeded bootstrap intervals over dialogues (`stats.bootstrap_ci`).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from rlver_jax.env.llm_judge import (
     JudgeSetupError,
     build_candidate_table,
 )
+from rlver_jax.eval.stats import bootstrap_ci
 from rlver_jax.model_io.tokenizer import Tokenizer, check_compatible
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.transformer import Params
@@ -284,8 +285,6 @@ def summarize_scores(
 ) -> dict[str, dict[str, Any]]:
     """Per dimension key: display name, mean expected score with its bootstrap interval, and
     the mean argmax score."""
-    from rlver_jax.eval.report import bootstrap_ci
-
     out = {}
     for i, d in enumerate(scores.dimensions):
         ci = bootstrap_ci(scores.expected[:, i], n_boot=n_boot, level=level, seed=seed + i)

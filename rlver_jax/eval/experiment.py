@@ -5,7 +5,7 @@ arm and a plain arm; both and the untrained base model are benchmarked, and the 
 that thinking helps empathy and insight while plain helps solutions (at full scale).
 
     <out>/think, <out>/plain     training runs (`rl.trainer.train`: metrics.jsonl, checkpoints)
-    <out>/eval/{base,think,plain} benchmark results (`eval_cli.run_eval`: summary.json, ...)
+    <out>/eval/{base,think,plain} benchmark results (`eval.run.run_eval`: summary.json, ...)
     <out>/report/                README.md (the summary), reward_curves.png, sentient_scores.md,
                                  capability.md, capability_radar.png, differences.md,
                                  examples.md, report.json (every number shown)
@@ -14,6 +14,9 @@ The report is built from the runs' own files only (`write_report` reads metrics.
 summary.json, capability.jsonl and transcripts.jsonl), so it can be rebuilt without rerunning
 anything (`--report-only`). Differences between arms are paired over dialogues (the same test
 profiles in the same order) with seeded bootstrap intervals.
+
+The training limits (`run_config.check_training_lengths`) are checked before the first arm
+trains; the evaluations build no training samples and need none of the training buckets.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from rlver_jax.config_io import ConfigError
 from rlver_jax.eval import report
 from rlver_jax.eval.capability import DIMENSIONS
+from rlver_jax.eval.run import JUDGES, run_eval
 from rlver_jax.eval.sentient import (
     CAPABILITY_FILE,
     SUMMARY_FILE,
@@ -37,7 +42,8 @@ from rlver_jax.eval.sentient import (
     read_jsonl,
     write_json,
 )
-from rlver_jax.run_config import RunConfig
+from rlver_jax.eval.stats import Interval, bootstrap_diff_ci
+from rlver_jax.run_config import RunConfig, check_training_lengths, load_run_config
 
 ARMS: tuple[str, ...] = ("think", "plain")
 MODELS: tuple[str, ...] = ("base", *ARMS)
@@ -76,10 +82,9 @@ def run_scaffold_experiment(
 ) -> dict[str, Any]:
     """Train both arms (unless `train=False`), evaluate base / think / plain, write the report;
     returns `report.json`'s content. `train_fn` defaults to `rl.trainer.train`."""
-    from rlver_jax.cli.eval import run_eval
-
     out = Path(out_dir)
     if train:
+        check_training_lengths(cfg)  # both arms share the rollout and learner: one check
         if train_fn is None:
             from rlver_jax.rl.trainer import train as train_fn
         for arm in ARMS:
@@ -150,20 +155,20 @@ def _differences(
     fx = [t["final_emotion"] for t in sorted(tx, key=lambda t: t["dialogue_id"])]
     fy = [t["final_emotion"] for t in sorted(ty, key=lambda t: t["dialogue_id"])]
     opts = dict(paired=paired, n_boot=n_boot, seed=seed)
-    out = {"final_emotion": report.bootstrap_diff_ci(fx, fy, **opts).as_dict()}  # type: ignore[arg-type]
+    out = {"final_emotion": bootstrap_diff_ci(fx, fy, **opts).as_dict()}  # type: ignore[arg-type]
     cx, cy = evals[x]["capability"], evals[y]["capability"]
     if cx is not None and cy is not None:
         for i, d in enumerate(DIMENSIONS):
-            ci = report.bootstrap_diff_ci(cx[:, i], cy[:, i], **opts)  # type: ignore[arg-type]
+            ci = bootstrap_diff_ci(cx[:, i], cy[:, i], **opts)  # type: ignore[arg-type]
             out[d] = ci.as_dict()
     for v in out.values():
         v["paired"] = paired
     return out
 
 
-def _interval(d: dict[str, Any]) -> report.Interval:
+def _interval(d: dict[str, Any]) -> Interval:
     """An `Interval` back from its `as_dict()`."""
-    return report.Interval(d["mean"], d["lo"], d["hi"], int(d["n"]), d["level"])
+    return Interval(d["mean"], d["lo"], d["hi"], int(d["n"]), d["level"])
 
 
 def write_report(
@@ -294,7 +299,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--out", help="experiment directory (default: the config's output_dir)")
     parser.add_argument("--eval-limit", type=int, default=None, help="first N test profiles")
     parser.add_argument("--eval-batch-size", type=int, default=None, help="dialogues per batch")
-    parser.add_argument("--judge", default="auto", choices=["auto", "reference", "llm", "none"])
+    parser.add_argument("--judge", default="auto", choices=JUDGES, help="capability judge")
     parser.add_argument("--base-scaffold", default="plain", choices=["plain", "think"])
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--examples", type=int, default=2, help="example dialogues per model")
@@ -303,20 +308,25 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_intermixed_args(list(argv))
 
-    from rlver_jax.run_config import load_run_config
-
-    cfg = load_run_config(args.config, args.overrides)
+    training = not (args.skip_train or args.report_only)
+    try:
+        cfg = load_run_config(args.config, args.overrides, training=training)
+    except ConfigError as err:
+        parser.exit(2, f"rlver-jax experiment: config error: {err}\n")
     out = Path(args.out or cfg.output_dir)
     command = "rlver-jax experiment " + shlex.join(list(argv))
     if args.report_only:
         data = write_report(out, bootstrap_samples=args.bootstrap, seed=cfg.seed,
                             examples=args.examples, command=command, title=cfg.name)  # fmt: skip
     else:
-        data = run_scaffold_experiment(
-            cfg, out, eval_limit=args.eval_limit, eval_batch_size=args.eval_batch_size,
-            judge=args.judge, base_scaffold=args.base_scaffold, train=not args.skip_train,
-            bootstrap_samples=args.bootstrap, examples=args.examples, command=command,
-        )  # fmt: skip
+        try:
+            data = run_scaffold_experiment(
+                cfg, out, eval_limit=args.eval_limit, eval_batch_size=args.eval_batch_size,
+                judge=args.judge, base_scaffold=args.base_scaffold, train=training,
+                bootstrap_samples=args.bootstrap, examples=args.examples, command=command,
+            )  # fmt: skip
+        except ConfigError as err:  # e.g. an --eval-batch-size the sampler cannot hold
+            parser.exit(2, f"rlver-jax experiment: config error: {err}\n")
     for m, s in data["eval"].items():
         print(f"{m:>6}: score {s['score']:.2f}  success {100 * s['success_rate']:.1f}%  "
               f"failure {100 * s['failure_rate']:.1f}%")  # fmt: skip

@@ -1,89 +1,20 @@
-"""Report building blocks: bootstrap intervals, Markdown tables and PNG plots.
+"""Report building blocks: Markdown tables and PNG plots (the statistics are `eval.stats`).
 
-Statistics (`bootstrap_ci`, `bootstrap_diff_ci`): seeded percentile bootstrap over dialogues
-(numpy `default_rng(seed)`), so a report is reproducible. Plots use matplotlib's Agg backend
-(no display needed): emotion trajectories (mean +- one standard deviation band plus a thin line
-per dialogue), reward curves of training runs, and a capability radar chart (one polygon per
-model over the five dimensions, axis 1-5).
+Tables show `stats.Interval`s (a mean with its seeded bootstrap interval). Plots use
+matplotlib's Agg backend (no display needed): emotion trajectories (mean +- one standard
+deviation band plus a thin line per dialogue), reward curves of training runs, and a capability
+radar chart (one polygon per model over the five dimensions, axis 1-5).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-
-# --------------------------------------------------------------------------- statistics
-@dataclasses.dataclass(frozen=True)
-class Interval:
-    """A statistic with its bootstrap percentile interval at `level`."""
-
-    mean: float
-    lo: float
-    hi: float
-    n: int
-    level: float
-
-    def as_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict."""
-        return {"mean": self.mean, "lo": self.lo, "hi": self.hi, "n": self.n, "level": self.level}
-
-
-def _percentiles(stats: np.ndarray, level: float) -> tuple[float, float]:
-    """The central `level` interval of bootstrap statistics."""
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(stats, [alpha, 1.0 - alpha])
-    return float(lo), float(hi)
-
-
-def bootstrap_ci(
-    values: Sequence[float] | np.ndarray, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
-) -> Interval:
-    """Mean of `values` and its percentile bootstrap interval (resampling dialogues with
-    replacement, `n_boot` times, numpy Generator seeded with `seed`)."""
-    x = np.asarray(values, np.float64).reshape(-1)
-    if x.size == 0:
-        raise ValueError("bootstrap_ci: no values")
-    if not 0 < level < 1:
-        raise ValueError(f"bootstrap_ci: level must be in (0, 1), got {level}")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, x.size, size=(n_boot, x.size))
-    lo, hi = _percentiles(x[idx].mean(axis=1), level)
-    mean = float(x.mean())
-    return Interval(mean, lo, hi, int(x.size), level)
-
-
-def bootstrap_diff_ci(
-    a: Sequence[float] | np.ndarray,
-    b: Sequence[float] | np.ndarray,
-    *,
-    paired: bool = True,
-    n_boot: int = 2000,
-    level: float = 0.95,
-    seed: int = 0,
-) -> Interval:
-    """mean(a) - mean(b) with a bootstrap interval. `paired` (same profiles in the same order,
-    as in the benchmark) resamples dialogue indices jointly; otherwise each side on its own."""
-    x, y = np.asarray(a, np.float64).reshape(-1), np.asarray(b, np.float64).reshape(-1)
-    if x.size == 0 or y.size == 0:
-        raise ValueError("bootstrap_diff_ci: no values")
-    rng = np.random.default_rng(seed)
-    if paired:
-        if x.size != y.size:
-            raise ValueError(f"paired bootstrap needs equal sizes, got {x.size} and {y.size}")
-        idx = rng.integers(0, x.size, size=(n_boot, x.size))
-        stats = x[idx].mean(axis=1) - y[idx].mean(axis=1)
-    else:
-        ix = rng.integers(0, x.size, size=(n_boot, x.size))
-        iy = rng.integers(0, y.size, size=(n_boot, y.size))
-        stats = x[ix].mean(axis=1) - y[iy].mean(axis=1)
-    lo, hi = _percentiles(stats, level)
-    diff = float(x.mean() - y.mean())
-    return Interval(diff, lo, hi, int(min(x.size, y.size)), level)
+from rlver_jax.eval.stats import Interval, emotion_matrix
 
 
 # --------------------------------------------------------------------------- tables
@@ -192,9 +123,7 @@ def plot_emotion_trajectories(
     title: str = "emotion trajectories",
 ) -> Path:
     """Mean emotion per turn +- one standard deviation (held-last padding, see
-    `sentient.emotion_matrix`) and a thin line per dialogue over its real turns."""
-    from rlver_jax.eval.sentient import emotion_matrix
-
+    `stats.emotion_matrix`) and a thin line per dialogue over its real turns."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for t in transcripts:

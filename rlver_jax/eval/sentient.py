@@ -10,9 +10,14 @@ Scoring (pure, `sentient_scores`):
     success_rate = share of dialogues with final emotion >= 100 (success_threshold)
     failure_rate = share of dialogues with final emotion <  10  (failure_threshold)
 
-Emotion trajectories (`emotion_matrix`) are padded to a common length by holding each
+Emotion trajectories (`stats.emotion_matrix`) are padded to a common length by holding each
 dialogue's last emotion (a finished dialogue keeps its final score), so the mean trajectory at
 turn t averages every dialogue.
+
+The benchmark never trains: it plays dialogues with `RolloutEngine.play`, which builds no
+training samples, so its dialogues (up to 10 turns, longer than training's) are bounded only by
+`rollout.max_prompt_tokens` (a longer next prompt ends the dialogue, CONTEXT_FULL) and never by
+the training buckets (`rollout.seq_len_buckets`, `learner.seq_buckets`).
 
 `evaluate` runs the benchmark for loaded components and `write_eval` writes, under its output
 directory: `transcripts.jsonl` (one dialogue per line, emotion trajectory included),
@@ -35,10 +40,12 @@ import numpy as np
 
 from rlver_jax.env import dynamics
 from rlver_jax.env.rollout import RolloutConfig, RolloutEngine, write_transcripts
+from rlver_jax.eval import report
+from rlver_jax.eval.capability import CapabilityJudge, summarize_scores
+from rlver_jax.eval.stats import emotion_matrix
 
 if TYPE_CHECKING:
     from rlver_jax.env.profiles import Profile
-    from rlver_jax.eval.capability import CapabilityJudge
     from rlver_jax.models.transformer import Params
 
 log = logging.getLogger(__name__)
@@ -74,21 +81,6 @@ def sentient_scores(
         "success_rate": successes / final.size,
         "failure_rate": failures / final.size,
     }
-
-
-def emotion_matrix(transcripts: Sequence[dict[str, Any]], length: int | None = None) -> np.ndarray:
-    """[N, length] float emotions per dialogue (column 0 = the start), each row padded by
-    holding its last value. `length` defaults to the longest trajectory."""
-    rows = [list(t["emotions"]) for t in transcripts]
-    if not rows:
-        return np.zeros((0, length or 0))
-    width = length or max(len(r) for r in rows)
-    out = np.zeros((len(rows), width))
-    for i, r in enumerate(rows):
-        r = r[:width]
-        out[i, : len(r)] = r
-        out[i, len(r) :] = r[-1]
-    return out
 
 
 def summarize(
@@ -142,15 +134,16 @@ def run_benchmark(
     seed: int,
     batch_size: int | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Play every profile once in batches; (transcripts numbered 0..N-1 in profile order,
-    rollout timings summed over the batches). The engine must be in eval mode with G = 1."""
+    """Play every profile once in batches (`RolloutEngine.play`: no training samples); returns
+    (transcripts numbered 0..N-1 in profile order, rollout timings summed over the batches).
+    The engine must be in eval mode with G = 1."""
     if engine.config.mode != "eval" or engine.config.samples_per_profile != 1:
         raise ValueError("run_benchmark needs an engine with mode='eval' and samples_per_profile=1")
     size = batch_size or engine.config.profiles_per_batch
     transcripts: list[dict[str, Any]] = []
     timings: dict[str, float] = collections.defaultdict(float)
     for k, start in enumerate(range(0, len(profiles), size)):
-        result = engine.run(params, profiles[start : start + size], seed=seed + k)
+        result = engine.play(params, profiles[start : start + size], seed=seed + k)
         for t in result.transcripts:
             t["dialogue_id"] = t["group_id"] = start + int(t["group_id"])
             transcripts.append(t)
@@ -217,8 +210,6 @@ def write_eval(
     `scaffold`, `capability` (per dimension: mean, bootstrap CI, argmax mean) and
     `capability_judge` when judged, `timings`, `files` (relative names) and the caller's `extra`.
     """
-    from rlver_jax.eval import capability, report
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / TRANSCRIPTS_FILE).unlink(missing_ok=True)
@@ -234,9 +225,7 @@ def write_eval(
         records = scores.records([t["dialogue_id"] for t in transcripts])
         (out / CAPABILITY_FILE).unlink(missing_ok=True)
         write_transcripts(out / CAPABILITY_FILE, records)
-        summary["capability"] = capability.summarize_scores(
-            scores, n_boot=bootstrap_samples, seed=seed
-        )
+        summary["capability"] = summarize_scores(scores, n_boot=bootstrap_samples, seed=seed)
         summary["capability_judge"] = judge.name
         files["capability"] = CAPABILITY_FILE
     report.plot_emotion_trajectories(

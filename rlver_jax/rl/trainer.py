@@ -61,7 +61,7 @@ from rlver_jax.parallel.compile_count import compile_count
 from rlver_jax.rl.checkpoint import Checkpointer, checkpoint_extra, restore_iterator
 from rlver_jax.rl.learner import Learner, LearnerConfig, TrainState
 from rlver_jax.rl.signals import PreemptionGuard, save_and_stop_if_requested, save_on_crash
-from rlver_jax.run_config import RunConfig, run_config_dict
+from rlver_jax.run_config import RunConfig, check_training_lengths, run_config_dict
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,7 @@ def train(cfg: RunConfig) -> TrainSummary:
     Stops early, after saving, on SIGTERM / SIGINT. On an exception the last completed step is
     saved (unless its buffers were donated to the failing step) and the exception re-raised.
     """
+    check_training_lengths(cfg)  # ConfigError before any work
     t_start = time.perf_counter()
     tc, primary = cfg.trainer, jax.process_index() == 0
     out_dir = Path(cfg.output_dir)
