@@ -27,8 +27,9 @@ Phases (their transients never overlap; the peak is resident + the largest phase
                            S = P, a = 8 (+ b when b < 4): f32 scores, their f32 exponentials
                            e = exp(s - max s) and e's cast to a narrower compute dtype for the
                            value product; Pq = min(P, attention_block), or Tc when the prompt
-                           attends in causal blocks (Tc = `sampler.prefill_causal_block`, null:
-                           64 on CPU, 0 elsewhere; its last block, Tc queries over all P keys)
+                           attends in causal blocks (Tc = `ModelConfig.causal_block` where the
+                           prefill's attention resolves to xla_causal or the CPU kernel, i.e.
+                           on CPU under auto; its last block, Tc queries over all P keys)
                            (the sampler's prefill attends over the prompt block alone,
                            `forward(empty_cache=True)`; the judge's over S = P + C slots)
              judge         22 x the prompt cache (the prompt cache and its 21 candidate copies,
@@ -80,6 +81,7 @@ import numpy as np
 from jax.sharding import AbstractMesh
 
 from rlver_jax.buckets import capped_bucket, pow2_multiple
+from rlver_jax.kernels import select
 from rlver_jax.models.attention import query_block
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.transformer import param_logical_axes, param_shapes
@@ -99,7 +101,7 @@ from rlver_jax.plan_sizes import (
 )
 from rlver_jax.rl.model_outputs import vocab_block
 from rlver_jax.run_config import RunConfig
-from rlver_jax.sampling.sampler import SamplerConfig
+from rlver_jax.sampling.config import SamplerConfig
 
 Phase = Literal["resident", "init", "rollout", "old", "train"]
 GB = 1e9
@@ -293,14 +295,26 @@ def prefill_bytes(
     return rows * P * linear + rows * prefill_queries(c, P, causal) * H * S * a
 
 
+def sampler_choices(
+    c: ModelConfig, sc: SamplerConfig, platform: str, devices: int
+) -> tuple[bool, int]:
+    """(whether the decode is unrolled, the prefill's causal block or 0) of a sampler of `c`
+    on `devices` devices of `platform`, resolved by `kernels.select` as the sampler does. The
+    CPU prefill kernel is counted as causal blocks: it holds less than their scores."""
+    target = select.Target(platform, devices)
+    unroll = select.decode_choice(sc.decode, c, target, sc.pallas_blocks).unrolled
+    impl = select.attention_choice(c, "prefill", target).impl
+    return unroll, c.causal_block if impl in ("xla_causal", "cpu_kernel") else 0
+
+
 def _sampler(
     label: str, c: ModelConfig, batch: int, P: int, N: int, mesh: AbstractMesh, unroll: bool,
     causal_block: int,
 ) -> list[Component]:  # fmt: skip
     """One `Sampler` call as two programs that never coexist: prefill (group `label`: KV cache
-    + prefill activations, attending in `causal_block`-query blocks, the resolved
-    `SamplerConfig.prefill_causal_block`) and decode (group `label decode`: the donated KV cache
-    + decode-step buffers; with `unroll`, `SamplerConfig.unroll_decode`, the prefill fills the
+    + prefill activations, attending in `causal_block`-query blocks, 0: none; see
+    `sampler_choices`) and decode (group `label decode`: the donated KV cache + decode-step
+    buffers; with `unroll`, an unrolled `sampler.decode`, the prefill fills the
     per-layer cache the decode reads, and a per-layer copy of the layer weights that the sampler
     keeps between calls is resident)."""
     rows = rows_per_device(batch, mesh)
@@ -324,7 +338,7 @@ def _sampler(
             f"{C_DECODE} x m x V' x 4 (logits, top-k/top-p)", dec,
         ),
         Component(f"{label} per-layer weights", "resident", weights,
-                  "sampler.unroll_decode: decode_weights (layer params"
+                  "unrolled sampler.decode: decode_weights (layer params"
                   + (", lm_head" if not c.tie_word_embeddings else "") + "), kept by the sampler"),
         gathered_bytes(c, mesh, 1, "rollout", dec),
     ]  # fmt: skip
@@ -343,8 +357,8 @@ def _user(
     sc = SamplerConfig()  # LLMUser's own sampler: default buckets but its prompt buckets
     B = dp_round(capped_bucket(dialogues, sc.batch_buckets), mesh)
     N = capped_bucket(llm.max_reply_tokens, sc.new_token_buckets)
-    out = _sampler("user sampler", u, B, P, N, mesh, sc.resolved_unroll_decode(platform),
-                   sc.resolved_prefill_causal_block(platform))  # fmt: skip
+    devices = math.prod(mesh.axis_sizes)
+    out = _sampler("user sampler", u, B, P, N, mesh, *sampler_choices(u, sc, platform, devices))
     chunk = dp_round(max(llm.judge_batch_buckets), mesh)
     Bj = dp_round(capped_bucket(min(dialogues, chunk), llm.judge_batch_buckets), mesh)
     rows, V = rows_per_device(Bj, mesh), split(u.vocab_size, "act_vocab", mesh)
@@ -449,8 +463,7 @@ def plan_memory(
     `user_prompt_tokens` (default: rollout.max_prompt_tokens + 512 for persona and
     instructions) sizes the LLM user's prompt bucket; `candidate_width` is C, the judge's
     longest candidate in tokens. `platform` ("cpu" or an accelerator) resolves
-    `sampler.unroll_decode=null` and `sampler.prefill_causal_block=null` as the samplers do
-    (on CPU: an unrolled decode, a prefill in causal blocks of 64 queries).
+    `sampler.decode` and `model.attention` as the samplers do (`sampler_choices`).
     """
     sizes = dict(zip(MESH_AXES, run.mesh.shape(num_devices), strict=True))
     mesh = abstract_mesh(sizes)
@@ -460,8 +473,8 @@ def plan_memory(
     P = capped_bucket(ro.max_prompt_tokens, sc.prompt_buckets)
     N = capped_bucket(ro.max_reply_tokens, sc.new_token_buckets)
     comps = _models(run, policy, user, mesh)
-    unroll, causal = sc.resolved_unroll_decode(platform), sc.resolved_prefill_causal_block(platform)
-    comps += _sampler("policy sampler", policy, B, P, N, mesh, unroll, causal)
+    choices = sampler_choices(policy, sc, platform, num_devices)
+    comps += _sampler("policy sampler", policy, B, P, N, mesh, *choices)
     if user is not None:
         tokens = user_prompt_tokens or ro.max_prompt_tokens + 512
         comps += _user(run, user, dialogues, mesh, tokens, candidate_width, platform)

@@ -9,17 +9,21 @@ fail with the dotted key named (`config_io`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
+
+import jax
 
 from rlver_jax.config_io import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from rlver_jax.env.dynamics import EmotionDynamicsConfig
 from rlver_jax.env.llm_user import LLMUserConfig
 from rlver_jax.env.reference_user import ReferenceUserConfig
 from rlver_jax.env.rollout import RolloutConfig
+from rlver_jax.kernels.select import check_backends
 from rlver_jax.model_io.loader import ModelSpec
-from rlver_jax.parallel.mesh import MeshConfig
+from rlver_jax.parallel.mesh import MeshConfig, MeshConfigError
 from rlver_jax.rl.optim import LearnerConfig
 from rlver_jax.sampling.sampler import SamplerConfig
 from rlver_jax.scaffold import ScaffoldConfig

@@ -40,7 +40,6 @@ from rlver_jax.parallel.rules import axis_rules
 from rlver_jax.rl.learner import Learner, LearnerBatch
 from rlver_jax.run_config import RunConfig
 from rlver_jax.sampling import sampler as sampling
-from rlver_jax.sampling.config import CPU_PREFILL_CAUSAL_BLOCK
 from rlver_jax.trajectories import Trajectories
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,7 +178,7 @@ def test_sampler_plan_matches_compiled_memory(unroll: bool, block: int) -> None:
     (the CPU kernel's, `cpu_causal_attention`, keeps no scores: the plan is an upper bound).
     With `attention_block` 64 the 256-token prefill attends in 4 blocks of queries; on CPU
     (`platform="cpu"`, the unrolled case) it attends in causal blocks of 64 queries, as the
-    Sampler's prefill does there (`prefill_causal_block=None`)."""
+    Sampler's prefill does there (`model.attention: auto`)."""
     run = run_config()
     mcfg = MCFG.replace(attention_block=block)
     p = plan.plan_memory(run, mcfg, None, 1, 1e12, platform="cpu" if unroll else "tpu")
@@ -187,10 +186,10 @@ def test_sampler_plan_matches_compiled_memory(unroll: bool, block: int) -> None:
     assert "B=8 x (P=256 + N=32)" in next(c.formula for c in p.components if "KV" in c.name)
     prefill = next(c.formula for c in p.components if c.name == "policy sampler prefill")
     assert ("Tc=64" in prefill) == unroll
-    causal = CPU_PREFILL_CAUSAL_BLOCK if unroll else 0
+    impl = "xla_causal" if unroll else "xla"
     S = jax.ShapeDtypeStruct
     pre = jax.jit(functools.partial(
-        sampling.prefill, config=mcfg.replace(causal_block=causal), cache_len=P + N, out_len=N,
+        sampling.prefill, config=mcfg.replace(attention=impl), cache_len=P + N, out_len=N,
         pad_id=0, per_layer=unroll,
     ))  # fmt: skip
     settings = sampling.Settings(

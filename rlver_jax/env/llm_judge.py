@@ -49,6 +49,7 @@ from rlver_jax.env.dynamics import band
 from rlver_jax.env.intentions import INTENTION_DESCRIPTIONS_EN, INTENTION_FROM_ZH
 from rlver_jax.env.profiles import Language, Profile
 from rlver_jax.env.user import Turn
+from rlver_jax.kernels.select import resolve_attention
 from rlver_jax.model_io.tokenizer import Tokenizer
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.kv_cache import CACHE_LOGICAL_AXES, KVCache, init_cache
@@ -342,7 +343,7 @@ class JudgeScorer:
         mesh: Mesh | None = None,
         rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES,
     ) -> None:
-        self.config = config
+        self.config = resolve_attention(config, "score", mesh)  # kernels.select
         self.pad_id = int(pad_id)
         self.prompt_buckets = tuple(sorted(prompt_buckets))
         self.batch_buckets = tuple(sorted(batch_buckets))

@@ -48,6 +48,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rlver_jax.buckets import round_up, smallest_bucket
+from rlver_jax.kernels.select import resolve_attention
 from rlver_jax.metrics import PhaseTimer
 from rlver_jax.models import value_head
 from rlver_jax.models.config import ModelConfig
@@ -92,7 +93,9 @@ class Learner:
     ) -> None:
         """``compiler_options``: XLA options for every jit (e.g. tests pass
         ``{"xla_backend_optimization_level": 0}`` for fast CPU compiles)."""
-        self.mcfg, self.cfg, self.mesh = model_config, config, mesh
+        # the attention of every training program, resolved once (kernels.select)
+        self.mcfg = resolve_attention(model_config, "train", mesh)
+        self.cfg, self.mesh = config, mesh
         self.actor_opt, self.critic_opt = config.optimizers()
         self._fns: dict[tuple[Any, ...], Callable[..., Any]] = {}
         self._copts = compiler_options
