@@ -123,7 +123,7 @@ def test_sample_bench_scanned_decode_with_profile(capsys: pytest.CaptureFixture[
     """The GPU experiments' variant: the scanned-decode path over an unrolled layer loop, with
     the decode's costliest XLA ops from its trace."""
     looped = sample_bench.main(
-        [*_TINY_SAMPLE_ARGV, "--skip-torch", "--scan-layers", "off", "--unroll-decode", "off",
+        [*_TINY_SAMPLE_ARGV, "--skip-torch", "--scan-layers", "off", "--decode", "scan",
          "--profile"]
     )  # fmt: skip
     out = capsys.readouterr().out
@@ -271,14 +271,14 @@ def test_train_bench_models_by_name() -> None:
 
 
 def test_sample_bench_pallas_decode_and_its_blocks(capsys: pytest.CaptureFixture[str]) -> None:
-    """`--pallas-decode on` (interpret mode on CPU) with changed block sizes: the rows say so;
+    """`--decode pallas` (interpret mode on CPU) with changed block sizes: the rows say so;
     a bad `--pallas-blocks` is refused before any work."""
     rows = sample_bench.main(
-        [*_TINY_SAMPLE_ARGV, "--batches", "1", "--skip-torch", "--unroll-decode", "on",
-         "--pallas-decode", "on", "--pallas-blocks", "qkv_rows=4,slots=8"]
+        [*_TINY_SAMPLE_ARGV, "--batches", "1", "--skip-torch", "--decode", "pallas",
+         "--pallas-blocks", "qkv_rows=4,slots=8"]
     )  # fmt: skip
-    assert "pallas_decode on" in capsys.readouterr().out
-    assert rows[0]["pallas_decode"] and rows[0]["e2e_tok_s"] > 0
+    assert "decode pallas" in capsys.readouterr().out
+    assert rows[0]["decode"] == "pallas" and rows[0]["pallas_decode"] and rows[0]["e2e_tok_s"] > 0
     assert rows[0]["pallas_blocks"]["qkv_rows"] == 4 and rows[0]["pallas_blocks"]["slots"] == 8
     for bad in ("qkv_rows=3", "rows=4", "slots=x"):
         with pytest.raises(SystemExit):
