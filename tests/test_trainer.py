@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 import yaml
 
-from rlver_jax.config_io import ConfigError
+from rlver_jax.config_io import ConfigError, load_yaml
 from rlver_jax.metrics import read_metrics
 from rlver_jax.rl import trainer as trainer_lib
 from rlver_jax.rl.checkpoint import Checkpointer
@@ -174,7 +174,7 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_configs_parse(path: Path, tmp_path: Path) -> None:
-    data = yaml.safe_load(path.read_text())
+    data = load_yaml(path)  # the resolved tree: the 7B configs are overlays on a base
     overrides = []
     for section in ("model", "user.model"):
         node = data
