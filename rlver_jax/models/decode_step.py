@@ -1,13 +1,11 @@
 """One decode step with feature-major activations: the CPU sampler's per-token forward.
 
 At decode time every matmul multiplies a few rows (the batch) by a whole weight matrix. On
-XLA:CPU `x [B, D] @ W [D, F]` costs about the same at batch 8 and 16 and scales with the weight's
-size (consistent with its GEMM packing the right-hand operand at every call): at batch 8 it ran
-at ~20 GFLOP/s, a fifth of this machine's matmul peak. Here the hidden state is carried
-transposed, `xT [D, B]`, and each projection is `W^T [F, D] @ xT`, the weight being the
-streamed left operand.
-Measured on the 2-core CPU (SwiGLU MLPs of SmolLM2, 30 layers): batch 8 65 -> 30 ms, batch 32
-77 -> 47 ms, batch 1 unchanged; the vocabulary projection at batch 8: 19 -> 12 ms.
+XLA:CPU `x [B, D] @ W [D, F]` costs about the same at any small batch and scales with the
+weight's size (consistent with its GEMM packing the right-hand operand at every call), far
+below the machine's matmul peak. Here the hidden state is carried transposed, `xT [D, B]`, and
+each projection is `W^T [F, D] @ xT`, the weight being the streamed left operand: faster at
+every batch above 1, and no slower at batch 1 (figures: docs/performance.md).
 
     weights = decode_weights(params, config)     # once per params: per layer, transposed
     logits, cache = decode_step(weights, tokens, positions, cache, config)  # per-layer cache
@@ -54,11 +52,12 @@ def decode_weights(
     takes (one more copy of a tied embedding).
 
     Projections of the same input are one matrix, so a step runs one GEMM for q, k and v and one
-    for gate and up (at batch 1 on a GPU a step is mostly per-kernel latency, ~2 us for each of
-    ~15 kernels per layer). Their rows are grouped so that a split of the output axis over a mesh
-    axis stays aligned with what is sharded: `wqkv` [K (G+2) Dh, D] holds, per kv head j, the
-    rows of query heads jG..jG+G-1, then key head j, then value head j (sharded like kv heads);
-    `w_gate_up` [2F, D] interleaves gate row f and up row f (sharded like the MLP axis)."""
+    for gate and up (at batch 1 on a GPU a step is mostly per-kernel launch latency, so fewer
+    kernels per layer make it faster). Their rows are grouped so that a split of the output
+    axis over a mesh axis stays aligned with what is sharded: `wqkv` [K (G+2) Dh, D] holds, per
+    kv head j, the rows of query heads jG..jG+G-1, then key head j, then value head j (sharded
+    like kv heads); `w_gate_up` [2F, D] interleaves gate row f and up row f (sharded like the
+    MLP axis)."""
     H, K, Dh, D = config.num_heads, config.num_kv_heads, config.head_dim, config.hidden_size
 
     G, F = config.num_groups, config.intermediate_size
@@ -146,10 +145,9 @@ def one_query_attention(
     chain of Dh elementwise multiply-adds (`_sum_over_head_dim`), which XLA:CPU emits as one
     loop vectorised over the slots s; as a multiply-reduce over d (a non-minor axis) it was
     the slower half of the attention. The barrier keeps the chain out of the softmax's
-    fusions, which would otherwise recompute it once per reduction. Batch 8 on the 2-core CPU,
-    cache 384 (`bench sample --batches 8 --dtypes float32`, interleaved with the
-    multiply-reduce scores): 80.2 / 83.9 against 90.5 / 96.4 ms per decode step; batches 1 and
-    32 unchanged; the decode program compiles in ~5 s more (the chain is 30 x 64 ops)."""
+    fusions, which would otherwise recompute it once per reduction. The chain is faster at
+    batch 8 and no slower at batches 1 and 32; its price is a longer compile of the decode
+    program (the chain is num_layers x Dh ops)."""
     B, _, H, Dh = q.shape
     f32 = jnp.float32
     k, v = cache_values(k), cache_values(v)
@@ -228,9 +226,9 @@ def slot_rope_tables(config: ModelConfig, max_len: int) -> tuple[jax.Array, jax.
 
     A decode step gathers its rows' positions from them (a row's position never passes its
     slot). Computing cos and sin of the positions instead, XLA fused them into every layer's q
-    and k rotation (batch 32 on the CPU, a step's q rotations 5.6 -> 1.2 ms, key writes 4.6 ->
-    3.2 ms); a decode loop makes the tables once, outside the loop (inside, XLA recomputes them
-    every step)."""
+    and k rotation, recomputing them there; a gather from the tables makes the rotations and
+    the key writes cheaper. A decode loop makes the tables once, outside the loop (inside, XLA
+    recomputes them every step)."""
     cos, sin = tfm.rope_tables(jnp.arange(max_len)[None], config)
     return cos[0], sin[0]
 

@@ -25,9 +25,9 @@ class KVCache:
                XLA:CPU copy the slice). `forward` takes the stacked form.
     v:         [.., kv_heads, max_len, head_dim]. With these layouts both attention products
                are plain [M, K] @ [K, N] GEMMs over the stored buffers (q @ k, probs @ v; see
-               `_attention`): measured on the 2-core CPU against k [.., max_len, head_dim] /
-               v [.., head_dim, max_len], SmolLM2 prefill (batch 8 x 256) 5.8 -> 4.1 s (with
-               `empty_cache`), decode step 77 -> 69-75 ms at batch 8, 277 -> 218 ms at 32.
+               `attention._block`), with no transpose of a cache buffer before either: faster
+               than k [.., max_len, head_dim] / v [.., head_dim, max_len] in both the prefill
+               and the decode step.
     key_mask:  [batch, max_len] True where the slot holds a real (non-pad) token
     end:       [] int32, the next slot to write (the same for every row)
     """
@@ -94,7 +94,7 @@ def as_bits(cache: KVCache) -> KVCache:
 
     Why: XLA:CPU's float normalization widens a bf16 dynamic-update-slice to float32 (convert
     the whole buffer, update, convert back), so each decode step would copy every layer's
-    cache instead of writing one slot in place (bf16 batch 8: 23 of 82 ms per step); an integer
+    cache instead of writing one slot in place (a large share of a bf16 step); an integer
     update stays in place. `write_slot` writes bits into such a cache, `cache_values` reads it.
     """
     if not cache.per_layer or jnp.dtype(cache.k[0].dtype) != jnp.bfloat16:

@@ -14,8 +14,8 @@ from jax.sharding import Mesh
 
 __all__ = ["LARGE_GEMM_CPU_OPTIONS", "large_gemm_options", "platform_of"]
 
-# Prefill of SmolLM2-135M fp32, 32 x 256 prompt tokens on the 2-core CI machine: 21.4-23.1 s with
-# YNNPACK dots, 17.1-18.8 s with XLA's own (measured interleaved, see the README's sampler table).
+# YNNPACK fusions off: a prefill's large GEMMs run faster through XLA's own dot emitter (the
+# module docstring says why; the prefill's figures are in docs/performance.md).
 LARGE_GEMM_CPU_OPTIONS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 

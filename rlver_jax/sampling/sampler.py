@@ -19,7 +19,7 @@ Design (Tunix's sampler with Levanter's traced settings):
   (`decode_step.decode_weights`) are made once per params. The programs are in `loop.py`.
 - Decode is ONE jitted `lax.while_loop` that exits on device when every row has stopped or the
   budget is spent. A host loop over a jitted step would pay a dispatch + host sync per token
-  (~0.1-1 ms on CPU, more with a mesh) and a device->host read per step to stop early.
+  (more with a mesh) and a device->host read per step to stop early.
 - Logprobs are log-softmax of the temperature-scaled logits over the FULL vocabulary (before
   top-k/top-p truncation: what a trainer recomputes at the rollout temperature); greedy rows
   report temperature-1 logprobs; forced-prefix tokens get logprobs the same way.

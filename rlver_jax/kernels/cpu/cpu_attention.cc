@@ -43,9 +43,9 @@ using rlver::ToFloat;
 using rlver::Vec;
 
 // Cache lines of the next pair's k and v spans, fetched a few at a time from inside this pair's
-// loops so that streaming them overlaps this pair's arithmetic (one thread reads ~10 GB/s on
-// its own when it waits for each line; the arithmetic of a pair takes about as long as its
-// reads).
+// loops so that streaming them overlaps this pair's arithmetic (a thread that waits for each
+// line reads far below the memory's bandwidth; the arithmetic of a pair takes about as long as
+// its reads).
 struct Prefetcher {
   const char* at = nullptr;  // next line of the current range
   const char* end = nullptr;

@@ -12,13 +12,13 @@
 //   out[t, h, :]    = sum_s softmax_s(scores, masked)[t, h, s] v[j, s, :]
 //
 // (a query that sees no key gets zeros). Why a kernel: XLA:CPU runs the two products as
-// batched GEMMs of small matrices between layout copies and separate softmax passes (SmolLM2's
-// prefill of 32 x 256 tokens: ~3 s of ~18 s in attention, ~30 GFLOP/s); and it computes every
-// masked score above the diagonal unless the queries are split into blocks. Here a register
-// tile of 6 query rows (one kv head's queries, token-major) computes its scores over keys
-// [0, last token of the tile] only, its softmax and its value product while the scores sit in
-// L1, and the pair's keys and values stay in L2. Work items are (row, kv head, run of tiles);
-// each is computed by one thread in a fixed order, so results do not depend on the thread count.
+// batched GEMMs of small matrices between layout copies and separate softmax passes (a large
+// share of a prefill, at a low arithmetic rate); and it computes every masked score above the
+// diagonal unless the queries are split into blocks. Here a register tile of 6 query rows (one
+// kv head's queries, token-major) computes its scores over keys [0, last token of the tile]
+// only, its softmax and its value product while the scores sit in L1, and the pair's keys and
+// values stay in L2. Work items are (row, kv head, run of tiles); each is computed by one
+// thread in a fixed order, so results do not depend on the thread count.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -60,7 +60,7 @@ void RegisterTile(const float* a, int64_t a_stride, const float* b, int64_t b_st
     Vec bl = Load(b + k * b_stride), bh = Load(b + k * b_stride + 8);
 #if defined(__x86_64__)
     // Short tiles run faster with b in registers than as memory operands of every multiply-add
-    // (cpu_matmul.cc's RowTile measures the same).
+    // (as in cpu_matmul.cc's RowTile).
     if constexpr (R <= 4) __asm__("" : "+x"(bl), "+x"(bh));
 #endif
     for (int r = 0; r < R; ++r) {

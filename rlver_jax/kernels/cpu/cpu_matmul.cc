@@ -7,13 +7,13 @@
 //
 // Why a kernel: at decode time a projection multiplies a few rows by a whole matrix, so it
 // should cost one pass over the weights. XLA:CPU's GEMM packs its weight operand on every call
-// and overlaps neither that nor the arithmetic with streaming (batch 8-32: ~45-50 GFLOP/s of
-// ~120-165), and for bfloat16 weights it computes on float32 copies that its loop-invariant
-// code motion hoists out of the decode loop, so it streams twice the bf16 bytes. Here the
-// weights are packed once per params into 16-column tiles that each thread streams in order;
-// every tile is multiplied into all B rows while it sits in L1/L2 (bf16 widened in registers),
-// with up to 6 rows x 16 columns of float32 accumulators. Each output tile is computed by one
-// thread in a fixed order, so results do not depend on the thread count.
+// and overlaps neither that nor the arithmetic with streaming (so it runs well below the
+// machine's matmul rate), and for bfloat16 weights it computes on float32 copies that its
+// loop-invariant code motion hoists out of the decode loop, so it streams twice the bf16 bytes.
+// Here the weights are packed once per params into 16-column tiles that each thread streams in
+// order; every tile is multiplied into all B rows while it sits in L1/L2 (bf16 widened in
+// registers), with up to 6 rows x 16 columns of float32 accumulators. Each output tile is
+// computed by one thread in a fixed order, so results do not depend on the thread count.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -54,9 +54,9 @@ void RowTile(const T* w, const float* xr, int64_t d0, int64_t d1, float* acc, bo
     if (d - d0 < ahead.count)
       __builtin_prefetch(reinterpret_cast<const void*>(ahead.first + 64 * (d - d0)), 0, 2);
     Vec wl = Load(w + d * kCols), wh = Load(w + d * kCols + 8);
-    // Zen 3, GFLOP/s from L1 (best of runs, R = 1..6): with the weights as memory operands of
-    // every multiply-add, as GCC emits them, R = 5 and 6 run at 89-93 but R = 3 and 4 at 41-45;
-    // held in registers (this empty asm forces it), R = 3 and 4 run at 54-72.
+    // On Zen 3, from L1: with the weights as memory operands of every multiply-add, as GCC
+    // emits them, short tiles (R = 3, 4) run much slower than tall ones (R = 5, 6); with the
+    // weights held in registers (this empty asm forces it) the short tiles run faster.
 #if defined(__x86_64__)
     if constexpr (R <= 4) __asm__("" : "+x"(wl), "+x"(wh));
 #endif
@@ -72,8 +72,7 @@ void RowTile(const T* w, const float* xr, int64_t d0, int64_t d1, float* acc, bo
 // One row (batch 1): the weights stream at memory speed if independent accumulator chains hide
 // the multiply-add latency; they are summed in a fixed order at the end. bfloat16 weights are
 // also prefetched 8 KB ahead (one line per pair of rows): widening them leaves the hardware
-// prefetcher behind (the 30 layers' projections and the head, 2 cores: 15.8-17.9 -> 12.7-13.6
-// ms); float32 ones stream faster without (27.1-29.4 against 30.7-33.3 ms).
+// prefetcher behind; float32 ones stream faster without.
 template <typename T>
 void SingleRow(const T* w, const float* x, int64_t D, float* out) {
   Vec lo[2] = {}, hi[2] = {};
@@ -124,9 +123,7 @@ void PackRows(const float* x, int64_t D, const RowSplit& rows, float* xp) {
 // in order). The register tiles of a block share out the prefetching of the next 8 KB of the
 // stream (the next block, or the next tile's first one: a thread's tiles are adjacent), so
 // memory keeps streaming while a block is re-read from L1; left to the hardware prefetcher, a
-// block's first pass waited on memory and the others left it idle (the 30 layers' projections
-// and the head at batch 32, 2 cores, interleaved runs: 84-100 -> 78-97 ms in float32, 90 -> 84
-// ms in bfloat16; batch 8 48 -> 43 ms; one thread alone 41-57 -> 70-76 GFLOP/s).
+// block's first pass waits on memory and the others leave it idle.
 template <typename T>
 void Tile(const T* w, const float* x, const float* xp, const RowSplit& rows, int64_t D,
           float* acc, float* out) {

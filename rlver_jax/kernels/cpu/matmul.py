@@ -3,11 +3,11 @@
     packed = pack(w)                 # w [F, D] -> [F/16, D, 16], once per params
     out = project(packed, x)         # == w @ x for x [D, B], accumulated in float32
 
-Why (the .cc file's header has the figures): XLA:CPU's GEMM repacks the weight at every call
-and, for bfloat16 weights, streams float32 copies of them; the kernel streams the packed
-weights once per step in their own dtype. `sampler.decode: cpu_kernels` uses it on one CPU
-device where the weights pack (`packable_config`); a call where the kernels cannot be built
-raises `cpu_kernels.KernelBuildError`.
+Why (how: the .cc file's header; figures: docs/performance.md): XLA:CPU's GEMM repacks the
+weight at every call and, for bfloat16 weights, streams float32 copies of them; the kernel
+streams the packed weights once per step in their own dtype. `sampler.decode: cpu_kernels` uses
+it on one CPU device where the weights pack (`packable_config`); a call where the kernels
+cannot be built raises `cpu_kernels.KernelBuildError`.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ differs is the backward on XLA:CPU: each weight gradient ``dW = x^T @ dY`` contr
 and the CPU dot wants its left operand token-minor, so XLA transposes one operand per gradient,
 and it picks the output gradient ``dY`` (the wider one for q/k/v and gate/up) in a slow strided
 loop fused with its producer. Here the backward transposes ``x`` once, materialised behind an
-``optimization_barrier``, and reuses it for every weight of the group. Measured on the peer
-benchmark's MLP (4 layers, 8 x 128 tokens, 256 -> 768, fwd + bwd): 280 -> 179 ms.
+``optimization_barrier``, and reuses it for every weight of the group: one transpose per group
+instead of a slow one per weight.
 
 Other backends (TPU, GPU) handle transposed dot operands natively and get the plain products
 of `models.projection`; this one is registered there for the "cpu" platform when

@@ -1,8 +1,8 @@
 """The decode step as five fused Pallas (Triton) kernels per layer: the GPU's small-batch path.
 
-At batch 1 an H100 decode step under XLA is ~12 kernels a layer (363 in all, ~2.5 us each)
-against 0.1-0.2 ms of weight traffic, so launch latency, not bandwidth, sets its speed (README,
-Performance). Here a layer is
+At batch 1 an H100 decode step under XLA is ~12 kernels a layer (363 in all), whose launches
+take far longer than the step's weight traffic, so launch latency, not bandwidth, sets its speed
+(figures: docs/performance.md). Here a layer is
 
     1. `_qkv_kernel`        RMS norm, the q/k/v projection, biases, RoPE, the k/v cache write
     2. `_attention_kernel`  one query per row over a block of cache slots (split over slots
@@ -69,9 +69,9 @@ class Blocks:
 BLOCKS = Blocks()
 
 # The kernels unroll the batch inside each program (each weight block is read once for every
-# row), so code size, registers and compile time grow with it (`bench/triton_check.py`: the
-# output kernel compiles in ~2 s at batch 1, ~40 s at 8); larger batches are GEMM-shaped work
-# that XLA's own step does well. The sampler runs bigger batch buckets through XLA's step.
+# row), so code size, registers and compile time grow with it (`bench/triton_check.py` compiles
+# them for a given batch); larger batches are GEMM-shaped work that XLA's own step does well.
+# The sampler runs bigger batch buckets through XLA's step.
 MAX_BATCH = 8
 
 
@@ -293,8 +293,8 @@ def layer(
     place (the kernels alias them).
 
     A jit of its own: a step's layers then share one lowering, so each kernel is lowered to
-    Triton IR once, not once per layer (SmolLM2's step: 1 s, was 12 s). JAX 0.10.2 and 0.11.2
-    hand that IR to XLA as `__gpu$xla.gpu.triton` custom calls, which XLA compiles."""
+    Triton IR once, not once per layer (a lowering per layer made the compile slow). JAX 0.10.2
+    and 0.11.2 hand that IR to XLA as `__gpu$xla.gpu.triton` custom calls, which XLA compiles."""
     B, D = x.shape
     K, G, Dh, F = config.num_kv_heads, config.num_groups, config.head_dim, config.intermediate_size
     S = k_cache.shape[-1]
