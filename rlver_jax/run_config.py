@@ -76,7 +76,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainerConfig:
-    """The outer loop (`rlver_jax.rl.trainer.train`): steps, checkpoints, logging.
+    """The outer loop (`rlver_jax.trainer.train`): steps, checkpoints, logging.
 
     steps: where the run stops (the LR schedule's horizon is `learner.total_steps`).
     checkpoint_every: save every N steps (and always at the last step and on SIGTERM / SIGINT).
@@ -185,7 +185,7 @@ def check_sampling_lengths(cfg: RunConfig) -> None:
 
 def check_training_lengths(cfg: RunConfig) -> None:
     """Limits of the training samples, checked before the first training step (by
-    `load_run_config` for training and at the start of `rl.trainer.train`).
+    `load_run_config` for training and at the start of `trainer.train`).
 
     A training sample is one prompt the policy was given plus its reply (the per-turn layout),
     or the whole dialogue up to the last reply, i.e. the last prompt plus that reply (the plain

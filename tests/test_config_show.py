@@ -185,7 +185,7 @@ def test_a_nested_base_key_is_an_ordinary_field(tmp_path: Path) -> None:
 
 def test_the_run_config_yaml_is_the_resolved_tree(tmp_path: Path) -> None:
     """`config.yaml` in output_dir holds every field, no `base:`: it loads back alone."""
-    from rlver_jax.rl.trainer import write_config
+    from rlver_jax.trainer import write_config
 
     write(tmp_path / "parts/base.yaml", "seed: 5\nlearner: {actor_lr: 3.0e-6}\n")
     top = write(tmp_path / "top.yaml", "base: parts/base.yaml\nname: based\n")

@@ -209,7 +209,7 @@ def test_eval_needs_no_training_buckets(tmp_path: Path) -> None:
     cfg = load_run_config(config, SHORT_BUCKETS, training=False)
     with pytest.raises(ConfigError, match=r"rollout\.seq_len_buckets"):
         check_training_lengths(cfg)
-    from rlver_jax.rl.trainer import train
+    from rlver_jax.trainer import train
 
     with pytest.raises(ConfigError, match=r"rollout\.max_prompt_tokens"):
         train(cfg)  # refused at the trainer's start, before it writes anything
@@ -308,7 +308,7 @@ def test_eval_checkpoint_export_round_trip(tmp_path: Path) -> None:
 
 
 def test_export_errors(tmp_path: Path) -> None:
-    from rlver_jax.cli.export import resolve_checkpoint_dir
+    from rlver_jax.policy_checkpoint import resolve_checkpoint_dir
     from rlver_jax.rl.checkpoint import CheckpointNotFoundError
 
     with pytest.raises(FileNotFoundError):

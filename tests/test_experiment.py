@@ -97,7 +97,7 @@ def check_report(out: Path) -> dict[str, Any]:
 
 
 def fake_train(cfg: RunConfig) -> None:
-    """Stand-in for `rl.trainer.train`: metrics.jsonl and a final checkpoint, trainer layout."""
+    """Stand-in for `trainer.train`: metrics.jsonl and a final checkpoint, trainer layout."""
     from rlver_jax.metrics import MetricsWriter
 
     out = Path(cfg.output_dir)
@@ -150,7 +150,7 @@ def test_scaffold_experiment_report(tmp_path: Path) -> None:
 
 
 def test_training_stats() -> None:
-    from rlver_jax.rl import trainer
+    from rlver_jax import trainer
 
     assert trainer.REWARD_KEY == REWARD_KEY  # the curve plots what the trainer logs
     s = training_stats([1, 2, 3, 4, 5, 6, 7, 8], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.9])
@@ -163,7 +163,7 @@ def test_training_stats() -> None:
 
 @pytest.mark.slow
 def test_experiment_command_with_trainer(tmp_path: Path) -> None:
-    """The real command: both arms trained by `rl.trainer.train` (2 steps each)."""
+    """The real command: both arms trained by `trainer.train` (2 steps each)."""
     config = write_tiny_config(tmp_path / "tiny.yaml", tmp_path / "exp")
     argv = ["experiment", "scaffold", "--config", str(config), "--eval-limit", "2",
             "--eval-batch-size", "2", "--bootstrap", "200", "trainer.steps=2"]  # fmt: skip

@@ -21,12 +21,12 @@ import orbax.checkpoint as ocp
 import pytest
 import yaml
 
+from rlver_jax import trainer as trainer_lib
 from rlver_jax.config_io import ConfigError, load_yaml
 from rlver_jax.metrics import read_metrics
-from rlver_jax.rl import trainer as trainer_lib
 from rlver_jax.rl.checkpoint import Checkpointer
-from rlver_jax.rl.trainer import PPO_KEYS, STEP_KEYS, config_diff, rollout_seed, train
 from rlver_jax.run_config import RunConfig, load_run_config, run_config_dict
+from rlver_jax.trainer import PPO_KEYS, STEP_KEYS, config_diff, rollout_seed, train
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "rlver_jax.cli.main", "train"]

@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 
+from rlver_jax.model_io.known_configs import KNOWN_HF_CONFIGS
 from rlver_jax.models.config import ModelConfig
 
 SMOLLM2_135M = ModelConfig(
@@ -27,8 +28,6 @@ def model_config(model: str) -> ModelConfig:
     ``rlver-jax plan`` knows (e.g. "qwen2.5-0.5b": the GPU benchmark's shape)."""
     if model in ("smollm2", "tiny"):
         return SMOLLM2_135M if model == "smollm2" else TINY
-    from rlver_jax.cli.plan import KNOWN_HF_CONFIGS
-
     if model not in KNOWN_HF_CONFIGS:
         known = ", ".join(["smollm2", "tiny", *KNOWN_HF_CONFIGS])
         raise ValueError(f"unknown --model {model!r}; known: {known}")

@@ -1,6 +1,6 @@
 """`rlver-jax bench rollout`: where the time of one full RL step goes.
 
-Runs ``--steps`` training steps exactly as :func:`rlver_jax.rl.trainer.train` does (rollout
+Runs ``--steps`` training steps exactly as :func:`rlver_jax.trainer.train` does (rollout
 through :class:`~rlver_jax.env.rollout.RolloutEngine`, :meth:`Learner.update`, a checkpoint
 save) on a small config: SmolLM2-135M policy + the reference (lexicon) user by default,
 a random tiny model with ``--tiny``, or any ``--config`` YAML plus ``key=value`` overrides.
@@ -145,7 +145,7 @@ def run_steps(cfg: Any, steps: int, ckpt_dir: str) -> list[dict[str, Any]]:
     from rlver_jax.parallel.compile_count import compile_count
     from rlver_jax.rl.checkpoint import Checkpointer, checkpoint_extra
     from rlver_jax.rl.learner import Learner
-    from rlver_jax.rl.trainer import rollout_seed
+    from rlver_jax.trainer import rollout_seed
 
     compile_count()  # install the listener before the first jit
     mesh = components.build_mesh(cfg)

@@ -20,9 +20,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from rlver_jax.cli.export import resolve_checkpoint_dir
 from rlver_jax.config_io import ConfigError
 from rlver_jax.eval.run import JUDGES, headline, run_eval
+from rlver_jax.policy_checkpoint import resolve_checkpoint_dir
 from rlver_jax.run_config import load_run_config
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rlver_jax.config_io import ConfigError, apply_overrides, from_dict, load_yaml
+from rlver_jax.model_io.known_configs import KNOWN_HF_CONFIGS
 from rlver_jax.model_io.loader import ModelSpec
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.parallel.mesh import MeshConfig
@@ -38,32 +39,6 @@ DEVICE_MEMORY_GB: dict[str, float] = {
 # TPU slice names count TensorCores (v2-v4, v5p: 2 per chip) or chips (v5e, v6e); a JAX device
 # is a chip, except on v2/v3 where it is a TensorCore. family -> name units per JAX device.
 _UNITS_PER_DEVICE: dict[str, int] = {"v2": 1, "v3": 1, "v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
-_QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "rope_theta": 1000000.0, "rms_norm_eps": 1e-6}
-# config.json of common checkpoints (shape keys only), by lower-case directory name.
-KNOWN_HF_CONFIGS: dict[str, dict[str, Any]] = {
-    "qwen2.5-0.5b-instruct": _QWEN2 | {
-        "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-        "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
-        "tie_word_embeddings": True, "max_position_embeddings": 32768},
-    "qwen2.5-1.5b-instruct": _QWEN2 | {
-        "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
-        "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
-        "tie_word_embeddings": True, "max_position_embeddings": 32768},
-    "qwen2.5-3b-instruct": _QWEN2 | {
-        "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
-        "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936,
-        "tie_word_embeddings": True, "max_position_embeddings": 32768},
-    "qwen2.5-7b-instruct": _QWEN2 | {
-        "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-        "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-        "tie_word_embeddings": False, "max_position_embeddings": 32768},
-    "qwen2.5-14b-instruct": _QWEN2 | {
-        "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 48,
-        "num_attention_heads": 40, "num_key_value_heads": 8, "vocab_size": 152064,
-        "tie_word_embeddings": False, "max_position_embeddings": 32768},
-}  # fmt: skip
-for _name in list(KNOWN_HF_CONFIGS):  # base models share their instruct variant's shape
-    KNOWN_HF_CONFIGS[_name.removesuffix("-instruct")] = KNOWN_HF_CONFIGS[_name]
 
 
 class PlanError(ValueError):

@@ -35,7 +35,7 @@ def main(argv: Sequence[str]) -> int:
     except ConfigError as err:
         parser.exit(2, f"rlver-jax train: config error: {err}\n")
 
-    from rlver_jax.rl.trainer import train
+    from rlver_jax.trainer import train
 
     summary = train(cfg)
     rewards = " ".join(f"{r:.3f}" for r in summary.rewards)

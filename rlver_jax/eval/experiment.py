@@ -4,7 +4,7 @@ RLVER's key experiment (spec §5.2-5.4): the same config, seed and reward train 
 arm and a plain arm; both and the untrained base model are benchmarked, and the report shows
 that thinking helps empathy and insight while plain helps solutions (at full scale).
 
-    <out>/think, <out>/plain     training runs (`rl.trainer.train`: metrics.jsonl, checkpoints)
+    <out>/think, <out>/plain     training runs (`trainer.train`: metrics.jsonl, checkpoints)
     <out>/eval/{base,think,plain} benchmark results (`eval.run.run_eval`: summary.json, ...)
     <out>/report/                README.md (the summary), reward_curves.png, sentient_scores.md,
                                  capability.md, capability_radar.png, differences.md,
@@ -47,7 +47,7 @@ from rlver_jax.run_config import RunConfig, check_training_lengths, load_run_con
 
 ARMS: tuple[str, ...] = ("think", "plain")
 MODELS: tuple[str, ...] = ("base", *ARMS)
-REWARD_KEY = "reward/mean"  # rl.trainer.REWARD_KEY: the mean reward of a step's rollouts
+REWARD_KEY = "reward/mean"  # trainer.REWARD_KEY: the mean reward of a step's rollouts
 METRICS_FILE = "metrics.jsonl"
 REPORT_DIR = "report"
 _EVAL_KEYS = ("label", "scaffold", "n", "score", "success_rate", "failure_rate", "successes")
@@ -81,12 +81,12 @@ def run_scaffold_experiment(
     command: str | None = None,
 ) -> dict[str, Any]:
     """Train both arms (unless `train=False`), evaluate base / think / plain, write the report;
-    returns `report.json`'s content. `train_fn` defaults to `rl.trainer.train`."""
+    returns `report.json`'s content. `train_fn` defaults to `trainer.train`."""
     out = Path(out_dir)
     if train:
         check_training_lengths(cfg)  # both arms share the rollout and learner: one check
         if train_fn is None:
-            from rlver_jax.rl.trainer import train as train_fn
+            from rlver_jax.trainer import train as train_fn
         for arm in ARMS:
             train_fn(arm_config(cfg, arm, out))
     opts: dict[str, Any] = dict(

@@ -1,7 +1,7 @@
 """The benchmark of one policy (`run_eval`): load it, play the test profiles, judge, write.
 
 The policy comes from a training checkpoint (`checkpoint`: its params restored by
-`cli.export.load_checkpoint_policy`, with its saved model spec), a HF directory (`hf`) or the
+`policy_checkpoint.load_checkpoint_policy`, with its saved model spec), a HF directory (`hf`) or the
 config's own `model`. The scaffold, simulated user, sampling and dynamics come from the config.
 Every TEST profile is played once under the SAGE protocol (`eval.sentient`); the results
 (`transcripts.jsonl`, `capability.jsonl`, `summary.json`, `emotion_trajectories.png`) go to
@@ -25,7 +25,6 @@ from typing import Any, Literal
 from jax.sharding import Mesh
 
 from rlver_jax import components
-from rlver_jax.cli.export import load_checkpoint_policy
 from rlver_jax.env.llm_user import LLMUser
 from rlver_jax.eval.capability import (
     CapabilityJudge,
@@ -36,6 +35,7 @@ from rlver_jax.eval.sentient import benchmark_rollout_config, evaluate
 from rlver_jax.model_io.loader import load_model
 from rlver_jax.model_io.tokenizer import Tokenizer
 from rlver_jax.models.sharding import param_shardings
+from rlver_jax.policy_checkpoint import load_checkpoint_policy
 from rlver_jax.run_config import RunConfig
 from rlver_jax.sampling.sampler import Sampler
 
