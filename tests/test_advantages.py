@@ -9,14 +9,18 @@ import pytest
 
 from rlver_jax.rl import registry
 from rlver_jax.rl.advantages import (
+    AdvantageInputs,
     broadcast_to_tokens,
     dialogue_weights,
     gae_advantages,
+    gae_estimator,
     grpo_advantages,
+    grpo_estimator,
     masked_mean,
     masked_var,
     masked_whiten,
     rloo_advantages,
+    rloo_estimator,
 )
 
 # prompt, turn 1, user, turn 2, pad
@@ -252,23 +256,53 @@ def test_broadcast_to_tokens():
 
 
 def test_registry_builtins_and_unknown():
-    assert registry.get_advantage("gae") is gae_advantages
-    assert registry.get_advantage("grpo") is grpo_advantages
+    assert registry.get_advantage("gae") is gae_estimator
+    assert registry.get_advantage("grpo") is grpo_estimator
+    assert registry.get_advantage("rloo") is rloo_estimator
     assert {"gae", "grpo", "rloo"} <= set(registry.list_advantages())
     with pytest.raises(KeyError, match="available: gae, grpo"):
         registry.get_advantage("nope")
+
+
+def test_registered_estimators_share_one_signature():
+    """Every estimator takes AdvantageInputs and returns token advantages (and returns or
+    None): "gae" is the whitened, masked GAE; "grpo" / "rloo" their per-sample advantage over
+    each sample's policy tokens."""
+    rng = np.random.default_rng(6)
+    dialogues, groups, scores, _ = _per_turn_batch()
+    n, T = len(scores), 11
+    lmask = jnp.asarray(ragged_mask(rng, n, T))
+    vmask = jnp.asarray(np.maximum(np.asarray(lmask), rng.random((n, T)) < 0.3), jnp.float32)
+    rewards, values = (jnp.asarray(rng.normal(size=(n, T)), jnp.float32) for _ in range(2))
+    x = AdvantageInputs(lmask, scores, groups, 2, dialogues, rewards, values, vmask, 0.9, 0.8,
+                        whiten=True, eps=1e-3)  # fmt: skip
+    adv, ret = registry.get_advantage("gae")(x)
+    ref_adv, ref_ret = gae_advantages(rewards, values, vmask, 0.9, 0.8, whiten=False)
+    np.testing.assert_array_equal(adv, masked_whiten(ref_adv, lmask) * lmask)
+    np.testing.assert_array_equal(ret, ref_ret * vmask)
+    for name, per_sample in [
+        ("grpo", grpo_advantages(scores, groups, 2, eps=1e-3, dialogue_ids=dialogues)),
+        ("rloo", rloo_advantages(scores, groups, 2, dialogue_ids=dialogues)),
+    ]:
+        adv, ret = registry.get_advantage(name)(x)
+        assert ret is None
+        np.testing.assert_array_equal(adv, broadcast_to_tokens(per_sample, lmask))
 
 
 def test_registry_custom_and_duplicate():
     name = "test_custom_adv"
 
     @registry.register_advantage(name)
-    def custom(scores):
-        return scores - jnp.mean(scores)
+    def custom(x: AdvantageInputs):
+        return broadcast_to_tokens(x.scores - jnp.mean(x.scores), x.loss_mask), None
 
     try:
         assert registry.get_advantage(name) is custom
-        np.testing.assert_allclose(registry.get_advantage(name)(jnp.array([1.0, 3.0])), [-1, 1])
+        x = AdvantageInputs(jnp.ones((2, 3)), jnp.array([1.0, 3.0]), jnp.zeros(2, int), 1,
+                            jnp.arange(2))  # fmt: skip
+        adv, ret = registry.get_advantage(name)(x)
+        np.testing.assert_allclose(adv, [[-1] * 3, [1] * 3])
+        assert ret is None
         with pytest.raises(ValueError, match="already registered"):
             registry.register_advantage(name)(lambda s: s)
         registry.register_advantage(name, override=True)(lambda s: s)

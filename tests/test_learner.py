@@ -221,6 +221,37 @@ def test_gae_alignment_kl_reward_and_response_critic_mask() -> None:
     assert batch.ref_logprobs is None  # the KL went into the reward, not the loss
 
 
+def test_a_registered_estimator_is_what_the_learner_runs() -> None:
+    """`register_advantage` and `learner.advantage_estimator`: the learner calls a user's
+    estimator with the one signature of them all (`AdvantageInputs` -> token advantages,
+    returns or None), its group ids made dense."""
+    from rlver_jax.rl.advantages import AdvantageInputs, broadcast_to_tokens
+    from rlver_jax.rl.registry import ADVANTAGES, register_advantage
+
+    seen = {}
+
+    @register_advantage("test_score_minus_group")
+    def custom(x: AdvantageInputs) -> tuple[Any, None]:
+        seen.update(groups=x.group_ids, num_groups=x.num_groups, rewards=x.rewards)
+        return broadcast_to_tokens(x.scores - x.group_ids, x.loss_mask), None
+
+    try:
+        cfg = dataclasses.replace(GRPO, advantage_estimator="test_score_minus_group")
+        learner = Learner(MCFG, cfg, compiler_options=FAST)
+        raw = make_traj(12)
+        traj = learner.pad(dataclasses.replace(raw, group_ids=raw.group_ids * 7 + 3))
+        lmask = np.asarray(traj.loss_mask, np.float32)
+        old = OldOutputs(
+            logprobs=np.zeros_like(lmask), values=None, ref_logprobs=np.zeros_like(lmask)
+        )
+        batch, _ = learner.compute_advantages(traj, old)
+        want = (np.asarray(traj.scores) - np.arange(N) // 4)[:, None] * lmask
+        np.testing.assert_allclose(batch.advantages, want)
+        assert batch.returns is None and seen["num_groups"] == N and seen["rewards"] is None
+    finally:
+        ADVANTAGES.unregister("test_score_minus_group")
+
+
 # --------------------------------------------------------------------------- optimiser
 def test_separate_actor_and_critic_learning_rates(ppo: Learner, params: Any) -> None:
     state = ppo.init_state(params, jax.random.PRNGKey(1))

@@ -2,9 +2,16 @@
 
 Conventions: token arrays are ``[B, T]``; ``loss_mask`` is 1 on policy (assistant) tokens and 0 on
 prompt, simulated-user and padding tokens. Per-sample arrays are ``[N]``. All math runs in fp32.
+
+The learner calls every registered estimator the same way (`rl.registry`): ``estimator(inputs)``
+with an :class:`AdvantageInputs`, returning ``(advantages [B, T], returns [B, T] | None)``.
+``gae_estimator``, ``grpo_estimator`` and ``rloo_estimator`` are the built-in ones ("gae",
+"grpo", "rloo"); the functions they call (:func:`gae_advantages`, ...) are the math.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -15,15 +22,19 @@ from rlver_jax.rl.registry import register_advantage
 Array = jax.Array
 
 __all__ = [
+    "AdvantageInputs",
     "broadcast_to_tokens",
     "dialogue_weights",
     "gae_advantages",
+    "gae_estimator",
     "grpo_advantages",
+    "grpo_estimator",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
     "rloo_advantages",
+    "rloo_estimator",
 ]
 
 
@@ -77,7 +88,6 @@ def masked_whiten(x: Array, mask: Array, shift_mean: bool = True, eps: float = 1
     return out * mask
 
 
-@register_advantage("gae")
 def gae_advantages(
     rewards: Array,
     values: Array,
@@ -148,7 +158,6 @@ def _sample_weights(n: int, dialogue_ids: Array | None, sample_weights: Array | 
     return w
 
 
-@register_advantage("grpo")
 def grpo_advantages(
     scores: Array,
     group_ids: Array,
@@ -198,7 +207,6 @@ def grpo_advantages(
     return jnp.where(k > 1.0 + 1e-4, adv, 0.0)
 
 
-@register_advantage("rloo")
 def rloo_advantages(
     scores: Array,
     group_ids: Array,
@@ -237,3 +245,62 @@ def rloo_advantages(
 def broadcast_to_tokens(adv: Array, loss_mask: Array) -> Array:
     """Spread per-sample advantages ``[B]`` over policy tokens: ``A[b, t] = adv[b] * m[b, t]``."""
     return _f32(adv)[:, None] * _f32(loss_mask)
+
+
+# --------------------------------------------------------------------------- registered estimators
+@dataclasses.dataclass(frozen=True)
+class AdvantageInputs:
+    """What every registered estimator is called with: ``estimator(inputs) -> (advantages,
+    returns)``, ``advantages`` ``[B, T]`` (0 off the policy tokens) and ``returns`` ``[B, T]``
+    (the critic's targets) or None for an estimator without a critic.
+
+    loss_mask: ``[B, T]`` float32, 1 on policy tokens.
+    scores: ``[N]`` outcome score per sample (one sample per row).
+    group_ids: ``[N]`` int32 group index in ``[0, num_groups)`` (the samples of one prompt).
+    num_groups: a static bound on the number of groups (the learner passes ``N``).
+    dialogue_ids: ``[N]``; the per-turn samples of one dialogue share it.
+    rewards, values, value_mask: ``[B, T]`` token rewards (less the KL penalty with
+      ``kl_as_reward``), the old critic values and the tokens the critic regresses on; set only
+      when the learner has a critic (``algorithm: ppo``), None otherwise.
+    gamma, lam: GAE's discount and lambda.
+    whiten: whiten token-level advantages over ``loss_mask`` (``whiten_advantages``).
+    eps: GRPO's epsilon under the group std (``grpo_eps``).
+    """
+
+    loss_mask: Array
+    scores: Array
+    group_ids: Array
+    num_groups: int
+    dialogue_ids: Array
+    rewards: Array | None = None
+    values: Array | None = None
+    value_mask: Array | None = None
+    gamma: float = 1.0
+    lam: float = 1.0
+    whiten: bool = True
+    eps: float = 1e-6
+
+
+@register_advantage("gae")
+def gae_estimator(x: AdvantageInputs) -> tuple[Array, Array]:
+    """:func:`gae_advantages` on the critic's mask, whitened over the policy tokens."""
+    adv, returns = gae_advantages(x.rewards, x.values, x.value_mask, x.gamma, x.lam, whiten=False)
+    if x.whiten:
+        adv = masked_whiten(adv, x.loss_mask)
+    return adv * x.loss_mask, returns * x.value_mask
+
+
+@register_advantage("grpo")
+def grpo_estimator(x: AdvantageInputs) -> tuple[Array, None]:
+    """:func:`grpo_advantages` per sample (each dialogue counted once), over its tokens."""
+    adv = grpo_advantages(
+        x.scores, x.group_ids, x.num_groups, dialogue_ids=x.dialogue_ids, eps=x.eps
+    )
+    return broadcast_to_tokens(adv, x.loss_mask), None
+
+
+@register_advantage("rloo")
+def rloo_estimator(x: AdvantageInputs) -> tuple[Array, None]:
+    """:func:`rloo_advantages` per sample (each dialogue left out whole), over its tokens."""
+    adv = rloo_advantages(x.scores, x.group_ids, x.num_groups, dialogue_ids=x.dialogue_ids)
+    return broadcast_to_tokens(adv, x.loss_mask), None

@@ -3,7 +3,7 @@ objectives of one micro-batch (what `rl.learner.Learner` jits, shards and differ
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 from typing import Any
 
 import jax
@@ -35,8 +35,13 @@ def advantage_batch(
     the train step's batch (see `Learner.compute_advantages`)."""
     lmask = traj.loss_mask.astype(jnp.float32)
     metrics: Metrics = {}
-    estimator = get_advantage(cfg.advantage_estimator)
-    returns = vmask = None
+    n = traj.scores.shape[0]
+    _, gids = jnp.unique(traj.group_ids, size=n, return_inverse=True)
+    adv_in = adv_lib.AdvantageInputs(
+        lmask, traj.scores, gids.reshape(-1), n, traj.dialogue_ids,
+        gamma=cfg.gamma, lam=cfg.lam, whiten=cfg.whiten_advantages, eps=cfg.grpo_eps,
+    )  # fmt: skip
+    vmask = None
     if cfg.uses_critic:
         vmask = lmask
         if cfg.critic_mask == "response":  # every real token from the first policy token on
@@ -46,18 +51,8 @@ def advantage_batch(
             kl = kl_penalty(old.logprobs, old.ref_logprobs, cfg.kl_kind) * lmask
             rewards = apply_kl_reward_penalty(rewards, kl, cfg.kl_coef, lmask)
             metrics["actor/reward_kl"] = adv_lib.masked_mean(kl, lmask)
-        adv, returns = estimator(rewards, old.values, vmask, cfg.gamma, cfg.lam, whiten=False)
-        if cfg.whiten_advantages:
-            adv = adv_lib.masked_whiten(adv, lmask)
-        adv, returns = adv * lmask, returns * vmask
-    else:
-        n = traj.scores.shape[0]
-        _, gids = jnp.unique(traj.group_ids, size=n, return_inverse=True)
-        kwargs: dict[str, Any] = {"dialogue_ids": traj.dialogue_ids}
-        if "eps" in inspect.signature(estimator).parameters:
-            kwargs["eps"] = cfg.grpo_eps
-        per_sample = estimator(traj.scores, gids.reshape(-1), n, **kwargs)
-        adv = adv_lib.broadcast_to_tokens(per_sample, lmask)
+        adv_in = dataclasses.replace(adv_in, rewards=rewards, values=old.values, value_mask=vmask)
+    adv, returns = get_advantage(cfg.advantage_estimator)(adv_in)
     kl_loss = cfg.uses_reference and not cfg.kl_as_reward
     ref = old.ref_logprobs if kl_loss else None
     inputs = (traj.tokens, traj.token_mask, traj.loss_mask, old.logprobs, adv)

@@ -2,14 +2,29 @@
 
 A researcher adds an estimator or a loss by decorating it::
 
+    from rlver_jax.rl.advantages import AdvantageInputs, broadcast_to_tokens
     from rlver_jax.rl.registry import register_advantage
 
     @register_advantage("my_adv")
-    def my_adv(scores, group_ids, num_groups): ...
+    def my_adv(x: AdvantageInputs) -> tuple[jax.Array, jax.Array | None]:
+        per_sample = x.scores - x.scores.mean()
+        return broadcast_to_tokens(per_sample, x.loss_mask), None
 
-and the trainer config selects it by name (``get_advantage("my_adv")``). The built-in entries
-("gae", "grpo", "rloo"; "ppo", "grpo") are registered when :mod:`rlver_jax.rl.advantages` and
-:mod:`rlver_jax.rl.losses` are imported; the getters import them lazily, so callers need not.
+and the trainer config selects it by name (``learner.advantage_estimator: my_adv``).
+
+Every advantage estimator has that one signature: ``estimator(inputs: AdvantageInputs) ->
+(advantages, returns)``, ``advantages`` ``[B, T]`` float32 and 0 off the policy tokens,
+``returns`` ``[B, T]`` (the critic's regression targets) or None. ``AdvantageInputs`` (see
+:mod:`rlver_jax.rl.advantages`) holds the loss mask, the per-sample scores, group and dialogue
+ids, the critic's rewards / values / mask (with a critic only) and the config's ``gamma``,
+``lam``, ``whiten_advantages`` and ``grpo_eps``. ``algorithm: ppo`` runs "gae"; ``grpo`` runs
+any other (outcome-level) estimator. Every policy loss is called as ``loss(logprobs,
+old_logprobs, advantages, mask, clip_low, clip_high, agg_mode, clip_ratio_c) -> (LossTerm,
+{name: LossTerm})`` (see :func:`rlver_jax.rl.losses.ppo_policy_loss`).
+
+The built-in entries ("gae", "grpo", "rloo"; "ppo", "grpo") are registered when
+:mod:`rlver_jax.rl.advantages` and :mod:`rlver_jax.rl.losses` are imported; the getters import
+them lazily, so callers need not.
 
 Registries are guarded by a lock, so registration from several threads is safe. Registering a
 name twice raises unless ``override=True``.
@@ -102,7 +117,8 @@ def _load_builtins() -> None:
 
 
 def register_advantage(name: str, *, override: bool = False) -> Callable[[F], F]:
-    """Decorator: register an advantage estimator under ``name``."""
+    """Decorator: register an advantage estimator ``fn(inputs: AdvantageInputs) ->
+    (advantages, returns | None)`` under ``name`` (module docs)."""
     return ADVANTAGES.register(name, override=override)
 
 
