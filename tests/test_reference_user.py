@@ -322,6 +322,8 @@ def test_messages(user: ReferenceUser, language: str):
     for turn in range(4):
         msgs = user.reply(profiles, hist, scores, turn)
         assert msgs == user.reply(profiles, hist, scores, [turn] * 5)  # deterministic
+        user.set_seed(turn + 1)  # the Protocol's seed: a no-op for this user
+        assert msgs == user.reply(profiles, hist, scores, turn)
         said_bye = [detect_goodbye(m, language) for m in msgs]
         assert said_bye == [True, True, False, False, False], msgs
         assert not any("{" in m for m in msgs)

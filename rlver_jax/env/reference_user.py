@@ -301,6 +301,11 @@ class ReferenceUser:
         pad = getattr(tokenizer, "pad_id", None)
         self._strip = frozenset(stops | ({pad} if pad is not None else set()))
 
+    def set_seed(self, seed: int) -> None:
+        """A no-op: the reference user samples nothing (a hash of the profile id and the turn
+        picks each message), so no seed changes them."""
+        del seed
+
     # ------------------------------------------------------------------ judging
     def _ids(
         self, replies: Sequence[str], reply_ids: Sequence[list[int]] | None

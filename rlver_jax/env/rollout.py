@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from rlver_jax.buckets import smallest_bucket
 from rlver_jax.chat_format import ChatFormat
 from rlver_jax.env import dynamics
 from rlver_jax.env.profiles import Profile
@@ -125,16 +126,6 @@ class _Dialogue:
     end_reason: int = int(dynamics.EndReason.RUNNING)
 
 
-def _seq_bucket(n: int, buckets: Sequence[int]) -> int:
-    for b in sorted(buckets):
-        if n <= b:
-            return b
-    raise ValueError(
-        f"a training sample of {n} tokens exceeds the largest rollout.seq_len_buckets "
-        f"{max(buckets)} (run_config.check_training_lengths refuses such configs)"
-    )
-
-
 class RolloutEngine:
     """Runs dialogues between the policy (through `sampler`) and a simulated `user`."""
 
@@ -180,9 +171,7 @@ class RolloutEngine:
         cfg, dyn = self.config, self.dynamics
         G = cfg.samples_per_profile
         timings = {"policy_sampling_s": 0.0, "user_judging_s": 0.0, "user_replies_s": 0.0}
-        set_seed = getattr(self.user, "set_seed", None)
-        if set_seed is not None:  # a sampling user (LLM) draws fresh messages per rollout
-            set_seed(seed)
+        self.user.set_seed(seed)  # a sampling user (LLM) draws fresh messages per rollout
         t0 = time.perf_counter()
         openings = self.user.opening(list(profiles))
         timings["user_replies_s"] += time.perf_counter() - t0
@@ -281,7 +270,10 @@ class RolloutEngine:
             if self.config.per_turn_reward:
                 d.record.turn_rewards = [c / 100.0 for c in d.changes]
             samples.extend(dialogue_samples(d.record, self.scaffold, self.format))
-        width = _seq_bucket(max(len(s.tokens) for s in samples), self.config.seq_len_buckets)
+        # run_config.check_training_lengths refuses configs whose samples can outgrow these
+        longest = max(len(s.tokens) for s in samples)
+        what = "rollout.seq_len_buckets: a training sample of length"
+        width = smallest_bucket(longest, self.config.seq_len_buckets, what)
         return collate(
             samples,
             self.tokenizer.pad_id,
@@ -306,8 +298,8 @@ class RolloutEngine:
         out = {
             "reward_mean": float(np.mean(np.maximum(final / 100.0, 0.0))),
             "final_emotion_mean": float(final.mean()),
-            "success_rate": float(np.mean(final >= dyn.success_threshold)),
-            "failure_rate": float(np.mean(final < dyn.failure_threshold)),
+            "success_rate": float(np.mean(dynamics.is_success(final, dyn))),
+            "failure_rate": float(np.mean(dynamics.is_failure(final, dyn))),
             "turns_mean": float(np.mean([len(d.record.policy_turns) for d in dialogues])),
             "format_break_rate": float(np.mean([not t.parsed.format_ok for t in turns])),
             "reply_tokens_mean": float(np.mean(reply_lens)),

@@ -9,6 +9,9 @@ A simulated user does three things in a dialogue (RLVER spec §1.2-1.3):
 * `reply`: the user's next message, written knowing the updated emotion score (a goodbye at
   band S or F ends the episode, see `dynamics.detect_goodbye`).
 
+Before a rollout, `set_seed` gives the user that rollout's seed (a sampling user draws its
+messages from it; a deterministic one ignores it).
+
 Everything is batched: index i of every argument and result belongs to dialogue i. Two users
 implement this interface: `reference_user.ReferenceUser` (a small compiled lexicon model, fast
 and deterministic, for tests and CPU experiments) and an LLM-played user. Rollout code depends
@@ -62,6 +65,10 @@ class Turn:
 @runtime_checkable
 class SimulatedUser(Protocol):
     """What a rollout needs from a simulated user (see the module docstring for conventions)."""
+
+    def set_seed(self, seed: int) -> None:
+        """Seed the later openings and replies (the rollout's seed, once per rollout)."""
+        ...
 
     def opening(self, profiles: Sequence[Profile]) -> list[str]:
         """First user message per dialogue: `profile.first_talk` if set, else generated."""
