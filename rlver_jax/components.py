@@ -33,14 +33,17 @@ def build_mesh(cfg: RunConfig) -> Mesh:
 def build_policy(
     spec: ModelSpec, mesh: Mesh, cfg: RunConfig
 ) -> tuple[Params, object, Tokenizer, Sampler]:
-    """(params placed on the mesh, ModelConfig, tokenizer, sampler) for a model spec."""
-    params, config, tok = load_model(spec, lambda c: param_shardings(c, mesh))
+    """(params placed on the mesh in the learner's layout, ModelConfig, tokenizer, sampler with
+    the rollout's rules: the rollout engine makes its sampling copy, `Sampler.rollout_params`)."""
+    rules = cfg.mesh.learner_rules
+    params, config, tok = load_model(spec, lambda c: param_shardings(c, mesh, rules))
     sampler = Sampler(
         config,
         mesh=mesh,
         pad_id=tok.pad_id,
         stop_token_ids=tok.stop_token_ids,
         sampler_config=cfg.sampler,
+        rules=cfg.mesh.sampler_rules,
         seed=cfg.seed,
     )
     return params, config, tok, sampler
@@ -54,8 +57,9 @@ def build_user(cfg: RunConfig, mesh: Mesh, policy_tokenizer: Tokenizer) -> Simul
         return ReferenceUser(policy_tokenizer, cfg.user.reference)
     from rlver_jax.env.llm_user import LLMUser
 
-    params, config, tok = load_model(cfg.user.model, lambda c: param_shardings(c, mesh))
-    return LLMUser(params, config, tok, cfg.user.llm, mesh=mesh)
+    rules = cfg.mesh.sampler_rules  # the user only decodes and judges: loaded in that layout
+    params, config, tok = load_model(cfg.user.model, lambda c: param_shardings(c, mesh, rules))
+    return LLMUser(params, config, tok, cfg.user.llm, mesh=mesh, rules=rules)
 
 
 def load_split(cfg: RunConfig, split: Split) -> tuple[Profile, ...]:

@@ -58,6 +58,7 @@ from rlver_jax.env.rollout import RolloutEngine, RolloutResult, write_transcript
 from rlver_jax.metrics import MetricsWriter, PhaseTimer, ProgressBar
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.parallel.compile_count import compile_count
+from rlver_jax.parallel.rules import DEFAULT_RULES, Rules
 from rlver_jax.rl.checkpoint import Checkpointer, checkpoint_extra, restore_iterator
 from rlver_jax.rl.learner import Learner, LearnerConfig, TrainState
 from rlver_jax.rl.signals import PreemptionGuard, save_and_stop_if_requested, save_on_crash
@@ -181,25 +182,26 @@ _LEARNERS: dict[tuple[Any, ...], Learner] = {}
 
 
 def cached_learner(
-    model_config: ModelConfig, config: LearnerConfig, mesh: Mesh, fast_compile: bool = False
-) -> Learner:
+    model_config: ModelConfig, config: LearnerConfig, mesh: Mesh, fast_compile: bool = False,
+    rules: Rules = DEFAULT_RULES,
+) -> Learner:  # fmt: skip
     """One :class:`Learner` per (model, learner config, mesh devices): later :func:`train` calls
     in the same process (tests, sweeps) reuse its compiled steps instead of recompiling. (Keyed
     by device ids: equal meshes do not always hash equal.)"""
-    key = (model_config, config, mesh.axis_names, mesh.devices.shape, fast_compile)
+    key = (model_config, config, mesh.axis_names, mesh.devices.shape, fast_compile, rules)
     key += tuple(d.id for d in mesh.devices.flat)
     if key not in _LEARNERS:
         if len(_LEARNERS) >= 4:
             _LEARNERS.pop(next(iter(_LEARNERS)))
         copts = {"xla_backend_optimization_level": 0} if fast_compile else None
-        _LEARNERS[key] = Learner(model_config, config, mesh, copts)
+        _LEARNERS[key] = Learner(model_config, config, mesh, copts, rules)
     return _LEARNERS[key]
 
 
 def _abstract_state(learner: Learner, params: Any, key: jax.Array) -> TrainState:
     """``ShapeDtypeStruct``s (with shardings) of the state ``learner.init_state`` would build
     (traced by a twin without compiler options: those are refused on a jit nested in a trace)."""
-    twin = Learner(learner.mcfg, learner.cfg, learner.mesh)
+    twin = Learner(learner.mcfg, learner.cfg, learner.mesh, rules=learner.rules)
     shapes = jax.eval_shape(twin.init_state, params, key)
     shardings = learner.state_shardings()
     if shardings is None:
@@ -266,7 +268,7 @@ def train(cfg: RunConfig) -> TrainSummary:
     params, mcfg, tok, sampler = components.build_policy(cfg.model, mesh, cfg)
     user = components.build_user(cfg, mesh, tok)
     engine = components.build_engine(cfg, sampler, tok, user)
-    learner = cached_learner(mcfg, cfg.learner, mesh, tc.fast_compile)
+    learner = cached_learner(mcfg, cfg.learner, mesh, tc.fast_compile, cfg.mesh.learner_rules)
     key = jax.random.key_data(jax.random.key(cfg.seed))
     batch = cfg.rollout.profiles_per_batch
     profiles_it = profile_iterator(

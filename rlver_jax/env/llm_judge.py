@@ -61,7 +61,7 @@ from rlver_jax.models.transformer import (
     positions_from_mask,
 )
 from rlver_jax.parallel import mesh as mesh_lib
-from rlver_jax.parallel.rules import DEFAULT_RULES, MeshAxes, axis_rules, constrain
+from rlver_jax.parallel.rules import ROLLOUT_RULES, MeshAxes, axis_rules, constrain
 from rlver_jax.scaffold import load_prompts, parse_reply
 
 JudgeMode = Literal["argmax", "expectation"]
@@ -341,7 +341,7 @@ class JudgeScorer:
         prompt_buckets: Sequence[int],
         batch_buckets: Sequence[int],
         mesh: Mesh | None = None,
-        rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES,
+        rules: Sequence[tuple[str, MeshAxes]] = ROLLOUT_RULES,
     ) -> None:
         self.config = resolve_attention(config, "score", mesh)  # kernels.select
         self.pad_id = int(pad_id)

@@ -60,7 +60,7 @@ from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.sharding import param_shardings
 from rlver_jax.models.transformer import Params
 from rlver_jax.parallel import mesh as mesh_lib
-from rlver_jax.parallel.rules import DEFAULT_RULES, MeshAxes
+from rlver_jax.parallel.rules import ROLLOUT_RULES, MeshAxes
 from rlver_jax.sampling.sampler import Sampler, SamplerConfig
 from rlver_jax.scaffold import load_prompts
 
@@ -196,7 +196,8 @@ class LLMUser:
     Args:
       params, model_config, tokenizer: the user model (tokenizer checked against the config).
       config: `LLMUserConfig`.
-      mesh, rules: place the params on `mesh` (the policy's) with the logical axis `rules`;
+      mesh, rules: place the params on `mesh` (the policy's) with the logical axis `rules`
+        (default: the rollout's, `ROLLOUT_RULES`: weights never gathered per token);
         the judge and the sampler then run sharded there. None = single device.
       sampler: a `Sampler` for replies (default: one built for this model and mesh).
     """
@@ -209,7 +210,7 @@ class LLMUser:
         config: LLMUserConfig | None = None,
         *,
         mesh: Mesh | None = None,
-        rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES,
+        rules: Sequence[tuple[str, MeshAxes]] = ROLLOUT_RULES,
         sampler: Sampler | None = None,
     ) -> None:
         check_compatible(tokenizer, model_config)

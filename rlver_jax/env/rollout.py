@@ -171,6 +171,7 @@ class RolloutEngine:
         cfg, dyn = self.config, self.dynamics
         G = cfg.samples_per_profile
         timings = {"policy_sampling_s": 0.0, "user_judging_s": 0.0, "user_replies_s": 0.0}
+        params = self.sampler.rollout_params(params)  # the decoding layout, freed on return
         self.user.set_seed(seed)  # a sampling user (LLM) draws fresh messages per rollout
         t0 = time.perf_counter()
         openings = self.user.opening(list(profiles))

@@ -52,7 +52,7 @@ from rlver_jax.eval.stats import bootstrap_ci
 from rlver_jax.model_io.tokenizer import Tokenizer, check_compatible
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.transformer import Params
-from rlver_jax.parallel.rules import DEFAULT_RULES, MeshAxes
+from rlver_jax.parallel.rules import ROLLOUT_RULES, MeshAxes
 
 DIMENSIONS: tuple[str, ...] = (  # rubric keys, in the order of RLVER's radar charts
     *("empathic_depth", "core_insight", "solution_crafting"),
@@ -215,7 +215,7 @@ class LLMCapabilityJudge:
         system_prompt: str | None = None,
         terminators: Sequence[str] = DEFAULT_TERMINATORS,
         mesh: Mesh | None = None,
-        rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES,
+        rules: Sequence[tuple[str, MeshAxes]] = ROLLOUT_RULES,
     ) -> None:
         check_compatible(tokenizer, model_config)
         self.params = params

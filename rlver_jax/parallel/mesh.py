@@ -24,9 +24,15 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rlver_jax.parallel.rules import DEFAULT_RULES, MeshAxes, named_sharding
+from rlver_jax.parallel.rules import (
+    DEFAULT_RULES,
+    MESH_AXES,
+    ROLLOUT_RULES,
+    MeshAxes,
+    merged_rules,
+    named_sharding,
+)
 
-MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
 Rules = Sequence[tuple[str, MeshAxes]]
 
 
@@ -46,11 +52,17 @@ class MeshConfig:
       replicated); -1: all the devices the other axes leave over.
     fsdp: devices along the fsdp axis (the batch splits and the weights are sharded); -1: fill.
     tensor: devices along the tensor axis (each matmul split across them); -1: fill.
+    rules: the learner's logical axis rules changed from `parallel.rules.DEFAULT_RULES`, as
+      ``name: axes`` pairs (axes: a mesh axis, a list of them, or null: replicated).
+    rollout_rules: the same for the samplers' weights and caches, over
+      `parallel.rules.ROLLOUT_RULES` (no FSDP sharding of the weights while decoding).
     """
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    rules: dict[str, Any] | tuple[tuple[str, Any], ...] = ()
+    rollout_rules: dict[str, Any] | tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         for name in MESH_AXES:
@@ -59,9 +71,27 @@ class MeshConfig:
                 raise MeshConfigError(
                     f"mesh.{name} must be a positive integer or -1, got {value!r}"
                 )
+        for key, base in (("rules", DEFAULT_RULES), ("rollout_rules", ROLLOUT_RULES)):
+            value = getattr(self, key)
+            pairs = tuple(value.items()) if isinstance(value, dict) else tuple(value)
+            try:  # held as pairs: a frozen config stays hashable
+                merged_rules(base, pairs)
+            except (ValueError, TypeError) as err:
+                raise MeshConfigError(f"mesh.{key}: {err}") from None
+            object.__setattr__(self, key, tuple((n, _axes(a)) for n, a in pairs))
         fills = [n for n in MESH_AXES if getattr(self, n) == -1]
         if len(fills) > 1:
             raise MeshConfigError(f"only one mesh axis may be -1 (fill); got {', '.join(fills)}")
+
+    @property
+    def learner_rules(self) -> tuple[tuple[str, MeshAxes], ...]:
+        """The learner's logical axis rules: the defaults with `rules` merged over them."""
+        return merged_rules(DEFAULT_RULES, self.rules)
+
+    @property
+    def sampler_rules(self) -> tuple[tuple[str, MeshAxes], ...]:
+        """The samplers' rules: `ROLLOUT_RULES` with `rollout_rules` merged over them."""
+        return merged_rules(ROLLOUT_RULES, self.rollout_rules)
 
     def shape(self, num_devices: int) -> tuple[int, int, int]:
         """The concrete (data, fsdp, tensor) sizes for `num_devices` devices."""
@@ -173,3 +203,8 @@ def to_host(tree: Any) -> Any:
         for i, x in zip(remote, gathered, strict=True):
             leaves[i] = x.addressable_data(0)
     return jax.tree.unflatten(treedef, [np.asarray(x) for x in jax.device_get(leaves)])
+
+
+def _axes(axes: Any) -> MeshAxes:
+    """A YAML value of a rule (a name, a list of names, null) as a hashable `MeshAxes`."""
+    return tuple(axes) if isinstance(axes, list) else axes

@@ -19,6 +19,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 LogicalAxes = tuple[str | None, ...]
 MeshAxes = str | tuple[str, ...] | None
+Rules = tuple[tuple[str, MeshAxes], ...]
+
+MESH_AXES = ("data", "fsdp", "tensor")
 
 # Weights are stored FSDP-sharded on their `embed` dimension and tensor-parallel on heads / mlp /
 # vocab; activations keep `act_embed` unsharded so that matmuls all-gather weights (FSDP) rather
@@ -43,6 +46,32 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("norm", None),
 )
 
+# The rollout's weights: tensor-parallel over heads / mlp / vocab as the learner's, but not
+# FSDP-sharded on `embed`: replicated over the batch axes, so a decode step gathers no weight
+# (an FSDP layout would all-gather every layer's weights for every decoded token).
+ROLLOUT_RULES: Rules = tuple((n, None if n == "embed" else a) for n, a in DEFAULT_RULES)
+
+
+def merged_rules(base: Sequence[tuple[str, MeshAxes]], overrides: Any) -> Rules:
+    """`base` with `overrides` (a mapping or pairs of ``name: axes``; axes a mesh axis, a list
+    of them, or None: replicated) merged over it; an unknown logical name or mesh axis is a
+    ValueError naming it."""
+    table = dict(base)
+    pairs = overrides.items() if isinstance(overrides, dict) else overrides
+    for name, axes in pairs:
+        if name not in table:
+            raise ValueError(f"unknown logical axis {name!r}; known: {', '.join(sorted(table))}")
+        names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        bad = [a for a in names if a not in MESH_AXES]
+        if bad:
+            raise ValueError(
+                f"logical axis {name!r}: unknown mesh axis {bad[0]!r}; mesh axes: "
+                f"{', '.join(MESH_AXES)}"
+            )
+        table[name] = None if not names else (names[0] if len(names) == 1 else names)
+    return tuple(table.items())
+
+
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, dict[str, MeshAxes]] | None] = contextvars.ContextVar(
     "rlver_axis_rules", default=None
 )
@@ -56,11 +85,6 @@ def axis_rules(mesh: Mesh, rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES
         yield
     finally:
         _ACTIVE.reset(token)
-
-
-def active_mesh() -> Mesh | None:
-    state = _ACTIVE.get()
-    return None if state is None else state[0]
 
 
 def _mesh_size(mesh: Mesh, axes: MeshAxes) -> int:

@@ -53,7 +53,13 @@ from rlver_jax.metrics import PhaseTimer
 from rlver_jax.models import value_head
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.transformer import param_logical_axes, param_shapes
-from rlver_jax.parallel.rules import axis_rules, named_sharding, tree_shardings
+from rlver_jax.parallel.rules import (
+    DEFAULT_RULES,
+    Rules,
+    axis_rules,
+    named_sharding,
+    tree_shardings,
+)
 from rlver_jax.rl import advantages as adv_lib
 from rlver_jax.rl import packing as packing_lib
 from rlver_jax.rl.losses import LossTerm
@@ -78,7 +84,7 @@ Params = Any
 Metrics = dict[str, Array]
 _BT = ("batch", "seq")
 __all__ = ["Learner", "LearnerBatch", "LearnerConfig", "LearnerConfigError", "OldOutputs"]
-__all__ += ["TrainState", "init_train_state"]
+__all__ += ["TrainState"]
 
 
 class Learner:
@@ -90,12 +96,14 @@ class Learner:
         config: LearnerConfig,
         mesh: Mesh | None = None,
         compiler_options: dict[str, Any] | None = None,
+        rules: Rules = DEFAULT_RULES,
     ) -> None:
         """``compiler_options``: XLA options for every jit (e.g. tests pass
-        ``{"xla_backend_optimization_level": 0}`` for fast CPU compiles)."""
+        ``{"xla_backend_optimization_level": 0}`` for fast CPU compiles); ``rules``: the
+        logical axis rules of the state and batches (`mesh.rules`)."""
         # the attention of every training program, resolved once (kernels.select)
         self.mcfg = resolve_attention(model_config, "train", mesh)
-        self.cfg, self.mesh = config, mesh
+        self.cfg, self.mesh, self.rules = config, mesh, tuple(rules)
         self.actor_opt, self.critic_opt = config.optimizers()
         self._fns: dict[tuple[Any, ...], Callable[..., Any]] = {}
         self._copts = compiler_options
@@ -122,7 +130,7 @@ class Learner:
             def traced(*a: Any) -> Any:
                 if mesh is None:
                     return fn(*a)
-                with axis_rules(mesh):
+                with axis_rules(mesh, self.rules):
                     return fn(*a)
 
             kw: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
@@ -135,7 +143,7 @@ class Learner:
 
     def _tok(self, n: int, t: int) -> NamedSharding | None:
         """``[N, T]`` arrays: batch-sharded rows (a prefix for OldOutputs / LearnerBatch)."""
-        return None if self.mesh is None else named_sharding(_BT, (n, t), self.mesh)
+        return None if self.mesh is None else named_sharding(_BT, (n, t), self.mesh, self.rules)
 
     def _replicated(self) -> NamedSharding | None:
         return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
@@ -147,11 +155,13 @@ class Learner:
             return None
         mesh, cfg, rep = self.mesh, self.cfg, self._replicated()
         p_shapes = param_shapes(self.mcfg)
-        p_sh = tree_shardings(param_logical_axes(self.mcfg), p_shapes, mesh)
+        p_sh = tree_shardings(param_logical_axes(self.mcfg), p_shapes, mesh, self.rules)
         critic_sh = copt_sh = None
         if cfg.uses_critic:
             c_shapes = value_head.value_param_shapes(self.mcfg)
-            critic_sh = tree_shardings(value_head.value_logical_axes(self.mcfg), c_shapes, mesh)
+            critic_sh = tree_shardings(
+                value_head.value_logical_axes(self.mcfg), c_shapes, mesh, self.rules
+            )
             copt_sh = opt_state_shardings(self.critic_opt, c_shapes, critic_sh, rep)
         popt_sh = opt_state_shardings(self.actor_opt, p_shapes, p_sh, rep)
         ref_sh = p_sh if cfg.uses_reference else None
@@ -163,7 +173,10 @@ class Learner:
             return None
         mesh = self.mesh
         return jax.tree.map(
-            lambda x: named_sharding(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh), tree
+            lambda x: named_sharding(
+                ("batch",) + (None,) * (x.ndim - 1), x.shape, mesh, self.rules
+            ),
+            tree,
         )
 
     # ------------------------------------------------------------------ state
@@ -483,14 +496,3 @@ class Learner:
         if timings is not None:
             timings.update(timer.totals)
         return state, metrics
-
-
-def init_train_state(
-    policy_params: Params,
-    config_model: ModelConfig,
-    learner_cfg: LearnerConfig,
-    key: Array,
-    mesh: Mesh | None = None,
-) -> TrainState:
-    """``Learner(config_model, learner_cfg, mesh).init_state(policy_params, key)``."""
-    return Learner(config_model, learner_cfg, mesh).init_state(policy_params, key)

@@ -38,9 +38,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from rlver_jax.buckets import round_up, smallest_bucket
 from rlver_jax.kernels.gpu.decode import Blocks
 from rlver_jax.kernels.select import DecodePlan, resolve_attention, resolve_decode
 from rlver_jax.models import transformer as tfm
@@ -52,7 +54,7 @@ from rlver_jax.models.transformer import Params
 from rlver_jax.parallel import mesh as mesh_lib
 from rlver_jax.parallel.compiler_options import large_gemm_options, platform_of
 from rlver_jax.parallel.rules import (
-    DEFAULT_RULES,
+    ROLLOUT_RULES,
     MeshAxes,
     axis_rules,
     named_sharding,
@@ -91,13 +93,6 @@ class SampleOutput:
     def sequences(self) -> list[list[int]]:
         """Each row's tokens up to its length, as Python lists."""
         return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths, strict=True)]
-
-
-def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
-    for b in sorted(buckets):
-        if n <= b:
-            return b
-    raise ValueError(f"{what} {n} exceeds the largest bucket {max(buckets)}; add a bucket")
 
 
 @functools.lru_cache(maxsize=32)
@@ -184,15 +179,17 @@ class Sampler:
     """Bucketed, sharded sampler for one model shape; params are passed at every call.
 
     Params per call keep the weights out of the compiled programs (an RL trainer swaps them
-    every step). With a `mesh`, place params with `shard_params` (the jits declare explicit
-    in/out shardings from the logical axis rules); prompts are split over the batch axes and
-    the programs are traced under `rules.axis_rules(mesh)`.
+    every step). With a `mesh`, give it params in its layout: `rollout_params` from the
+    learner's, `shard_params` from the host. Its `rules` default to `ROLLOUT_RULES` (weights
+    tensor-parallel, not FSDP-sharded, while decoding); the jits declare explicit in/out
+    shardings from them, prompts are split over the batch axes and the programs are traced
+    under `rules.axis_rules(mesh)`.
     """
 
     def __init__(
         self, config: ModelConfig, *, mesh: Mesh | None = None, pad_id: int = 0,
         stop_token_ids: Sequence[int] = (), sampler_config: SamplerConfig | None = None,
-        rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES, seed: int = 0,
+        rules: Sequence[tuple[str, MeshAxes]] = ROLLOUT_RULES, seed: int = 0,
         time_phases: bool = False,
     ) -> None:  # fmt: skip
         self.config = config
@@ -210,6 +207,7 @@ class Sampler:
         self.last_timings: dict[str, float] = {}
         self._calls = 0
         self._per_layer: tuple[list[Any], Params] | None = None  # (params' leaves, weights)
+        self._reshard: Any = None  # the jitted `rollout_params` copy, made on first use
 
     @property
     def num_devices(self) -> int:
@@ -234,6 +232,62 @@ class Sampler:
             weights = make(params)
             cached = self._per_layer = (leaves, {**weights, "embed": params["embed"]})
         return cached[1]
+
+    def rollout_params(self, params: Params) -> Params:
+        """The sampling weights of (learner) `params`: in the compute dtype (`model.dtype`) and
+        laid out by the sampler's rules (`mesh.rollout_rules`: tensor-parallel, not FSDP), by
+        one jitted copy. `params` themselves where they already are both (one device, float32
+        weights, a matching layout): no copy. Made once per rollout; the caller drops it when
+        the rollout ends, so the learner's layout stays the only resident copy."""
+        dtype = jnp.dtype(self.config.dtype)
+        targets = None
+        if self.mesh is not None:
+            targets = param_shardings(self.config, self.mesh, self.rules)
+        leaves = jax.tree.leaves(params)
+        layouts = [None] * len(leaves) if targets is None else jax.tree.leaves(targets)
+        if all(_in_layout(x, sh, dtype) for x, sh in zip(leaves, layouts, strict=True)):
+            return params
+        if self._reshard is None:
+            self._reshard = jax.jit(
+                lambda p: jax.tree.map(lambda x: x.astype(dtype), p), out_shardings=targets
+            )
+        return self._reshard(params)
+
+    def compile_programs(self, batch: int, prompt_len: int, new_tokens: int) -> dict[str, Any]:
+        """The prefill and decode programs of the buckets of (batch, prompt_len, new_tokens),
+        lowered and compiled from abstract inputs (nothing is materialised): XLA's memory and
+        its collectives at real shapes (`rlver-jax plan --compile`, tests)."""
+        sc = self.sampler_config
+        P = smallest_bucket(prompt_len, sc.prompt_buckets, "prompt length")
+        N = smallest_bucket(new_tokens, sc.new_token_buckets, "max_new_tokens")
+        B = smallest_bucket(batch, sc.batch_buckets, "batch size")
+        if self.mesh is not None:
+            dp = mesh_lib.batch_axis_size(self.mesh, self.rules)
+            B = round_up(B, dp)
+        plan = self.decode
+        pre, dec, _ = _jitted(
+            self.config, self.prefill_config, self.mesh, self.rules, sc.top_k_pool, self.pad_id,
+            plan.unrolled, plan.ops, plan.fused_blocks(B), B, P, N,
+        )  # fmt: skip
+        S, f32, i32 = jax.ShapeDtypeStruct, jnp.float32, jnp.int32
+        params = jax.tree.map(
+            lambda s: S(s.shape, jnp.dtype(self.config.dtype)), tfm.param_shapes(self.config)
+        )
+        row = S((B,), f32)
+        settings = Settings(row, row, S((B,), i32), S((MAX_STOP_IDS,), i32), S((), i32))
+        args = (S((B, P), i32), S((B, P), jnp.bool_), S((0,), i32), S((B,), jnp.bool_), settings,
+                S((), i32))  # fmt: skip
+        dec_params = params
+        if plan.unrolled:
+            make = _decode_weights_jit(self.config, self.mesh, self.rules, plan.ops)
+            dec_params = {**jax.eval_shape(make, params), "embed": params["embed"]}
+        ctx = contextlib.nullcontext() if self.mesh is None else axis_rules(self.mesh, self.rules)
+        with ctx:
+            state = jax.eval_shape(pre, params, *args)
+            return {
+                "prefill": pre.lower(params, *args).compile(),
+                "decode": dec.lower(dec_params, state).compile(),
+            }
 
     def shard_params(self, params: Params) -> Params:
         """Place `params` as the sampler's jits expect (a no-op without a mesh)."""
@@ -260,12 +314,12 @@ class Sampler:
         if max_new_tokens <= F:
             raise ValueError(f"max_new_tokens ({max_new_tokens}) must exceed the prefix ({F})")
         sc = self.sampler_config
-        P = _bucket(max(lens), sc.prompt_buckets, "prompt length")
-        N = _bucket(max_new_tokens, sc.new_token_buckets, "max_new_tokens")
-        B = _bucket(n, sc.batch_buckets, "batch size")
+        P = smallest_bucket(max(lens), sc.prompt_buckets, "prompt length")
+        N = smallest_bucket(max_new_tokens, sc.new_token_buckets, "max_new_tokens")
+        B = smallest_bucket(n, sc.batch_buckets, "batch size")
         if self.mesh is not None:
             dp = mesh_lib.batch_axis_size(self.mesh, self.rules)
-            B = -(-B // dp) * dp
+            B = round_up(B, dp)
         prompt = np.full((B, P), self.pad_id, np.int32)
         mask = np.zeros((B, P), bool)
         for i, p in enumerate(prompts):
@@ -317,6 +371,16 @@ class Sampler:
             lengths=lengths[:n].astype(np.int32),
             stop_reason=reason.astype(np.int8),
         )
+
+
+def _in_layout(x: Any, sharding: Any, dtype: Any) -> bool:
+    """Whether a leaf already has the rollout's dtype and (when given) sharding."""
+    if jnp.dtype(x.dtype) != dtype:
+        return False
+    if sharding is None:
+        return True
+    own = getattr(x, "sharding", None)
+    return own is not None and own.is_equivalent_to(sharding, x.ndim)
 
 
 def _per_row(value: Any, n: int, B: int, dtype: Any, fill: Any, name: str) -> np.ndarray:
