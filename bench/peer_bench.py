@@ -33,14 +33,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
-from rlver_jax.bench.common import format_row, header, load_average, machine_line
+from rlver_jax.bench.common import finish, format_row, header, machine_line
 
 COLUMNS = (
     ("tool", "{}"), ("dtype", "{}"), ("rows", "{}"), ("compile_s", "{:.1f}"),
@@ -364,10 +363,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         f"{up['train_tok_s']:.2f}x, train step alone {up['trainstep_tok']:.2f}x "
         "(> 1: rlver_jax faster)"
     )
-    print("load average now {:.1f} / {:.1f} / {:.1f}".format(*load_average()))
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump({"shape": dataclasses.asdict(shape), "rows": rows}, f, indent=1)
+    finish(args.json_path, {"shape": dataclasses.asdict(shape), "rows": rows})
     return rows
 
 

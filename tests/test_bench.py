@@ -21,7 +21,6 @@ from rlver_jax.bench import (
     thunk_profile,
     train_bench,
 )
-from rlver_jax.bench.common import parse_table
 from rlver_jax.cli import main as cli
 
 # The tunix side-by-side is a script outside the installed package.
@@ -51,6 +50,23 @@ TINY_ROLLOUT = [
     "trainer.fast_compile=true",
     "trainer.async_checkpoint=false",
 ]
+
+
+def parse_table(text: str) -> list[dict[str, str]]:
+    """Read back the rows of every table printed by `bench.common.header` / `format_row`
+    (lines with `" | "` cells; a header line starts a table)."""
+    rows: list[dict[str, str]] = []
+    names: list[str] | None = None
+    for line in text.splitlines():
+        if " | " not in line:
+            names = None
+            continue
+        cells = [c.strip() for c in line.split(" | ")]
+        if names is None or len(cells) != len(names):
+            names = cells
+            continue
+        rows.append(dict(zip(names, cells, strict=True)))
+    return rows
 
 
 def test_flops_formula_counts_every_matmul_weight() -> None:

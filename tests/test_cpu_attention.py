@@ -18,11 +18,11 @@ from rlver_jax.kernels.cpu import build as cpu_kernels
 from rlver_jax.kernels.cpu.decode_ops import KERNEL_OPS, XLA_CPU_OPS
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.decode_step import decode_step, decode_weights, one_query_attention
-from rlver_jax.models.kv_cache import as_bits, cache_values, init_cache, unstack_cache
+from rlver_jax.models.kv_cache import as_bits, cache_values, init_cache
 from rlver_jax.models.transformer import forward, param_shapes
 from rlver_jax.parallel import MeshConfig, make_mesh
 from rlver_jax.sampling.sampler import Sampler
-from tests.test_sampling import BUCKETS, CONFIG, PAD, PROMPTS, _params
+from tests.helpers import BUCKETS, CONFIG, PAD, PROMPTS, random_params, unstack_cache
 
 needs_compiler = pytest.mark.skipif(
     shutil.which("g++") is None, reason="no C++ compiler: the sampler keeps XLA's attention"
@@ -161,7 +161,7 @@ def test_bf16_cache_held_as_bits_decodes_the_same() -> None:
     integer slots in place) gives the same logits and cache as the bf16 cache, with XLA's
     attention and with the kernel."""
     config = dataclasses.replace(CONFIG, dtype="bfloat16", param_dtype="bfloat16")
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), _params())
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), random_params(CONFIG, std=0.5))
     B, P = 2, 5
     tokens = jnp.asarray(np.random.default_rng(0).integers(1, config.vocab_size, (B, P + 2)))
     pos = jnp.broadcast_to(jnp.arange(P + 2), (B, P + 2))

@@ -17,7 +17,7 @@ from rlver_jax.models.attention import attention
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.transformer import attention_mask
 from rlver_jax.sampling import sampler as sampling
-from tests.test_sampling import BUCKETS, CONFIG, PAD, _params
+from tests.helpers import BUCKETS, CONFIG, PAD, random_params
 
 pytestmark = pytest.mark.skipif(
     shutil.which("g++") is None, reason="no C++ compiler: the prefill keeps XLA's attention"
@@ -115,5 +115,5 @@ def test_sampler_prefill_runs_the_kernel_when_its_option_is_on(kernel: bool) -> 
     )  # fmt: skip
     args = (S((B, P), jnp.int32), S((B, P), jnp.bool_), S((0,), jnp.int32), S((B,), jnp.bool_),
             settings, S((), jnp.int32))  # fmt: skip
-    hlo = pre.lower(jax.eval_shape(_params), *args).as_text()
+    hlo = pre.lower(jax.eval_shape(lambda: random_params(CONFIG, std=0.5)), *args).as_text()
     assert ("rlver_causal_attention_f32" in hlo) == kernel

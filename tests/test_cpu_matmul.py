@@ -15,13 +15,12 @@ from rlver_jax.kernels.cpu import build as cpu_kernels
 from rlver_jax.kernels.cpu import matmul as cpu_matmul
 from rlver_jax.kernels.cpu.decode_ops import PACKED_KERNEL_OPS, XLA_CPU_OPS
 from rlver_jax.kernels.cpu.matmul import packable_config
-from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.decode_step import decode_step, decode_weights
-from rlver_jax.models.kv_cache import init_cache, unstack_cache
-from rlver_jax.models.transformer import forward, param_shapes
+from rlver_jax.models.kv_cache import init_cache
+from rlver_jax.models.transformer import forward
 from rlver_jax.parallel import MeshConfig, make_mesh
 from rlver_jax.sampling.sampler import Sampler
-from tests.test_sampling import BUCKETS, CONFIG
+from tests.helpers import BUCKETS, CONFIG, random_params, unstack_cache
 
 needs_compiler = pytest.mark.skipif(
     shutil.which("g++") is None, reason="no C++ compiler: the sampler keeps XLA's projections"
@@ -73,15 +72,6 @@ def test_project_equals_numpy(dtype: str, F: int, D: int, B: int) -> None:
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-6 * D)
     again = jax.jit(cpu_matmul.project)(cpu_matmul.pack(w), x)
     np.testing.assert_array_equal(np.asarray(again), np.asarray(got))  # a fixed order per output
-
-
-def random_params(config: ModelConfig, seed: int = 0) -> dict:
-    """Random weights of `config`'s shape, N(0, 0.3), in its param dtype."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape), config.param_dtype),
-        param_shapes(config),
-    )
 
 
 @needs_compiler

@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 import pytest
 
@@ -25,52 +24,7 @@ from rlver_jax.env import dynamics
 from rlver_jax.eval.sentient import read_jsonl, sentient_scores, summarize, write_eval
 from rlver_jax.eval.stats import emotion_matrix
 from rlver_jax.run_config import check_training_lengths, load_run_config
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-TINY_CONFIG = """\
-name: tiny_eval
-seed: 0
-output_dir: {out}
-model: {{source: random, family: qwen2, hidden_size: 32, intermediate_size: 64, num_layers: 1,
-        num_heads: 2, num_kv_heads: 1, head_dim: 16}}
-mesh: {{data: 1, fsdp: -1, tensor: 1}}
-scaffold: {{mode: think, language: en, format_break_reward: null}}
-user: {{kind: reference, reference: {{language: en, max_reply_tokens: 8}}}}
-dynamics: {{max_turns_train: 1, max_turns_eval: 2}}
-data: {{profile_set: en}}
-rollout: {{profiles_per_batch: 2, samples_per_profile: 1, max_reply_tokens: 8,
-          max_prompt_tokens: 1016, temperature: 1.0, seq_len_buckets: [512, 1024]}}
-learner: {{algorithm: ppo, actor_lr: 1.0e-3, critic_lr: 3.0e-3, actor_warmup_ratio: 0.0,
-          critic_warmup_ratio: 0.0, total_steps: 2, mini_batch_size: 2, micro_batch_size: 2,
-          seq_buckets: [512, 1024]}}
-trainer: {{steps: 2, checkpoint_every: 1, async_checkpoint: false, tensorboard: false,
-          progress_bar: false, fast_compile: true}}
-"""
-
-
-def write_tiny_config(path: Path, out: Path) -> Path:
-    """A test-local tiny RunConfig YAML (1-layer random model, 2 eval turns) at `path`."""
-    path.write_text(TINY_CONFIG.format(out=out), encoding="utf-8")
-    return path
-
-
-def write_checkpoint(run_dir: Path, config: Path | Any, step: int = 3, shift: float = 0.0) -> Any:
-    """A checkpoint in the trainer's layout (`run_dir/checkpoints/<step>`: the whole TrainState
-    plus the JSON extra with the run config); the policy is the config's random init + `shift`.
-    Returns the policy params."""
-    from rlver_jax.model_io.loader import load_model
-    from rlver_jax.rl.checkpoint import Checkpointer, checkpoint_extra
-    from rlver_jax.rl.learner import init_train_state
-    from rlver_jax.run_config import run_config_dict
-
-    cfg = load_run_config(config) if isinstance(config, Path) else config
-    params, mcfg, _ = load_model(cfg.model)
-    params = jax.tree.map(lambda x: x + shift, params)
-    state = init_train_state(params, mcfg, cfg.learner, jax.random.key_data(jax.random.key(0)))
-    with Checkpointer(run_dir / "checkpoints", save_every=1, keep=2, async_save=False) as ckpt:
-        ckpt.save(step, state, checkpoint_extra(seed=0, config=run_config_dict(cfg)))
-    return params
+from tests.helpers import PNG_MAGIC, write_checkpoint, write_tiny_config
 
 
 def synthetic(finals_and_paths: list[list[int]], reasons: list[str] | None = None) -> list[dict]:

@@ -32,7 +32,7 @@ from rlver_jax.eval.sentient import read_jsonl
 from rlver_jax.eval.stats import bootstrap_diff_ci
 from rlver_jax.metrics import read_metrics
 from rlver_jax.run_config import RunConfig, load_run_config
-from tests.test_eval import PNG_MAGIC, write_checkpoint, write_tiny_config
+from tests.helpers import PNG_MAGIC, write_checkpoint, write_tiny_config
 
 REPORT_FILES = (
     "README.md", "reward_curves.png", "capability_radar.png", "sentient_scores.md",

@@ -24,7 +24,7 @@ from rlver_jax.model_io.weight_map import WeightError
 from rlver_jax.models.config import ModelConfig, ModelConfigError
 from rlver_jax.models.kv_cache import init_cache
 from rlver_jax.models.transformer import forward, positions_from_mask
-from tests.hf_reference import tiny_torch_model, torch_logits
+from tests.helpers import tiny_torch_model, torch_logits
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -72,7 +72,7 @@ def write_tiny_gguf(model, tok: Tokenizer, path: Path, arch: str = "llama", skip
     w.add_token_list(tokens)
     w.add_token_types([3 if t in added else 1 for t in tokens])
     w.add_token_merges(_merges(tok))
-    w.add_eos_token_id(tok.eos_id)
+    w.add_eos_token_id(tok.hf.eos_token_id)
     w.add_pad_token_id(tok.pad_id)
     w.add_chat_template(tok.chat_template)
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -264,7 +264,7 @@ def test_smollm2_tokenizer(smol, smol_hf_dir: Path) -> None:
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
     ids = tok.encode_chat(FRANCE)
     assert ids[0] == 1 and ids[-4:] == tok.encode("<|im_start|>assistant\n")
-    assert set(tok.stop_token_ids) == {0, 2} and tok.pad_id == 2 and tok.eos_id == 2
+    assert set(tok.stop_token_ids) == {0, 2} and tok.pad_id == 2 and tok.hf.eos_token_id == 2
     saved = Tokenizer.from_hf_dir(smol_hf_dir)
     for sample in ["Hello, world! I feel 100% better today.", "你好，今天怎么样？", " x  y\n"]:
         assert tok.decode(tok.encode(sample)) == sample

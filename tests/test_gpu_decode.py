@@ -18,12 +18,11 @@ from rlver_jax.kernels import select
 from rlver_jax.kernels.gpu import decode as gpu_decode
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.decode_step import decode_step, decode_weights
-from rlver_jax.models.kv_cache import as_bits, cache_values, init_cache, unstack_cache
+from rlver_jax.models.kv_cache import as_bits, cache_values, init_cache
 from rlver_jax.models.transformer import forward, param_shapes
 from rlver_jax.parallel import MeshConfig, make_mesh
 from rlver_jax.sampling.sampler import Sampler, SamplerConfig
-from tests.test_cpu_matmul import random_params
-from tests.test_sampling import BUCKETS, PROMPTS
+from tests.helpers import BUCKETS, PROMPTS, random_params, unstack_cache
 
 # Widths that are not powers of two (hidden 96 = 64 + 32, MLP 160 = 128 + 32) and 3 query heads
 # per kv head, as SmolLM2 has (576, 1536, 3): the kernels' pieces and padded head groups.

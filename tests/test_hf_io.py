@@ -25,7 +25,7 @@ from rlver_jax.models.transformer import (
     positions_from_mask,
 )
 from rlver_jax.parallel.rules import axis_rules, tree_shardings
-from tests.hf_reference import tiny_torch_model, torch_logits
+from tests.helpers import tiny_torch_model, torch_logits
 
 FAMILIES = ["llama", "qwen2", "qwen3"]
 RNG = np.random.default_rng(7)

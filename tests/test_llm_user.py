@@ -319,7 +319,7 @@ class SpySampler:
 
     def __call__(self, params: Any, prompts: Any, **kwargs: Any) -> SampleOutput:
         self.calls.append((params, [list(p) for p in prompts], kwargs))
-        rows = [[*self.tok.encode(t), self.tok.eos_id] for t in self.texts[: len(prompts)]]
+        rows = [[*self.tok.encode(t), self.tok.hf.eos_token_id] for t in self.texts[: len(prompts)]]
         N = max(len(r) for r in rows)
         tokens = np.zeros((len(rows), N), np.int32)
         for i, r in enumerate(rows):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -14,16 +15,13 @@ from rlver_jax.rl.losses import (
     LossTerm,
     aggregate,
     apply_kl_reward_penalty,
-    combine_terms,
-    entropy_bonus,
-    entropy_from_logits,
     grpo_policy_loss,
-    kl_loss,
     kl_penalty,
+    logprobs_and_entropy,
     ppo_policy_loss,
-    token_logprobs,
     value_loss,
 )
+from rlver_jax.rl.optim import accumulate_gradients
 
 PATTERN = [0, 0, 1, 1, 1, 0, 0, 1, 1, 0, 0]
 B, T, V = 6, 11, 7
@@ -119,9 +117,17 @@ def test_aggregate_and_microbatch_combination(batch, mode):
             aggregate(xs, ms, mode)
             for xs, ms in zip(np.split(x, splits), np.split(mask, splits), strict=True)
         ]
-        combined = combine_terms(parts)
+        combined = functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), parts)
         np.testing.assert_allclose(combined.value(), full.value(), rtol=1e-5)
         np.testing.assert_allclose(combined.count, full.count)
+    # the learner's sum over micro-batches (accumulate_gradients adds their LossTerms so)
+    micro = (x.reshape(3, 2, T), mask.reshape(3, 2, T))
+    objective = lambda w, mb, count: (aggregate(w * mb[0], mb[1], mode).total / count,
+                                      aggregate(w * mb[0], mb[1], mode))  # fmt: skip
+    _, loss, summed = accumulate_gradients(objective, jnp.float32(1.0), micro, full.count)
+    np.testing.assert_allclose(summed.value(), full.value(), rtol=1e-5)
+    np.testing.assert_allclose(summed.count, full.count)
+    np.testing.assert_allclose(loss, full.total / full.count, rtol=1e-5)
 
 
 def test_aggregate_seq_mean_counts_nonempty(batch):
@@ -139,8 +145,8 @@ def test_lossterm_is_pytree():
     assert len(leaves) == 2
     doubled = jax.tree_util.tree_map(lambda a: 2 * a, t)
     assert float(doubled.value()) == 1.5
-    assert float(jax.jit(lambda s: s.combine(s).value())(t)) == 1.5
-    assert float(t.scale(2.0).value()) == 3.0
+    assert float(jax.jit(lambda s: jax.tree.map(jnp.add, s, s).value())(t)) == 1.5
+    assert float(LossTerm(2.0 * t.total, t.count).value()) == 3.0  # a loss coefficient
 
 
 # ----------------------------------------------------------------------------- PPO / GRPO
@@ -235,21 +241,23 @@ def test_value_loss_matches_numpy(batch, clip):
 
 
 def test_entropy_and_logprobs_match_numpy(batch):
+    """`logprobs_and_entropy` (what `model_outputs.policy_outputs` returns per token) and the
+    actor's entropy term, `aggregate(entropy, mask, loss_agg)`."""
     mask = batch[0]
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(B, T, V)) * 3
     logits[0, 0, 0] = 80.0  # near-deterministic, still stable
-    ent = entropy_from_logits(logits)
+    targets = rng.integers(0, V, size=(B, T))
+    ent = logprobs_and_entropy(logits, targets)[1]
     np.testing.assert_allclose(ent, np_entropy(logits), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(
-        entropy_bonus(ent, mask).value(),
+        aggregate(ent, mask, "token-mean").value(),
         np_aggregate(np_entropy(logits), mask, "token-mean"),
         rtol=1e-4,
     )
-    big = entropy_from_logits(jnp.array([[1e4, -1e4, 0.0]], jnp.bfloat16))
+    big = logprobs_and_entropy(jnp.array([[1e4, -1e4, 0.0]], jnp.bfloat16), jnp.array([0]))[1]
     assert np.all(np.isfinite(np.asarray(big)))
-    targets = rng.integers(0, V, size=(B, T))
-    lp = token_logprobs(jnp.asarray(logits, jnp.bfloat16), targets)
+    lp = logprobs_and_entropy(jnp.asarray(logits, jnp.bfloat16), targets)[0]
     assert lp.dtype == jnp.float32
     ref = np.zeros((B, T))
     lb = np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32), np.float64)
@@ -258,7 +266,7 @@ def test_entropy_and_logprobs_match_numpy(batch):
             z = lb[b, t]
             ref[b, t] = z[targets[b, t]] - (z.max() + math.log(np.exp(z - z.max()).sum()))
     np.testing.assert_allclose(lp, ref, rtol=1e-5, atol=1e-5)
-    g = jax.grad(lambda z: jnp.sum(token_logprobs(z, targets) + entropy_from_logits(z)))(
+    g = jax.grad(lambda z: jnp.sum(sum(logprobs_and_entropy(z, targets))))(
         jnp.asarray(logits, jnp.float32)
     )
     assert np.all(np.isfinite(np.asarray(g)))
@@ -274,11 +282,12 @@ def test_kl_penalty_matches_numpy(batch, kind):
     logp[4, 0] = ref[4, 0] - 30.0  # exercises the k3 clamp
     kl = kl_penalty(logp, ref, kind)
     np.testing.assert_allclose(kl, np_kl(logp, ref, kind), rtol=1e-5, atol=1e-6)
-    term = kl_loss(logp, ref, mask, kind)
+    # the actor's KL term (objectives.actor_objective): aggregate(kl_penalty(...), mask, agg)
+    kl_term = lambda x: aggregate(kl_penalty(x, ref, kind), mask, "token-mean")
     np.testing.assert_allclose(
-        term.value(), np_aggregate(np_kl(logp, ref, kind), mask, "token-mean"), rtol=1e-5
+        kl_term(logp).value(), np_aggregate(np_kl(logp, ref, kind), mask, "token-mean"), rtol=1e-5
     )
-    g = jax.grad(lambda x: kl_loss(x, ref, mask, kind).value())(jnp.asarray(logp, jnp.float32))
+    g = jax.grad(lambda x: kl_term(x).value())(jnp.asarray(logp, jnp.float32))
     assert np.all(np.isfinite(np.asarray(g)))
     if kind == "k3":
         assert np.all(np.asarray(kl) >= -1e-6)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from rlver_jax.env.intentions import INTENTIONS
+from rlver_jax.env.intentions import INTENTIONS, PERSONALITIES
 from rlver_jax.env.profile_dataset import (
     custom_profile_config,
     prepare_profiles,
@@ -20,8 +21,6 @@ from rlver_jax.env.profiles import (
     Profile,
     ProfileError,
     builtin_profile_path,
-    count_by_intention,
-    count_by_personality,
     load_builtin_profiles,
     load_profiles,
 )
@@ -42,6 +41,12 @@ def _record(i: int, **overrides: Any) -> dict[str, Any]:
     return {k: v for k, v in rec.items() if v is not _DROP}
 
 
+def _counts(field: str, keys: tuple[str, ...], profiles: Any) -> dict[str, int]:
+    """Profiles per value of `field`, every key of `keys` present (zeros included), in order."""
+    counts = collections.Counter(getattr(p, field) for p in profiles)
+    return {k: counts.get(k, 0) for k in keys}
+
+
 def _write(path: Path, lines: list[Any]) -> Path:
     text = "".join(
         (x if isinstance(x, str) else json.dumps(x, ensure_ascii=False)) + "\n" for x in lines
@@ -56,7 +61,7 @@ def _write(path: Path, lines: list[Any]) -> Path:
 def test_rlver_train_profiles() -> None:
     train = load_builtin_profiles("rlver", "train")
     assert len(train) == 500
-    assert count_by_intention(train) == {
+    assert _counts("intention", INTENTIONS, train) == {
         "validation": 66,
         "reflection": 66,
         "analysis": 66,
@@ -66,7 +71,11 @@ def test_rlver_train_profiles() -> None:
         "solutions": 58,
         "praise": 57,
     }
-    assert count_by_personality(train) == {"negative": 183, "passive": 174, "avoidant": 143}
+    assert _counts("personality", PERSONALITIES, train) == {
+        "negative": 183,
+        "passive": 174,
+        "avoidant": 143,
+    }
     assert all(p.first_talk is None and p.language == "zh" and len(p.traits) == 3 for p in train)
     # Spec §1.1 example: record 0 is 王丽娜, passive, wants helpful advice.
     assert "王丽娜" in train[0].persona
@@ -78,8 +87,12 @@ def test_rlver_test_profiles() -> None:
     train_ids = {p.id for p in load_builtin_profiles("rlver", "train")}
     assert len(test) == 100
     assert all(p.first_talk for p in test)
-    assert count_by_personality(test) == {"negative": 41, "passive": 34, "avoidant": 25}
-    assert sum(count_by_intention(test).values()) == 100
+    assert _counts("personality", PERSONALITIES, test) == {
+        "negative": 41,
+        "passive": 34,
+        "avoidant": 25,
+    }
+    assert sum(_counts("intention", INTENTIONS, test).values()) == 100
     assert not train_ids & {p.id for p in test}
     assert "王小云" in test[0].persona
     assert (test[0].personality, test[0].intention) == ("negative", "insight_into_others")

@@ -10,32 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlver_jax.models.config import ModelConfig
-from rlver_jax.models.transformer import forward, param_shapes, positions_from_mask
+from rlver_jax.models.transformer import forward, positions_from_mask
 from rlver_jax.parallel import MeshConfig, count_compiles, make_mesh
-from rlver_jax.sampling.sampler import Sampler, SamplerConfig, StopReason
+from rlver_jax.sampling.sampler import Sampler, StopReason
 from rlver_jax.sampling.tokens import Settings, filter_logits, sample_tokens, top_p_bisect
+from tests.helpers import BUCKETS, CONFIG, PAD, PROMPTS, random_params
 
-CONFIG = ModelConfig(
-    family="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
-    num_heads=4, num_kv_heads=2, head_dim=16,
-)  # fmt: skip
-BUCKETS = SamplerConfig(prompt_buckets=(16,), batch_buckets=(4, 8), new_token_buckets=(16,))
-PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15, 16]]
-PAD = 0
-
-
-def _params(seed: int = 0, std: float = 0.5) -> dict:
-    """Numpy weights (eager init_params would compile dozens of tiny ops)."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda s: rng.normal(0.0, std, s.shape).astype(np.float32), param_shapes(CONFIG)
-    )
+STD = 0.5  # of the random params
 
 
 @pytest.fixture(scope="module")
 def params() -> dict:
-    return _params()
+    return random_params(CONFIG, std=STD)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +90,7 @@ def _check_against_the_uncached_forward(params: dict, out: Any, temperature: flo
 def test_per_layer_weights_follow_the_params(sampler: Sampler, params: dict) -> None:
     """The unrolled decode's per-layer weights are made once per params object and remade
     when other params arrive (an RL step's new weights must be the ones sampled from)."""
-    other = _params(seed=7)
+    other = random_params(CONFIG, std=STD, seed=7)
     a = sampler(params, PROMPTS, max_new_tokens=8, temperature=0.0)
     kept = sampler._per_layer
     assert kept is not None

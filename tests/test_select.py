@@ -12,7 +12,7 @@ from rlver_jax.kernels import select
 from rlver_jax.model_io.loader import ModelSpec
 from rlver_jax.run_config import load_run_config
 from rlver_jax.sampling.config import SamplerConfig
-from tests.test_sampling import CONFIG
+from tests.helpers import CONFIG
 
 TINY = ["model.source=random", "rollout.max_prompt_tokens=900"]
 

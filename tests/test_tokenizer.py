@@ -63,7 +63,7 @@ def test_tiny_special_tokens_and_chat() -> None:
     im_start, im_end, eot = vocab["<|im_start|>"], vocab["<|im_end|>"], vocab["<|endoftext|>"]
     assert tok.encode("<|im_start|>") == [im_start]
     assert set(tok.stop_token_ids) == {im_end, eot}
-    assert tok.eos_id == im_end and tok.pad_id == eot
+    assert tok.hf.eos_token_id == im_end and tok.pad_id == eot
     messages = [
         {"role": "system", "content": "Be kind."},
         {"role": "user", "content": "I feel lonely."},

@@ -18,7 +18,7 @@ from rlver_jax.models.decode_step import (
     decode_weights,
     one_query_attention,
 )
-from rlver_jax.models.kv_cache import init_cache, unstack_cache
+from rlver_jax.models.kv_cache import init_cache
 from rlver_jax.models.transformer import (
     apply_rope,
     attention_mask,
@@ -31,7 +31,7 @@ from rlver_jax.models.transformer import (
 )
 from rlver_jax.parallel import MeshConfig, make_mesh
 from rlver_jax.parallel.rules import named_sharding
-from tests.hf_reference import params_from_torch, tiny_torch_model, torch_logits
+from tests.helpers import params_from_torch, tiny_torch_model, torch_logits, unstack_cache
 
 FAMILIES = ["llama", "qwen2", "qwen3"]
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -47,6 +48,19 @@ def machine_line(title: str) -> str:
     return line
 
 
+def write_json(path: str | None, payload: Any) -> None:
+    """`payload` as indented JSON at `path` (a benchmark's `--json`), when a path is given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=1)
+
+
+def finish(json_path: str | None, payload: Any) -> None:
+    """A benchmark's last lines: the load average now, and its `--json` file."""
+    print("load average now {:.1f} / {:.1f} / {:.1f}".format(*load_average()))
+    write_json(json_path, payload)
+
+
 def header(columns: Columns) -> str:
     """The column names, right-aligned in cells of `CELL` characters."""
     return " | ".join(f"{name:>{CELL}}" for name, _ in columns)
@@ -59,23 +73,6 @@ def format_row(columns: Columns, row: dict[str, Any]) -> str:
         value = row.get(name)
         cells.append("-" if value is None else fmt.format(value))
     return " | ".join(f"{c:>{CELL}}" for c in cells)
-
-
-def parse_table(text: str) -> list[dict[str, str]]:
-    """Read back the rows of every table printed by :func:`header` / :func:`format_row`
-    (lines with `" | "` cells; a header line starts a table). Used by the tests."""
-    rows: list[dict[str, str]] = []
-    names: list[str] | None = None
-    for line in text.splitlines():
-        if " | " not in line:
-            names = None
-            continue
-        cells = [c.strip() for c in line.split(" | ")]
-        if names is None or len(cells) != len(names):
-            names = cells
-            continue
-        rows.append(dict(zip(names, cells, strict=True)))
-    return rows
 
 
 def matmul_peak(dtype: str, n: int = 2048, repeats: int = 5) -> float:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import tempfile
 import time
 from collections.abc import Iterator
@@ -41,7 +40,13 @@ from typing import Any
 
 import jax
 
-from rlver_jax.bench.common import format_row, header, load_average, machine_line, timed_update
+from rlver_jax.bench.common import (
+    finish,
+    format_row,
+    header,
+    machine_line,
+    timed_update,
+)
 from rlver_jax.bench.sample_bench import rss_peak_mb
 
 PHASES = ("sampling", "judging", "replies", "collate", "learner", "checkpoint", "other")
@@ -271,10 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"compiles: {s['first_compiles']} in the first step, {s['warm_compiles']} after "
         f"({verdict} the no-recompile target)"
     )
-    print("load average now {:.1f} / {:.1f} / {:.1f}".format(*load_average()))
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump({"argv": argv, "summary": s, "rows": rows}, f, indent=1)
+    finish(args.json_path, {"argv": argv, "summary": s, "rows": rows})
     return {"rows": rows, "summary": s}
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import resource
 import tempfile
@@ -43,7 +42,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from rlver_jax.bench.common import format_row, header
+from rlver_jax.bench.common import format_row, header, write_json
 from rlver_jax.bench.models import check_model, model_and_params
 from rlver_jax.bench.thunk_profile import profile_call
 from rlver_jax.kernels.select import ATTENTION_CHOICES, DECODE_CHOICES
@@ -390,10 +389,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(header(COLUMNS))
     for r in rows:
         print(format_row(COLUMNS, r))
-    if args.json_path:
-        meta = {"copy_bandwidth_bytes_s": bw, "prompt_len": args.prompt_len, "torch": device}
-        with open(args.json_path, "w") as f:
-            json.dump({"meta": meta | {"new_tokens": args.new_tokens}, "rows": rows}, f, indent=1)
+    meta = {"copy_bandwidth_bytes_s": bw, "prompt_len": args.prompt_len, "torch": device}
+    write_json(args.json_path, {"meta": meta | {"new_tokens": args.new_tokens}, "rows": rows})
     return rows
 
 

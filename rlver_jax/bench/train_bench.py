@@ -35,16 +35,15 @@ Our attention computes the full T x T score matrix (masked), hence T and not T /
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 import jax
 import numpy as np
 
 from rlver_jax.bench.common import (
+    finish,
     format_row,
     header,
-    load_average,
     machine_line,
     matmul_peak,
     timed_update,
@@ -212,10 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             f"{r['dtype']}: mfu {r['mfu']:.1%} {verdict} the {TARGET_MFU:.0%} target; "
             f"{r['recompiles']} compiles after the first step"
         )
-    print("load average now {:.1f} / {:.1f} / {:.1f}".format(*load_average()))
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump({"argv": argv, "peaks": peaks, "rows": rows}, f, indent=1)
+    finish(args.json_path, {"argv": argv, "peaks": peaks, "rows": rows})
     return rows
 
 

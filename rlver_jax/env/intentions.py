@@ -55,27 +55,27 @@ PERSONALITY_FROM_ZH: dict[str, str] = {
 }
 
 
-def intention_key(task: str) -> str:
-    """Canonical key of a profile's `task` field (a key already, or RLVER's Chinese text)."""
-    if task in INTENTIONS:
-        return task
+def _canonical(
+    value: str, keys: tuple[str, ...], from_zh: dict[str, str], what: str, zh: str
+) -> str:
+    """`value` if it is one of `keys`, else the key of its Chinese text in `from_zh`."""
+    if value in keys:
+        return value
     try:
-        return INTENTION_FROM_ZH[task.strip()]
+        return from_zh[value.strip()]
     except KeyError:
         raise ValueError(
-            f"unknown hidden intention {task!r}: expected one of {INTENTIONS} "
-            "or one of RLVER's eight Chinese task strings"
+            f"unknown {what} {value!r}: expected one of {keys} or one of {zh}"
         ) from None
+
+
+def intention_key(task: str) -> str:
+    """Canonical key of a profile's `task` field (a key already, or RLVER's Chinese text)."""
+    zh = "RLVER's eight Chinese task strings"
+    return _canonical(task, INTENTIONS, INTENTION_FROM_ZH, "hidden intention", zh)
 
 
 def personality_key(main_cha: str) -> str:
     """Canonical key of a profile's `main_cha` field (a key already, or RLVER's Chinese text)."""
-    if main_cha in PERSONALITIES:
-        return main_cha
-    try:
-        return PERSONALITY_FROM_ZH[main_cha.strip()]
-    except KeyError:
-        raise ValueError(
-            f"unknown personality type {main_cha!r}: expected one of {PERSONALITIES} "
-            "or one of 负面型 / 被动型 / 回避型"
-        ) from None
+    zh = "负面型 / 被动型 / 回避型"
+    return _canonical(main_cha, PERSONALITIES, PERSONALITY_FROM_ZH, "personality type", zh)

@@ -17,12 +17,11 @@ the profiles stay fast to start.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import importlib.resources
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -231,15 +230,3 @@ def builtin_profile_path(set_name: str, split: str) -> Path:
 def load_builtin_profiles(set_name: str, split: str) -> tuple[Profile, ...]:
     """Load a packaged profile set, e.g. ``load_builtin_profiles("rlver", "test")``."""
     return load_profiles(builtin_profile_path(set_name, split), profile_set_language(set_name))
-
-
-def count_by_intention(profiles: Iterable[Profile]) -> dict[str, int]:
-    """Profiles per hidden intention, every key present (in `INTENTIONS` order), zeros included."""
-    counts = collections.Counter(p.intention for p in profiles)
-    return {k: counts.get(k, 0) for k in INTENTIONS}
-
-
-def count_by_personality(profiles: Iterable[Profile]) -> dict[str, int]:
-    """Profiles per personality type, every key present (in `PERSONALITIES` order)."""
-    counts = collections.Counter(p.personality for p in profiles)
-    return {k: counts.get(k, 0) for k in PERSONALITIES}

@@ -11,6 +11,18 @@ from gguf import GGUFReader
 from rlver_jax.model_io.weight_map import WeightError
 
 
+def gguf_field(
+    reader: GGUFReader, key: str, source: str, error: type[Exception], default: Any = ...
+) -> Any:
+    """The value of metadata `key`; `default` when it is missing, else `error` naming it."""
+    field = reader.fields.get(key)
+    if field is None:
+        if default is ...:
+            raise error(f"{source}: GGUF metadata key {key!r} is missing")
+        return default
+    return field.contents()
+
+
 def open_gguf(reader_or_path: Any) -> tuple[GGUFReader, str]:
     """A `GGUFReader` and the file name to put in error messages."""
     if isinstance(reader_or_path, GGUFReader):

@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-from rlver_jax.model_io.gguf_file import open_gguf
+from rlver_jax.model_io.gguf_file import gguf_field, open_gguf
 from rlver_jax.model_io.hf_io import params_from_hf_getter
 from rlver_jax.model_io.tokenizer import Tokenizer, check_compatible
 from rlver_jax.model_io.weight_map import WeightError, checked, expected_hf_shape, hf_tensor_names
@@ -55,12 +55,7 @@ def gguf_name(hf_name: str) -> str:
 
 
 def _meta(reader: GGUFReader, key: str, source: str, default: Any = ...) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        if default is ...:
-            raise ModelConfigError(f"{source}: GGUF metadata key {key!r} is missing")
-        return default
-    return field.contents()
+    return gguf_field(reader, key, source, ModelConfigError, default)
 
 
 def config_from_gguf(reader: GGUFReader, source: str = "<gguf>", **runtime: Any) -> ModelConfig:

@@ -25,7 +25,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as RustTokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from rlver_jax.model_io.gguf_file import open_gguf
+from rlver_jax.model_io.gguf_file import gguf_field, open_gguf
 from rlver_jax.models.config import ModelConfig
 
 Message = dict[str, str]
@@ -113,14 +113,6 @@ class Tokenizer:
         return 0 if pad is None else int(pad)
 
     @property
-    def bos_id(self) -> int | None:
-        return self._hf.bos_token_id
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._hf.eos_token_id
-
-    @property
     def stop_token_ids(self) -> tuple[int, ...]:
         """eos plus every end-of-turn token in the vocab (e.g. `<|im_end|>`, `<|endoftext|>`)."""
         return self._stop_ids
@@ -185,12 +177,7 @@ _GGUF_PRE_DIGITS = {"smollm": True, "starcoder": True, "refact": True, "gpt-2": 
 
 
 def _field(reader: Any, key: str, source: str, default: Any = ...) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        if default is ...:
-            raise TokenizerError(f"{source}: GGUF metadata key {key!r} is missing")
-        return default
-    return field.contents()
+    return gguf_field(reader, key, source, TokenizerError, default)
 
 
 def _hf_from_gguf(reader: Any, source: str) -> PreTrainedTokenizerFast:

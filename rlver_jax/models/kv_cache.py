@@ -20,9 +20,9 @@ class KVCache:
 
     k:         [layers, batch, kv_heads, head_dim, max_len] (stacked: what `lax.scan` carries),
                or a tuple of one [batch, kv_heads, head_dim, max_len] buffer per layer
-               (`unstack_cache`, read by `decode_step.decode_step`: its unrolled layer loop
-               then writes each layer's buffer in place; slicing a stacked cache makes
-               XLA:CPU copy the slice). `forward` takes the stacked form.
+               (`init_cache(per_layer=True)`, read by `decode_step.decode_step`: its unrolled
+               layer loop then writes each layer's buffer in place; slicing a stacked cache
+               makes XLA:CPU copy the slice). `forward` takes the stacked form.
     v:         [.., kv_heads, max_len, head_dim]. With these layouts both attention products
                are plain [M, K] @ [K, N] GEMMs over the stored buffers (q @ k, probs @ v; see
                `attention._block`), with no transpose of a cache buffer before either: faster
@@ -80,13 +80,6 @@ def init_cache(
     return KVCache(
         k=k, v=v, key_mask=jnp.zeros((batch, max_len), bool), end=jnp.zeros((), jnp.int32)
     )
-
-
-def unstack_cache(cache: KVCache) -> KVCache:
-    """The same cache with one buffer per layer (a copy; a no-op if already per layer)."""
-    if cache.per_layer:
-        return cache
-    return cache.replace(k=tuple(cache.k), v=tuple(cache.v))  # type: ignore[arg-type]
 
 
 def as_bits(cache: KVCache) -> KVCache:

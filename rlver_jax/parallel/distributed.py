@@ -139,13 +139,3 @@ def initialize(
         jax.device_count(),
     )
     return True
-
-
-def is_multihost() -> bool:
-    """True when this job runs as more than one process."""
-    return jax.process_count() > 1
-
-
-def is_main_process() -> bool:
-    """Process 0 writes logs, checkpoints' metadata and reports."""
-    return jax.process_index() == 0

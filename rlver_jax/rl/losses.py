@@ -10,7 +10,6 @@ Token arrays are ``[B, T]``; ``mask`` is 1 on policy tokens. Math runs in fp32.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import NamedTuple
 
 import jax
@@ -27,15 +26,10 @@ __all__ = [
     "LossTerm",
     "aggregate",
     "apply_kl_reward_penalty",
-    "combine_terms",
-    "entropy_bonus",
-    "entropy_from_logits",
     "grpo_policy_loss",
-    "kl_loss",
     "kl_penalty",
     "logprobs_and_entropy",
     "ppo_policy_loss",
-    "token_logprobs",
     "value_loss",
 ]
 
@@ -58,36 +52,17 @@ def _f32(x: Array) -> Array:
 class LossTerm(NamedTuple):
     """An unreduced loss ``(total, count)``; its value is ``total / count`` (0 if ``count == 0``).
 
-    A pytree (NamedTuple), so it passes through ``jit`` / ``scan`` / ``tree_map``.
+    A pytree (NamedTuple), so it passes through ``jit`` / ``scan`` / ``tree_map``: micro-batches
+    merge by ``jax.tree.map(jnp.add, a, b)`` (`optim.accumulate_gradients`).
     """
 
     total: Array
     count: Array
 
-    def combine(self, other: LossTerm) -> LossTerm:
-        """``(t1 + t2, c1 + c2)``: merge two micro-batches."""
-        return LossTerm(self.total + other.total, self.count + other.count)
-
     def value(self) -> Array:
         """``total / count``, or 0 when ``count == 0``."""
         ok = self.count > 0
         return jnp.where(ok, self.total / jnp.where(ok, self.count, 1.0), 0.0)
-
-    def scale(self, factor: float | Array) -> LossTerm:
-        """``(factor * total, count)``: multiply the loss value by ``factor``."""
-        return LossTerm(self.total * factor, self.count)
-
-    @staticmethod
-    def zero() -> LossTerm:
-        return LossTerm(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-
-
-def combine_terms(terms: Iterable[LossTerm]) -> LossTerm:
-    """Sum ``total`` and ``count`` over micro-batches."""
-    out = LossTerm.zero()
-    for term in terms:
-        out = out.combine(term)
-    return out
 
 
 def aggregate(per_token: Array, mask: Array, mode: str = "token-mean") -> LossTerm:
@@ -165,26 +140,9 @@ def ppo_policy_loss(
     return aggregate(per_token, mask, agg_mode), metrics
 
 
-@register_policy_loss("grpo")
-def grpo_policy_loss(
-    logprobs: Array,
-    old_logprobs: Array,
-    advantages: Array,
-    mask: Array,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    agg_mode: str = "token-mean",
-    clip_ratio_c: float | None = None,
-) -> tuple[LossTerm, dict[str, LossTerm]]:
-    """GRPO policy loss: the PPO clipped surrogate of :func:`ppo_policy_loss`, token-level
-    (``token-mean``) by default, with per-sample ``[B]`` advantages broadcast over tokens.
-
-    ``L = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))``. Add a KL term with
-    :func:`kl_loss` if desired.
-    """
-    return ppo_policy_loss(
-        logprobs, old_logprobs, advantages, mask, clip_low, clip_high, agg_mode, clip_ratio_c
-    )
+# GRPO's policy loss is PPO's clipped surrogate (token-mean by default; per-sample ``[B]``
+# advantages are broadcast over the tokens); the learner adds a KL term when ``kl_coef > 0``.
+grpo_policy_loss = register_policy_loss("grpo")(ppo_policy_loss)
 
 
 def value_loss(
@@ -225,17 +183,13 @@ def _picked_logprob(z: Array, targets: Array, lse: Array) -> Array:
     return jnp.sum(jnp.where(onehot, z, 0.0), axis=-1) - lse[..., 0]
 
 
-def entropy_from_logits(logits: Array) -> Array:
-    """Per-token entropy ``H = logsumexp(z) - sum_v softmax(z)_v z_v`` over the last axis (fp32)."""
-    z = _f32(logits)
-    return _entropy(z, jax.nn.logsumexp(z, axis=-1, keepdims=True))
-
-
 def logprobs_and_entropy(
     logits: Array, targets: Array, entropy_grad: bool = True
 ) -> tuple[Array, Array]:
-    """``(z_y - logsumexp(z), H(z))`` over the last axis in fp32 with ONE logsumexp (see
-    :func:`token_logprobs`, :func:`entropy_from_logits`). ``entropy_grad=False`` stops the
+    """``(z_y - logsumexp(z), H(z))`` over the last axis in fp32 with ONE logsumexp:
+    ``log_softmax(logits)[..., targets]`` and the entropy ``H = logsumexp(z) - sum_v
+    softmax(z)_v z_v`` (``logits`` ``[..., V]``, ``targets`` ``[...]`` integer ids; both
+    results ``[...]``). ``entropy_grad=False`` stops the
     gradient through ``H`` (a metric when its loss coefficient is 0), which saves the backward
     pass of a softmax over the vocabulary."""
     z = _f32(logits)
@@ -244,11 +198,6 @@ def logprobs_and_entropy(
     if not entropy_grad:
         z, lse = jax.lax.stop_gradient((z, lse))
     return logp, _entropy(z, lse)
-
-
-def entropy_bonus(entropy: Array, mask: Array, agg_mode: str = "token-mean") -> LossTerm:
-    """Aggregate per-token entropy ``[B, T]``; the learner adds ``-coef * value`` to the loss."""
-    return aggregate(entropy, mask, agg_mode)
 
 
 def kl_penalty(logprobs: Array, ref_logprobs: Array, kind: str = "k3") -> Array:
@@ -271,17 +220,6 @@ def kl_penalty(logprobs: Array, ref_logprobs: Array, kind: str = "k3") -> Array:
     return jnp.clip(jnp.exp(neg) - neg - 1.0, -10.0, 10.0)
 
 
-def kl_loss(
-    logprobs: Array,
-    ref_logprobs: Array,
-    mask: Array,
-    kind: str = "k3",
-    agg_mode: str = "token-mean",
-) -> LossTerm:
-    """KL as a loss term: ``aggregate(kl_penalty(logp, logp_ref, kind), mask, agg_mode)``."""
-    return aggregate(kl_penalty(logprobs, ref_logprobs, kind), mask, agg_mode)
-
-
 def apply_kl_reward_penalty(
     token_rewards: Array, kl: Array, beta: float | Array, mask: Array
 ) -> Array:
@@ -289,12 +227,3 @@ def apply_kl_reward_penalty(
     :func:`kl_penalty`, treated as a constant)."""
     kl = jax.lax.stop_gradient(_f32(kl))
     return _f32(token_rewards) - beta * kl * _f32(mask)
-
-
-def token_logprobs(logits: Array, targets: Array) -> Array:
-    """``log_softmax(logits)[..., targets]`` in fp32: ``z_y - logsumexp(z)``.
-
-    ``logits`` ``[..., V]``, ``targets`` ``[...]`` integer ids; returns ``[...]``.
-    """
-    z = _f32(logits)
-    return _picked_logprob(z, targets, jax.nn.logsumexp(z, axis=-1, keepdims=True))
