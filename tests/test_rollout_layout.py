@@ -5,16 +5,17 @@ and its decode program gathers no weight per token."""
 
 from __future__ import annotations
 
-import re
-
 import jax
 import numpy as np
 import pytest
 
+from rlver_jax.bench.models import model_config
 from rlver_jax.models.sharding import param_shardings
 from rlver_jax.models.transformer import param_shapes
 from rlver_jax.parallel import MeshConfig, make_mesh, shard_params
+from rlver_jax.parallel.collectives import collective_bytes
 from rlver_jax.parallel.rules import DEFAULT_RULES, ROLLOUT_RULES, merged_rules
+from rlver_jax.sampling.config import SamplerConfig
 from rlver_jax.sampling.sampler import Sampler
 from tests.helpers import BUCKETS, CONFIG, PAD, PROMPTS, random_params
 
@@ -80,19 +81,6 @@ def test_rollout_params_copy_only_what_differs() -> None:
     )
 
 
-def _collective_bytes(hlo: str) -> int:
-    """Bytes produced by the all-gathers (and all-to-alls) in a compiled program's text."""
-    size = {"f32": 4, "bf16": 2, "s32": 4, "u16": 2, "pred": 1, "f16": 2, "u32": 4}
-    total = 0
-    for line in hlo.splitlines():
-        if not re.search(r"\b(all-gather|all-to-all)(-start)?\(", line):
-            continue
-        for dtype, dims in re.findall(r"\b(f32|bf16|s32|u16|pred|f16|u32)\[([\d,]*)\]", line)[:1]:
-            n = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-            total += n * size[dtype]
-    return total
-
-
 def test_the_rollout_decode_gathers_no_weight_per_token() -> None:
     """The decode loop compiled on an fsdp=8 mesh: with the learner's rules it all-gathers the
     weights (every layer's, every token); with the rollout's it gathers no weight, only the
@@ -103,14 +91,34 @@ def test_the_rollout_decode_gathers_no_weight_per_token() -> None:
     gathered = {}
     for name, rules in (("learner", DEFAULT_RULES), ("rollout", ROLLOUT_RULES)):
         sampler = Sampler(
-            CONFIG, mesh=mesh, pad_id=PAD, sampler_config=BUCKETS.__class__(
+            CONFIG, mesh=mesh, pad_id=PAD, sampler_config=SamplerConfig(
                 prompt_buckets=(16,), batch_buckets=(8,), new_token_buckets=(16,), decode="scan"
             ), rules=rules,
         )  # fmt: skip
         hlo = sampler.compile_programs(8, 16, 16)["decode"].as_text()
-        gathered[name] = _collective_bytes(hlo)
+        gathered[name] = collective_bytes(hlo, CONFIG.num_layers).get("all-gather", 0)
     assert gathered["learner"] > 0.5 * weight_bytes  # the FSDP layout gathers the weights
     assert gathered["rollout"] <= 8 * CONFIG.vocab_size * 4, gathered  # B x V float32 logits
+
+
+def test_a_qwen2_shape_decodes_with_under_one_percent_of_its_weights_in_collectives() -> None:
+    """The dry run at a real shape: Qwen2.5-1.5B's decode loop compiled for 8 fake devices
+    (fsdp 8, batch 32, prompt 512, 128 new tokens, bf16 compute, abstract inputs). Per decoded
+    token the learner's layout moves more than the policy's bf16 weights in collectives, the
+    rollout layout under 1% of them: what is left is the step's [B, V] logits, gathered for
+    `lax.top_k` (`bench/rollout_collectives.py` prints the 7B figures)."""
+    config = model_config("qwen2.5-1.5b").replace(dtype="bfloat16")
+    mesh = make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))
+    sc = SamplerConfig(prompt_buckets=(512,), batch_buckets=(32,), new_token_buckets=(128,),
+                       decode="scan")  # fmt: skip
+    weights_bf16 = config.num_params() * 2
+    moved = {}
+    for name, rules in (("learner", DEFAULT_RULES), ("rollout", ROLLOUT_RULES)):
+        sampler = Sampler(config, mesh=mesh, sampler_config=sc, rules=rules)
+        hlo = sampler.compile_programs(32, 512, 128)["decode"].as_text()
+        moved[name] = sum(collective_bytes(hlo, config.num_layers).values())
+    assert moved["learner"] > weights_bf16, moved
+    assert moved["rollout"] <= 0.01 * weights_bf16, moved
 
 
 def test_rules_from_the_config_merge_over_the_defaults() -> None:
