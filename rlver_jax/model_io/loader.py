@@ -24,6 +24,8 @@ from rlver_jax.models.config import ModelConfig, check_attention_block
 from rlver_jax.models.transformer import Params, init_params
 
 Source = Literal["smollm2", "hf", "gguf", "random"]
+# Every pair of these runs (learner state: docs/architecture.md, "Precision of the learner state")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +61,12 @@ class ModelSpec:
             raise ValueError(f"model.path is required when model.source is {self.source!r}")
         if self.source in ("hf", "gguf") and self.path and not Path(self.path).exists():
             raise ValueError(f"model.path {self.path!r} does not exist")
+        for key in ("dtype", "param_dtype"):  # also when built in Python (no Literal check)
+            if getattr(self, key) not in DTYPES:
+                raise ValueError(
+                    f"model.{key} must be one of {', '.join(DTYPES)}, got {getattr(self, key)!r}"
+                    " (float16 would need loss scaling, which the learner does not do)"
+                )
         check_attention_block(self.attention_block)  # at config load, before any work
         check_choice("model.attention", self.attention, ATTENTION_CHOICES)
 

@@ -22,6 +22,11 @@ verl's optimiser, re-expressed for JAX (``torch.optim.AdamW`` + ``clip_grad_norm
 - skip: when the loss or ``||g||`` is not finite (or the update is disabled, e.g. an empty
   mini-batch), params *and* optimiser state are returned unchanged (selected with ``jnp.where``,
   so they stay bit-identical); Adam's internal ``count`` therefore does not advance either.
+- precision, whatever the params' dtype (``model.param_dtype``): gradients are accumulated in
+  fp32, Adam's moments ``m``/``v`` are fp32 and the update ``p - lr * direction`` is computed in
+  fp32, then cast back to the param dtype (round to nearest). So bf16 params keep bf16 storage
+  and every carry of the train step keeps its dtype (docs/architecture.md, "Precision of the
+  learner state"). With fp32 params all of it is the plain fp32 AdamW.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ Array = jax.Array
 PyTree = Any
 
 __all__ = [
+    "MOMENT_DTYPE",
     "TOKEN_LEVEL_ESTIMATORS",
     "AdamWConfig",
     "LearnerBatch",
@@ -61,7 +67,24 @@ __all__ = [
     "strided_split",
     "warmup_constant_lr",
     "warmup_steps",
+    "widen",
 ]
+
+
+MOMENT_DTYPE = jnp.float32  # Adam's moments, the accumulated gradients and the update math
+
+
+def widen(tree: PyTree) -> PyTree:
+    """Floating leaves of ``tree`` as :data:`MOMENT_DTYPE` (fp32 leaves as they are, no copy);
+    other leaves (integers, optax's placeholders) unchanged."""
+
+    def cast(x: Any) -> Any:
+        dtype = getattr(x, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating) or dtype == MOMENT_DTYPE:
+            return x
+        return x.astype(MOMENT_DTYPE)
+
+    return jax.tree.map(cast, tree)
 
 
 def warmup_steps(ratio: float, total_steps: int) -> int:
@@ -91,11 +114,25 @@ class AdamWConfig:
     grad_clip: float | None = 1.0
 
     def tx(self) -> optax.GradientTransformation:
-        """The LR-free direction ``m_hat / (sqrt(v_hat) + eps) + wd * p`` (lr applied outside)."""
-        return optax.chain(
-            optax.scale_by_adam(b1=self.b1, b2=self.b2, eps=self.eps),
+        """The LR-free direction ``m_hat / (sqrt(v_hat) + eps) + wd * p`` (lr applied outside),
+        in fp32 whatever the params' dtype: the moments are initialised fp32 and the gradients
+        and params widened to fp32 before the update, so the state's dtypes never change
+        (optax alone keeps moments in the params' dtype and lets ``m`` turn fp32 on the first
+        fp32 gradient: a scan carry that changes type)."""
+        inner = optax.chain(
+            optax.scale_by_adam(b1=self.b1, b2=self.b2, eps=self.eps, mu_dtype=MOMENT_DTYPE),
             optax.add_decayed_weights(self.weight_decay),
         )
+
+        def init(params: PyTree) -> optax.OptState:
+            return inner.init(widen(params))  # zeros: only the shapes are read
+
+        def update(
+            updates: PyTree, state: optax.OptState, params: PyTree | None = None
+        ) -> tuple[PyTree, optax.OptState]:
+            return inner.update(widen(updates), state, widen(params))
+
+        return optax.GradientTransformation(init, update)
 
     def lr_at(self, step: Array | int) -> Array:
         """The learning rate of training step ``step``."""
@@ -132,13 +169,14 @@ def guarded_update(
     """One clipped AdamW step that is skipped (state unchanged) when not finite.
 
     ``ok = isfinite(loss) & isfinite(||g||) & enabled``; if ``ok`` the new params are
-    ``p - lr * direction(clip(g))``, else ``params`` / ``opt_state`` are returned as they were.
+    ``p - lr * direction(clip(g))`` (computed in fp32, cast back to each param's dtype), else
+    ``params`` / ``opt_state`` are returned as they were.
     """
     clipped, norm = clip_by_global_norm(grads, cfg.grad_clip)
     finite = jnp.isfinite(loss) & jnp.isfinite(norm)
     ok = finite & jnp.asarray(enabled, bool)
     direction, new_opt = cfg.tx().update(clipped, opt_state, params)
-    new_params = jax.tree.map(lambda p, d: (p - lr * d).astype(p.dtype), params, direction)
+    new_params = jax.tree.map(lambda p, d: (widen(p) - lr * d).astype(p.dtype), params, direction)
 
     def select(new: PyTree, old: PyTree) -> PyTree:
         return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
