@@ -16,7 +16,9 @@ from rlver_jax.model_io.weight_map import leaf_from_hf
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.models.kv_cache import KVCache
 from rlver_jax.models.transformer import param_shapes
+from rlver_jax.rl.learner import Learner, TrainState
 from rlver_jax.sampling.config import SamplerConfig
+from rlver_jax.trajectories import Trajectories
 
 # --------------------------------------------------------------------------- tiny sampler model
 CONFIG = ModelConfig(
@@ -160,3 +162,77 @@ def write_checkpoint(run_dir: Path, config: Path | Any, step: int = 3, shift: fl
     with Checkpointer(run_dir / "checkpoints", save_every=1, keep=2, async_save=False) as ckpt:
         ckpt.save(step, state, checkpoint_extra(seed=0, config=run_config_dict(cfg)))
     return params
+
+
+# --------------------------------------------------------------------------- learner tests
+# The tiny random Llama, learner settings and trajectories the learner tests share.
+FAST = {"xla_backend_optimization_level": 0}
+MCFG = ModelConfig(
+    family="llama",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+)
+N, T = 8, 32
+BASE = dict(
+    seq_buckets=(T,),
+    actor_lr=1e-3,
+    critic_lr=4e-3,
+    actor_warmup_ratio=0.0,
+    critic_warmup_ratio=0.0,
+    total_steps=100,
+)
+
+
+def make_traj(seed: int, n: int = N, t: int = 24, scores: np.ndarray | None = None) -> Trajectories:
+    """Prompt (4 tokens), policy turn, user turn (3 tokens), policy turn of random length."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, MCFG.vocab_size, (n, t)).astype(np.int32)
+    lengths = rng.integers(16, t + 1, n)
+    token_mask = np.arange(t)[None] < lengths[:, None]
+    loss_mask = np.zeros((n, t), bool)
+    loss_mask[:, 4:10] = True
+    loss_mask[:, 13:] = True
+    loss_mask &= token_mask
+    scores = (np.arange(n) % 2).astype(np.float32) if scores is None else scores
+    rewards = np.zeros((n, t), np.float32)
+    rewards[np.arange(n), lengths - 1] = scores
+    return Trajectories(
+        tokens=tokens,
+        token_mask=token_mask,
+        loss_mask=loss_mask,
+        sampler_logprobs=np.zeros((n, t), np.float32),
+        rewards=rewards,
+        scores=scores.astype(np.float32),
+        group_ids=(np.arange(n) // 4).astype(np.int32),
+        dialogue_ids=np.arange(n, dtype=np.int32),
+        format_ok=np.ones(n, bool),
+    )
+
+
+def host(tree: Any) -> Any:
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def assert_trees(a: Any, b: Any, atol: float = 0.0) -> None:
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        if atol == 0.0:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        else:
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+def max_delta(a: Any, b: Any) -> float:
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in
+               zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))  # fmt: skip
+
+
+def row_logprob(learner: Learner, state: TrainState, traj: Trajectories) -> np.ndarray:
+    """Mean logprob of each row's policy tokens under the current policy."""
+    old, _ = learner.compute_old(state, traj)
+    lp, m = np.asarray(old.logprobs), np.asarray(traj.loss_mask, np.float32)
+    return (lp * m).sum(1) / m.sum(1)

@@ -27,7 +27,7 @@ from rlver_jax.models.transformer import init_params
 from rlver_jax.rl.learner import Learner, LearnerConfig, TrainState
 from rlver_jax.rl.optim import AdamWConfig, guarded_update
 from rlver_jax.run_config import RunConfig
-from tests.test_learner import (
+from tests.helpers import (
     BASE,
     FAST,
     MCFG,
