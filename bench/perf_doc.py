@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 OUT = REPO / "docs" / "performance.md"
 
-KINDS = ("sample", "train", "rollout", "peer")
+KINDS = ("sample", "train", "rollout", "peer", "collectives")
 MACHINES = {
     "cpu": "CPU: this project's 2-core machine (AMD EPYC, no AVX-512)",
     "h100": "GPU: one NVIDIA H100 80GB HBM3",
@@ -53,12 +53,14 @@ RECORD = {
     "rollout": "rlver-jax bench rollout --steps 2 --json FILE.json",
     "peer": "bash bench/setup_peer_env.sh && /tmp/rlver-peer-venv/bin/python "
     "bench/peer_bench.py --json FILE.json",
+    "collectives": "python bench/rollout_collectives.py --devices 16 --fsdp 16 --json FILE.json",
 }
 PROGRAM = {
     "sample": "rlver-jax bench sample",
     "train": "rlver-jax bench train",
     "rollout": "rlver-jax bench rollout",
     "peer": "python bench/peer_bench.py",
+    "collectives": "python bench/rollout_collectives.py",
 }
 
 # Runs made before the JSON recorded its command and time: folder/file -> (the arguments of
@@ -204,6 +206,10 @@ def load_runs(results: Path) -> tuple[list[Run], list[tuple[str, str]]]:
         m = FOLDER.match(folder.name)
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             rel = path.relative_to(results).as_posix()
+            if "ab" in path.relative_to(folder).parts[:-1]:
+                if path.suffix == ".json":
+                    notes.append((rel, "an A/B comparison run (ab/: see the folder's README)"))
+                continue
             if path.suffix != ".json":
                 twin = path.with_suffix(".json")
                 if path.suffix == ".log" and twin.is_file():
@@ -473,6 +479,21 @@ def peer_rows(run: Run) -> list[tuple[tuple[Any, ...], tuple[Any, ...], list[str
     return out
 
 
+def collectives_rows(run: Run) -> list[tuple[tuple[Any, ...], tuple[Any, ...], list[str]]]:
+    out = []
+    for r in run.data["rows"]:
+        setup = (r.get("model"), r.get("batch"), r.get("prompt"), r.get("new_tokens"))
+        mesh = " x ".join(f"{k} {v}" for k, v in (r.get("mesh") or {}).items() if v != 1)
+        cells = [
+            str(r.get("layout")), f"{fmt(r.get('devices'))} ({mesh or '1'})",
+            f"{(r.get('total_bytes_per_token') or 0) / 1e9:.3f}",
+            f"{100 * (r.get('x_bf16_weights') or 0):.2f}%",
+            fmt(r.get("compile_s")),
+        ]  # fmt: skip
+        out.append((setup, (setup, r.get("devices"), str(r.get("layout"))), cells))
+    return out
+
+
 COLUMNS = {
     "sample": ("decode", "dtype", "batch", "prefill ms", "ms / step", "decode tok/s",
                "e2e tok/s", "bound ms", "x bound", "vs torch", "RSS peak MB",
@@ -485,14 +506,20 @@ COLUMNS = {
                 "compiles first / after", "RSS peak MB"),
     "peer": ("tool", "dtype", "rows", "sampling tok/s", "training tok/s", "train step tok/s",
              "step s", "compile s"),
+    "collectives": ("layout", "devices (mesh)", "GB per decoded token per device",
+                    "x the policy's bf16 weights", "compile s"),
 }  # fmt: skip
 TITLES = {
     "sample": "Sampling (`bench sample`)",
     "train": "Learner step (`bench train`)",
     "rollout": "RL step (`bench rollout`)",
     "peer": "Against tunix (`bench/peer_bench.py`)",
+    "collectives": "Decode collectives at full size (`bench/rollout_collectives.py`)",
 }
-ROWS = {"sample": sample_rows, "train": train_rows, "rollout": rollout_rows, "peer": peer_rows}
+ROWS = {
+    "sample": sample_rows, "train": train_rows, "rollout": rollout_rows, "peer": peer_rows,
+    "collectives": collectives_rows,
+}  # fmt: skip
 ABOUT = {
     "sample": (
         "`rlver-jax bench sample`: greedy sampling of {setup}. *bound* = the weights' and the "
@@ -515,6 +542,12 @@ ABOUT = {
     "peer": (
         "`bench/peer_bench.py`: the same GRPO step in rlver_jax and google-tunix, one process, "
         "shape {setup}. The last row is rlver_jax's speed-up (> 1: rlver_jax faster)."
+    ),
+    "collectives": (
+        "`bench/rollout_collectives.py`: the policy sampler's decode loop for {setup}, bf16 "
+        "compute, compiled by XLA from abstract inputs on fake CPU devices; the bytes its "
+        "collectives move per decoded token per device, with the learner's FSDP layout and "
+        "with the rollout layout (`parallel.rules.ROLLOUT_RULES`)."
     ),
 }
 
@@ -556,6 +589,9 @@ def setup_text(kind: str, setup: tuple[Any, ...]) -> str:
         )
     if kind == "peer":
         return ", ".join(f"{k} {v}" for k, v in setup) or "(not recorded)"
+    if kind == "collectives" and len(setup) == 4:
+        model, batch, prompt, new = setup
+        return f"{model}, batch {fmt(batch)}, prompt {fmt(prompt)}, {fmt(new)} new tokens"
     return ""
 
 

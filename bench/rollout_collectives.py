@@ -2,14 +2,22 @@
 rollout layout, for a real shape on fake devices (nothing is materialised: XLA compiles the
 decode program from abstract inputs, `Sampler.compile_programs`).
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=16 \\
-      .venv/bin/python bench/rollout_collectives.py --model qwen2.5-7b --fsdp 16 --json OUT
+    .venv/bin/python bench/rollout_collectives.py --devices 16 --model qwen2.5-7b --fsdp 16
 
 The decode program is one `lax.while_loop` whose body is one token: the collectives in its text
 are those of one decoded token (a scanned layer's appear once and run num_layers times).
 """
 
 from __future__ import annotations
+
+import os
+import sys
+
+if "--devices" in sys.argv:  # fake CPU devices: set before jax starts
+    _n = sys.argv[sys.argv.index("--devices") + 1]
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={_n} " + os.environ.get(
+        "XLA_FLAGS", ""
+    )
 
 import argparse
 import json
@@ -27,6 +35,7 @@ from rlver_jax.sampling.sampler import Sampler
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--devices", type=int, help="fake CPU devices (XLA_FLAGS, set at start)")
     ap.add_argument("--model", default="qwen2.5-7b")
     ap.add_argument("--fsdp", type=int, default=8)
     ap.add_argument("--tensor", type=int, default=1)
@@ -64,7 +73,7 @@ def main() -> None:
               flush=True)  # fmt: skip
     if args.json_path:
         with open(args.json_path, "w") as f:
-            json.dump({"bench": "rollout_collectives", "argv": " ".join(__import__("sys").argv),
+            json.dump({"kind": "collectives", "argv": sys.argv[1:],
                        "jax": jax.__version__, "rows": rows}, f, indent=1)  # fmt: skip
 
 
