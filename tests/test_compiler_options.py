@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlver_jax.models.config import ModelConfig
+from rlver_jax.models.decode_step import XLA_OPS
 from rlver_jax.models.transformer import init_params
 from rlver_jax.parallel.compiler_options import large_gemm_options, platform_of
 from rlver_jax.sampling.sampler import MAX_STOP_IDS, Settings, _jitted
@@ -32,7 +33,7 @@ def test_prefill_compiles_without_ynnpack_dots_and_decode_with_them() -> None:
     if jax.default_backend() != "cpu":
         return
     B, P, N = 2, 8, 4
-    pre, dec, _ = _jitted(CFG, None, (), 16, 0, False, False, False, None, 0, B, P, N)
+    pre, dec, _ = _jitted(CFG, CFG, None, (), 16, 0, False, XLA_OPS, None, B, P, N)
     params = init_params(CFG, jax.random.key(0))
     settings = Settings(
         temperature=jnp.zeros((B,)), top_p=jnp.ones((B,)), top_k=jnp.zeros((B,), jnp.int32),
