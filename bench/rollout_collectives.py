@@ -1,11 +1,11 @@
 """Bytes the policy sampler's decode loop all-gathers per decoded token, learner layout vs the
 rollout layout, for a real shape on fake devices (nothing is materialised: XLA compiles the
-decode program from abstract inputs, `Sampler.compile_programs`).
+decode program from abstract inputs, `Sampler.trace_programs`).
 
     .venv/bin/python bench/rollout_collectives.py --devices 16 --model qwen2.5-7b --fsdp 16
 
-The decode program is one `lax.while_loop` whose body is one token: the collectives in its text
-are those of one decoded token (a scanned layer's appear once and run num_layers times).
+The decode program is one `lax.while_loop` whose body is one token: the collectives inside it
+are those of one decoded token (`parallel.collectives`: a scanned layer's x its trip count).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import jax
 
 from rlver_jax.bench.models import model_config
 from rlver_jax.parallel import MeshConfig, make_mesh
-from rlver_jax.parallel.collectives import collective_bytes
+from rlver_jax.parallel.collectives import collective_traffic
 from rlver_jax.parallel.rules import DEFAULT_RULES, ROLLOUT_RULES
 from rlver_jax.sampling.config import SamplerConfig
 from rlver_jax.sampling.sampler import Sampler
@@ -53,8 +53,9 @@ def main() -> None:
     for layout, rules in (("learner (FSDP)", DEFAULT_RULES), ("rollout", ROLLOUT_RULES)):
         t0 = time.perf_counter()
         sampler = Sampler(config, mesh=mesh, sampler_config=sc, rules=rules)
-        compiled = sampler.compile_programs(args.batch, args.prompt, args.new_tokens)["decode"]
-        per_token = collective_bytes(compiled.as_text(), config.num_layers)
+        traced = sampler.trace_programs(args.batch, args.prompt, args.new_tokens)["decode"]
+        compiled = traced.lower().compile()
+        per_token = collective_traffic(compiled.as_text()).per_iteration
         mem = compiled.memory_analysis()
         row = {
             "layout": layout, "model": args.model, "devices": mesh.devices.size,

@@ -80,7 +80,6 @@ from typing import Literal
 import numpy as np
 from jax.sharding import AbstractMesh
 
-from rlver_jax.buckets import capped_bucket, pow2_multiple
 from rlver_jax.kernels import select
 from rlver_jax.models.attention import query_block
 from rlver_jax.models.config import ModelConfig
@@ -91,7 +90,6 @@ from rlver_jax.plan_sizes import (
     abstract_mesh,
     count,
     decode_weight_bytes,
-    dp_round,
     kv_cache_bytes,
     opt_state_bytes,
     rows_per_device,
@@ -102,13 +100,20 @@ from rlver_jax.plan_sizes import (
 from rlver_jax.rl.model_outputs import vocab_block
 from rlver_jax.run_config import RunConfig
 from rlver_jax.sampling.config import SamplerConfig
+from rlver_jax.step_shapes import (
+    CANDIDATE_WIDTH,
+    JUDGE_CANDIDATES,
+    StepShapes,
+    learner_shape,
+    step_shapes,
+    user_sampler_config,
+)
 
 Phase = Literal["resident", "init", "rollout", "old", "train"]
 GB = 1e9
 C_EMBED, C_Q, C_KV, C_MLP, C_LOGITS, C_LOGITS_FWD, C_DECODE = 8, 3, 3, 6, 5, 1, 16
 C_RECOMPUTE = 1.5  # remat: a recomputed layer's activations + its backward temporaries
 BATCH_BYTES_PER_TOKEN = 32  # tokens, masks and the float32 columns of a LearnerBatch
-JUDGE_CANDIDATES = 21  # the judge scores -10 .. 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,22 +350,17 @@ def _sampler(
 
 
 def _user(
-    run: RunConfig, u: ModelConfig, dialogues: int, mesh: AbstractMesh, prompt_tokens: int, C: int,
-    platform: str,
-) -> list[Component]:  # fmt: skip
+    run: RunConfig, u: ModelConfig, shapes: StepShapes, mesh: AbstractMesh, platform: str
+) -> list[Component]:
     """The LLM user's reply sampler (its decode unrolled and its prefill in causal blocks as
-    its default `SamplerConfig` resolves them on `platform`) and its judge (see
+    its own `SamplerConfig` resolves them on `platform`) and its judge (see
     `env/llm_judge.py`)."""
-    llm = run.user.llm
-    bound = min(max(llm.prompt_buckets), u.max_position_embeddings - C)
-    P = capped_bucket(min(prompt_tokens, bound), llm.prompt_buckets)
-    sc = SamplerConfig()  # LLMUser's own sampler: default buckets but its prompt buckets
-    B = dp_round(capped_bucket(dialogues, sc.batch_buckets), mesh)
-    N = capped_bucket(llm.max_reply_tokens, sc.new_token_buckets)
+    assert shapes.user is not None and shapes.judge is not None
+    reply, judge = shapes.user, shapes.judge
     devices = math.prod(mesh.axis_sizes)
-    out = _sampler("user sampler", u, B, P, N, mesh, *sampler_choices(u, sc, platform, devices))
-    chunk = dp_round(max(llm.judge_batch_buckets), mesh)
-    Bj = dp_round(capped_bucket(min(dialogues, chunk), llm.judge_batch_buckets), mesh)
+    choices = sampler_choices(u, user_sampler_config(run), platform, devices)
+    out = _sampler("user sampler", u, reply.batch, reply.prompt, reply.new_tokens, mesh, *choices)
+    Bj, P, C = judge.batch, judge.prompt, judge.new_tokens
     rows, V = rows_per_device(Bj, mesh), split(u.vocab_size, "act_vocab", mesh)
     cache = kv_cache_bytes(u, Bj, P + C, mesh)
     K = JUDGE_CANDIDATES
@@ -388,21 +388,6 @@ def _user(
     return out
 
 
-def train_shapes(run: RunConfig, mesh: AbstractMesh) -> dict[str, int]:
-    """T (learner bucket), N rows, micro rows m and forward rows m_f per device."""
-    ro, lc = run.rollout, run.learner
-    width = capped_bucket(ro.max_prompt_tokens + ro.max_reply_tokens, ro.seq_len_buckets)
-    T = capped_bucket(width, lc.seq_buckets)
-    per_turn = run.scaffold.mode == "think" and run.scaffold.strip_thoughts_from_context
-    n = ro.profiles_per_batch * ro.samples_per_profile
-    n *= run.dynamics.max_turns_train if per_turn else 1
-    N = pow2_multiple(n, lc.mini_batch_size)  # the trainer's rows
-    return {
-        "T": T, "N": N, "m": rows_per_device(lc.micro_batch_size, mesh),
-        "m_fwd": rows_per_device(lc.fwd_micro, mesh), "rows": rows_per_device(N, mesh),
-    }  # fmt: skip
-
-
 def _fwd_logit_positions(T: int) -> int:
     """Logit positions a forward-only pass holds: all ``T`` unblocked, else two vocabulary
     blocks (a block's logits and its softmax; fitted as C_LOGITS_FWD was)."""
@@ -412,25 +397,25 @@ def _fwd_logit_positions(T: int) -> int:
 
 def _learner(run: RunConfig, c: ModelConfig, mesh: AbstractMesh) -> list[Component]:
     """compute_old's forward pass, and the train step of the actor then the critic."""
-    s = train_shapes(run, mesh)
-    T, m, mf = s["T"], s["m"], s["m_fwd"]
+    s = learner_shape(run, mesh)
+    T, m, mf = s.seq, s.micro, s.forward_micro
     V, VD = split(c.vocab_size, "act_vocab", mesh), (c.vocab_size, c.hidden_size)
     embed_grad = math.prod(VD) * 4 // shard_count(("vocab", "embed"), VD, mesh)
-    batch = s["rows"] * T * BATCH_BYTES_PER_TOKEN
+    batch = s.rows_per_device * T * BATCH_BYTES_PER_TOKEN
     grads = tree_bytes(param_logical_axes(c), param_shapes(c), mesh, itemsize=4)
     act = train_activation_bytes(c, m, T, mesh, logits=True)
     remat = f"remat={c.remat}, m={m}, T={T}"
     out = [
         Component("actor fp32 grads", "train", grads, "numel x 4", "actor"),
         Component("actor activations", "train", act, remat, "actor"),
-        Component("learner batch", "train", batch, f"N={s['N']} x T x 32 B / rows", "actor"),
+        Component("learner batch", "train", batch, f"N={s.rows} x T x 32 B / rows", "actor"),
         Component(
             "old-logprob forward", "old",
             max(prefill_bytes(c, mf, T, T, mesh, causal=True),
                 mf * _fwd_logit_positions(T) * V * 4),
             f"max(prefill(m_f={mf}, T, T), m_f x (T | 2 blocks) x V' x 4)", "forward",
         ),
-        Component("old outputs", "old", 3 * s["rows"] * T * 4, "3 x N x T x 4", "forward"),
+        Component("old outputs", "old", 3 * s.rows_per_device * T * 4, "3 x N x T x 4", "forward"),
         gathered_bytes(c, mesh, 1, "old", "forward"),
         gathered_bytes(c, mesh, 2, "train", "actor", with_head=vocab_block(T) == T),
     ]  # fmt: skip
@@ -454,7 +439,7 @@ def plan_memory(
     device_memory: float,
     *,
     user_prompt_tokens: int | None = None,
-    candidate_width: int = 3,
+    candidate_width: int = CANDIDATE_WIDTH,
     platform: str = "tpu",
 ) -> MemoryPlan:
     """The per-device plan of `run` on `num_devices` devices of `device_memory` bytes.
@@ -469,15 +454,13 @@ def plan_memory(
     mesh = abstract_mesh(sizes)
     ro, sc = run.rollout, run.sampler
     dialogues = ro.profiles_per_batch * ro.samples_per_profile
-    B = dp_round(capped_bucket(dialogues, sc.batch_buckets), mesh)
-    P = capped_bucket(ro.max_prompt_tokens, sc.prompt_buckets)
-    N = capped_bucket(ro.max_reply_tokens, sc.new_token_buckets)
+    shapes = step_shapes(run, user, mesh, user_prompt_tokens, candidate_width)
+    B, P, N = shapes.policy.batch, shapes.policy.prompt, shapes.policy.new_tokens
     comps = _models(run, policy, user, mesh)
     choices = sampler_choices(policy, sc, platform, num_devices)
     comps += _sampler("policy sampler", policy, B, P, N, mesh, *choices)
     if user is not None:
-        tokens = user_prompt_tokens or ro.max_prompt_tokens + 512
-        comps += _user(run, user, dialogues, mesh, tokens, candidate_width, platform)
+        comps += _user(run, user, shapes, mesh, platform)
     comps += _learner(run, policy, mesh)
     notes = []
     dp = sizes["data"] * sizes["fsdp"]

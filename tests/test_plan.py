@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from rlver_jax import plan
+from rlver_jax import plan, plan_sizes
 from rlver_jax.cli import plan as plan_cli
 from rlver_jax.config_io import from_dict
 from rlver_jax.env import llm_judge
@@ -40,6 +40,7 @@ from rlver_jax.parallel.rules import axis_rules
 from rlver_jax.rl.learner import Learner, LearnerBatch
 from rlver_jax.run_config import RunConfig
 from rlver_jax.sampling import sampler as sampling
+from rlver_jax.step_shapes import learner_shape
 from rlver_jax.trajectories import Trajectories
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,9 +80,9 @@ def measure_train_step(run: RunConfig, mcfg: ModelConfig, mesh: Mesh | None = No
     learner = Learner(mcfg, run.learner, mesh)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
     state = jax.eval_shape(learner.init_state, param_shapes(mcfg), key)
-    s = plan.train_shapes(run, plan.abstract_mesh({"data": 1, "fsdp": 1, "tensor": 1}))
-    f32 = jax.ShapeDtypeStruct((s["N"], s["T"]), jnp.float32)
-    i32, b8 = (jax.ShapeDtypeStruct((s["N"], s["T"]), t) for t in (jnp.int32, jnp.bool_))
+    s = learner_shape(run, plan.abstract_mesh({"data": 1, "fsdp": 1, "tensor": 1}))
+    f32 = jax.ShapeDtypeStruct((s.rows, s.seq), jnp.float32)
+    i32, b8 = (jax.ShapeDtypeStruct((s.rows, s.seq), t) for t in (jnp.int32, jnp.bool_))
     ppo, ref = run.learner.uses_critic, run.learner.uses_reference
     batch = LearnerBatch(
         i32, b8, b8, f32, f32, f32 if ppo else None, f32 if ppo else None, f32 if ppo else None,
@@ -145,7 +146,7 @@ def test_kv_cache_and_rows_sharding() -> None:
         full // 2 // 4
     )  # 1 kv head: not split over tensor
     assert plan.rows_per_device(8, mesh) == 2 and plan.rows_per_device(6, mesh) == 6
-    assert plan.dp_round(6, mesh) == 8
+    assert plan_sizes.dp_round(6, mesh) == 8
 
 
 # --------------------------------------------------------------------------- vs XLA

@@ -13,7 +13,7 @@ from rlver_jax.bench.models import model_config
 from rlver_jax.models.sharding import param_shardings
 from rlver_jax.models.transformer import param_shapes
 from rlver_jax.parallel import MeshConfig, make_mesh, shard_params
-from rlver_jax.parallel.collectives import collective_bytes
+from rlver_jax.parallel.collectives import collective_traffic
 from rlver_jax.parallel.rules import DEFAULT_RULES, ROLLOUT_RULES, merged_rules
 from rlver_jax.sampling.config import SamplerConfig
 from rlver_jax.sampling.sampler import Sampler
@@ -95,8 +95,8 @@ def test_the_rollout_decode_gathers_no_weight_per_token() -> None:
                 prompt_buckets=(16,), batch_buckets=(8,), new_token_buckets=(16,), decode="scan"
             ), rules=rules,
         )  # fmt: skip
-        hlo = sampler.compile_programs(8, 16, 16)["decode"].as_text()
-        gathered[name] = collective_bytes(hlo, CONFIG.num_layers).get("all-gather", 0)
+        hlo = sampler.trace_programs(8, 16, 16)["decode"].lower().compile().as_text()
+        gathered[name] = collective_traffic(hlo).per_iteration.get("all-gather", 0)
     assert gathered["learner"] > 0.5 * weight_bytes  # the FSDP layout gathers the weights
     assert gathered["rollout"] <= 8 * CONFIG.vocab_size * 4, gathered  # B x V float32 logits
 
@@ -115,8 +115,8 @@ def test_a_qwen2_shape_decodes_with_under_one_percent_of_its_weights_in_collecti
     moved = {}
     for name, rules in (("learner", DEFAULT_RULES), ("rollout", ROLLOUT_RULES)):
         sampler = Sampler(config, mesh=mesh, sampler_config=sc, rules=rules)
-        hlo = sampler.compile_programs(32, 512, 128)["decode"].as_text()
-        moved[name] = sum(collective_bytes(hlo, config.num_layers).values())
+        hlo = sampler.trace_programs(32, 512, 128)["decode"].lower().compile().as_text()
+        moved[name] = collective_traffic(hlo).total_per_iteration
     assert moved["learner"] > weights_bf16, moved
     assert moved["rollout"] <= 0.01 * weights_bf16, moved
 

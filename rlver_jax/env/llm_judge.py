@@ -357,7 +357,9 @@ class JudgeScorer:
         """(batch, prompt) buckets this scorer has run (at most one compiled program each)."""
         return sorted({(k[0], k[1]) for k in self._fns})
 
-    def _fn(self, B: int, P: int, K: int, C: int, T: int) -> Any:
+    def program(self, B: int, P: int, K: int, C: int, T: int) -> Any:
+        """The jitted scoring of B prompts of P tokens against K candidates of C tokens with T
+        terminators (traced under the rules by `_run`, or by the dry run)."""
         key = (B, P, K, C, T)
         if key not in self._fns:
             fn = functools.partial(candidate_scores, config=self.config)
@@ -411,7 +413,7 @@ class JudgeScorer:
             prompt[i, P - len(p) :] = np.asarray(p, np.int32)
             mask[i, P - len(p) :] = True
         mask[n:, -1] = True  # dummy rows: one real (pad) token, so no row is empty
-        fn = self._fn(B, P, *cand.shape, len(terms))
+        fn = self.program(B, P, *cand.shape, len(terms))
         args: tuple[Any, ...] = (prompt, mask, cand, cand_len, terms)
         if self.mesh is None:
             scores = fn(params, *args)

@@ -117,10 +117,13 @@ class Learner:
         sh: Any,
         donate: bool = False,
         shape: tuple[int, ...] | None = None,
+        trace: bool = False,
     ) -> Any:
         """Run ``fn(*args)`` jitted once per (name, N, T), traced under the mesh's axis rules,
         with explicit shardings ``sh = (in_shardings, out_shardings)`` (inputs are
-        ``device_put`` onto theirs first). ``shape``: ``(N, T)`` when no argument has tokens."""
+        ``device_put`` onto theirs first). ``shape``: ``(N, T)`` when no argument has tokens.
+        ``trace``: return the program traced for ``args`` (`jax.stages.Traced`; abstract ones
+        for the dry run of `rlver_jax.step_programs`) instead of running it."""
         in_sh, out_sh = sh
         shape = shape or next(a for a in args if hasattr(a, "tokens")).tokens.shape
         key = (name, *shape)
@@ -137,6 +140,8 @@ class Learner:
             if mesh is not None:
                 kw |= {"in_shardings": in_sh, "out_shardings": out_sh}
             self._fns[key] = jax.jit(traced, compiler_options=self._copts, **kw)
+        if trace:
+            return self._fns[key].trace(*args)
         if self.mesh is not None:
             args = tuple(jax.device_put(a, sh) for a, sh in zip(args, in_sh, strict=True))
         return self._fns[key](*args)
@@ -184,9 +189,24 @@ class Learner:
         """Build the whole state in one jit with ``out_shardings`` (params, optimiser state and
         reference copy placed before the first train step, so it compiles once). The policy (and
         reference) are fresh copies: the caller's ``policy_params`` are not donated later."""
-        cfg, mcfg = self.cfg, self.mcfg
         if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
             key = jax.random.key_data(key)
+        sh, key = self.state_shardings(), jnp.asarray(key, jnp.uint32)
+        if sh is not None:  # place (shard) the incoming params first: no unsharded device copy
+            policy_params, key = jax.device_put((policy_params, key), (sh.policy, sh.rng))
+        return self._init_jit()(policy_params, key)
+
+    def abstract_state(self) -> TrainState:
+        """The state's shapes, dtypes and shardings (``jax.ShapeDtypeStruct`` leaves; nothing
+        is materialised): the inputs of a lowered program at its real size."""
+        dtype = jnp.dtype(self.mcfg.param_dtype)
+        params = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_shapes(self.mcfg)
+        )
+        return jax.eval_shape(self._init_jit(), params, jax.ShapeDtypeStruct((2,), jnp.uint32))
+
+    def _init_jit(self) -> Callable[[Params, Array], TrainState]:
+        cfg, mcfg = self.cfg, self.mcfg
 
         def init(policy: Params, key: Array) -> TrainState:
             k_critic, k_state = jax.random.split(jax.random.wrap_key_data(key))
@@ -205,12 +225,10 @@ class Learner:
                 rng=jax.random.key_data(k_state),
             )
 
-        sh, key = self.state_shardings(), jnp.asarray(key, jnp.uint32)
-        if sh is not None:  # place (shard) the incoming params first: no unsharded device copy
-            policy_params, key = jax.device_put((policy_params, key), (sh.policy, sh.rng))
         if ("init",) not in self._fns:
+            sh = self.state_shardings()
             self._fns[("init",)] = jax.jit(init, out_shardings=sh, compiler_options=self._copts)
-        return self._fns[("init",)](policy_params, key)
+        return self._fns[("init",)]
 
     # ------------------------------------------------------------------ padding
     def pad(self, traj: Trajectories, num_samples: int | None = None) -> Trajectories:
@@ -332,18 +350,21 @@ class Learner:
             "rollout/logprob_gap_max": jnp.max(gap),
         }
 
-    def compute_old(self, state: TrainState, traj: Trajectories) -> tuple[OldOutputs, Metrics]:
+    def compute_old(
+        self, state: TrainState, traj: Trajectories, *, trace: bool = False
+    ) -> tuple[OldOutputs, Metrics]:
         """Recompute old logprobs (policy), values (critic) and reference logprobs in chunks of
         ``forward_micro_batch_size``. Metrics over the loss mask ``m``:
         ``rollout/logprob_gap_mean = sum |logp - logp_sampler| m / sum m`` and
-        ``rollout/logprob_gap_max = max |logp - logp_sampler| m``."""
+        ``rollout/logprob_gap_max = max |logp - logp_sampler| m``. ``trace``: see `_call`."""
         in_sh = (self.state_shardings(), self.batch_shardings(traj))
         out_sh = (self._tok(*traj.tokens.shape), self._replicated())
-        return self._call("old", self._compute_old, (state, traj), (in_sh, out_sh))
+        sh = (in_sh, out_sh)
+        return self._call("old", self._compute_old, (state, traj), sh, trace=trace)
 
     # ------------------------------------------------------------------ advantages
     def compute_advantages(
-        self, traj: Trajectories, old: OldOutputs
+        self, traj: Trajectories, old: OldOutputs, *, trace: bool = False
     ) -> tuple[LearnerBatch, Metrics]:
         """Advantages (and PPO returns) packed into the train step's :class:`LearnerBatch`.
 
@@ -355,7 +376,7 @@ class Learner:
         tok = self._tok(*traj.tokens.shape)
         in_sh, out_sh = (self.batch_shardings(traj), tok), (tok, self._replicated())
         fn = functools.partial(advantage_batch, self.cfg)
-        return self._call("adv", fn, (traj, old), (in_sh, out_sh))
+        return self._call("adv", fn, (traj, old), (in_sh, out_sh), trace=trace)
 
     # ------------------------------------------------------------------ train step
     def _update(
@@ -439,15 +460,17 @@ class Learner:
         return single and not cfg.uses_critic and not cfg.uses_reference
 
     def train_step(
-        self, state: TrainState, batch: LearnerBatch, *, on_policy: bool = False
-    ) -> tuple[TrainState, Metrics]:
+        self, state: TrainState, batch: LearnerBatch, *, on_policy: bool = False,
+        trace: bool = False,
+    ) -> tuple[TrainState, Metrics]:  # fmt: skip
         """One training step (``ppo_epochs`` x mini-batches x micro-batches) as ONE jitted call
         with explicit shardings; ``state`` is DONATED (do not reuse it). Metrics are fp32
         scalars: LossTerm metrics are ``sum total / sum count`` over the whole step, grad norms
         the mean over finite updates, ``*/skipped`` counts of skipped updates.
 
         ``on_policy=True`` (only where :meth:`on_policy` holds): ``batch.old_logprobs`` are the
-        sampler's and the step's own forward gives the old logprobs (module docs)."""
+        sampler's and the step's own forward gives the old logprobs (module docs). ``trace``:
+        see `_call`."""
         n, t = batch.tokens.shape
         if n % self.cfg.mini_batch_size:
             raise ValueError(f"{n} samples: not a multiple of mini_batch_size; use Learner.pad")
@@ -460,7 +483,7 @@ class Learner:
         in_sh, out_sh = (state_sh, tok), (state_sh, self._replicated())
         fn = functools.partial(self._train_step, on_policy=on_policy)
         name = "train_on_policy" if on_policy else "train"
-        return self._call(name, fn, (state, batch), (in_sh, out_sh), True)
+        return self._call(name, fn, (state, batch), (in_sh, out_sh), True, trace=trace)
 
     def update(
         self, state: TrainState, traj: Trajectories, num_samples: int | None = None, *,

@@ -239,6 +239,12 @@ class Sampler:
         one jitted copy. `params` themselves where they already are both (one device, float32
         weights, a matching layout): no copy. Made once per rollout; the caller drops it when
         the rollout ends, so the learner's layout stays the only resident copy."""
+        copy = self.reshard_program(params)
+        return params if copy is None else copy(params)
+
+    def reshard_program(self, params: Params) -> Any | None:
+        """The jitted copy `rollout_params` runs on `params` (concrete, or abstract with their
+        shardings for the dry run), or None where they are already in its dtype and layout."""
         dtype = jnp.dtype(self.config.dtype)
         targets = None
         if self.mesh is not None:
@@ -246,17 +252,18 @@ class Sampler:
         leaves = jax.tree.leaves(params)
         layouts = [None] * len(leaves) if targets is None else jax.tree.leaves(targets)
         if all(_in_layout(x, sh, dtype) for x, sh in zip(leaves, layouts, strict=True)):
-            return params
+            return None
         if self._reshard is None:
             self._reshard = jax.jit(
                 lambda p: jax.tree.map(lambda x: x.astype(dtype), p), out_shardings=targets
             )
-        return self._reshard(params)
+        return self._reshard
 
-    def compile_programs(self, batch: int, prompt_len: int, new_tokens: int) -> dict[str, Any]:
+    def trace_programs(self, batch: int, prompt_len: int, new_tokens: int) -> dict[str, Any]:
         """The prefill and decode programs of the buckets of (batch, prompt_len, new_tokens),
-        lowered and compiled from abstract inputs (nothing is materialised): XLA's memory and
-        its collectives at real shapes (`rlver-jax plan --compile`, tests)."""
+        traced from abstract inputs (nothing is materialised; `jax.stages.Traced`: `.jaxpr`,
+        `.lower().compile()`): XLA's memory, collectives and FLOPs at real shapes
+        (`rlver_jax.step_programs`, `rlver-jax plan --compile`)."""
         sc = self.sampler_config
         P = smallest_bucket(prompt_len, sc.prompt_buckets, "prompt length")
         N = smallest_bucket(new_tokens, sc.new_token_buckets, "max_new_tokens")
@@ -284,10 +291,7 @@ class Sampler:
         ctx = contextlib.nullcontext() if self.mesh is None else axis_rules(self.mesh, self.rules)
         with ctx:
             state = jax.eval_shape(pre, params, *args)
-            return {
-                "prefill": pre.lower(params, *args).compile(),
-                "decode": dec.lower(dec_params, state).compile(),
-            }
+            return {"prefill": pre.trace(params, *args), "decode": dec.trace(dec_params, state)}
 
     def shard_params(self, params: Params) -> Params:
         """Place `params` as the sampler's jits expect (a no-op without a mesh)."""
