@@ -105,3 +105,11 @@ def decode_weight_bytes(c: ModelConfig, mesh: AbstractMesh) -> int:
     axes = decode_weight_logical_axes(c)
     del shapes["embed"], axes["embed"]
     return tree_bytes(axes, shapes, mesh)
+
+
+def fmt_bytes(n: float) -> str:
+    """3 significant digits in B / kB / MB / GB (decimal)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"

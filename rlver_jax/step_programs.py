@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -57,6 +58,9 @@ from rlver_jax.step_shapes import (
 from rlver_jax.trajectories import Trajectories
 
 S = jax.ShapeDtypeStruct
+_F32 = re.compile(r"^\s*%([\w.\-]+) = f32\[([\d,]*)\]\S* (fusion|convert|all-gather)\(([^)]*)\)")
+_PARAM = re.compile(r"^\s*%([\w.\-]+) = bf16\[[\d,]*\]\S* parameter\(")
+_BF16_OF = re.compile(r"^\s*%[\w.\-]+ = bf16\[[\d,]*\]\S* (?:fusion|convert)\(%([\w.\-]+)\)")
 # The formula plan's (phase, group)s that size each program (`rlver_jax.plan`).
 FORMULA_GROUPS: dict[str, tuple[tuple[str, str], ...]] = {
     "policy prefill": (("rollout", "policy sampler"),),
@@ -85,6 +89,12 @@ class ProgramFigures:
     flops_per_iteration: float
     iterations: int
     compile_s: float
+    cpu_upcast: int = 0
+
+    @property
+    def accelerator_peak(self) -> int:
+        """The peak without XLA:CPU's f32 copies of bf16 work (`cpu_upcast_bytes`)."""
+        return self.peak - self.cpu_upcast
 
     @property
     def program_bytes(self) -> int:
@@ -101,7 +111,31 @@ class ProgramFigures:
     def as_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["traffic"] = dataclasses.asdict(self.traffic)
-        return out | {"program_bytes": self.program_bytes, "peak": self.peak}
+        return out | {
+            "program_bytes": self.program_bytes, "peak": self.peak,
+            "accelerator_peak": self.accelerator_peak,
+        }  # fmt: skip
+
+
+def cpu_upcast_bytes(hlo: str) -> int:
+    """Bytes of the f32 copies XLA:CPU makes to run bf16 work in f32 (it has no bf16 matmul
+    or collective): each bf16 weight argument converted once per program, each all-gather run
+    in f32 and narrowed after. An accelerator runs them in bf16, without those buffers."""
+    entry = hlo[hlo.index("\nENTRY") :]
+    lines = entry[: entry.index("\n}")].splitlines()
+    bf16_params = {m.group(1) for line in lines if (m := _PARAM.match(line))}
+    narrowed = {m.group(1) for line in lines if (m := _BF16_OF.match(line))}
+    total = 0
+    for line in lines:
+        m = _F32.match(line)
+        if m is None:
+            continue
+        name, op, operand = m.group(1), m.group(3), m.group(4).strip().lstrip("%")
+        nbytes = 4 * math.prod(int(d) for d in m.group(2).split(",") if d)
+        upcast = op in ("fusion", "convert") and operand in bf16_params and "convert" in name
+        if upcast or (op == "all-gather" and name in narrowed):
+            total += nbytes
+    return total
 
 
 def device_bytes(tree: Any) -> int:
@@ -128,11 +162,11 @@ def _measure(name: str, traced: Any, live: int, iterations: int = 1) -> ProgramF
     t0 = time.perf_counter()
     compiled = traced.lower().compile()
     seconds = time.perf_counter() - t0
-    mem, flops = compiled.memory_analysis(), traced_flops(traced)
+    mem, flops, hlo = compiled.memory_analysis(), traced_flops(traced), compiled.as_text()
     return ProgramFigures(
         name, mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
-        mem.temp_size_in_bytes, live, collective_traffic(compiled.as_text()), flops.per_call,
-        flops.per_iteration, iterations, seconds,
+        mem.temp_size_in_bytes, live, collective_traffic(hlo), flops.per_call,
+        flops.per_iteration, iterations, seconds, cpu_upcast_bytes(hlo),
     )  # fmt: skip
 
 

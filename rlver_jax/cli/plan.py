@@ -23,12 +23,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rlver_jax.cli import plan_compile
 from rlver_jax.config_io import ConfigError, apply_overrides, from_dict, load_yaml
 from rlver_jax.model_io.known_configs import KNOWN_HF_CONFIGS
 from rlver_jax.model_io.loader import ModelSpec
 from rlver_jax.models.config import ModelConfig
 from rlver_jax.parallel.mesh import MeshConfig
 from rlver_jax.plan import GB, MemoryPlan, count, plan_memory
+from rlver_jax.plan_sizes import fmt_bytes
 from rlver_jax.run_config import RunConfig
 
 # Nominal memory of one JAX device (a chip; a TensorCore on v2/v3), decimal GB.
@@ -172,6 +174,30 @@ def detect_devices(args: argparse.Namespace, mesh: MeshConfig) -> tuple[int, flo
     return num, DEVICE_MEMORY_GB[key] * GB, f"{key} ({DEVICE_MEMORY_GB[key]:g} GB)"
 
 
+def target_platform(args: argparse.Namespace) -> str:
+    """Where the run is planned for: tpu (a slice or a v* kind), gpu, or this backend's."""
+    if args.accelerator:
+        return "tpu"
+    key = device_kind_key(args.device_kind or "")
+    if key in ("h100", "h200", "a100", "a100-40", "l4"):
+        return "gpu"
+    if key is not None and key != "cpu":
+        return "tpu"
+    import jax
+
+    return key or jax.default_backend()
+
+
+def expected_devices(args: argparse.Namespace, mesh: MeshConfig) -> int | None:
+    """The device count known before JAX starts (flag, slice, a mesh without -1)."""
+    if args.num_devices:
+        return args.num_devices
+    if args.accelerator:
+        return accelerator_devices(args.accelerator)[1]
+    sizes = (mesh.data, mesh.fsdp, mesh.tensor)
+    return None if -1 in sizes else sizes[0] * sizes[1] * sizes[2]
+
+
 # --------------------------------------------------------------------------- fixes
 @dataclasses.dataclass(frozen=True)
 class Fix:
@@ -271,14 +297,6 @@ HINTS: dict[str, str] = {
 
 
 # --------------------------------------------------------------------------- output
-def fmt_bytes(n: float) -> str:
-    """3 significant digits in B / kB / MB / GB (decimal)."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{int(n)} B"
-
-
 def format_plan(plan: MemoryPlan, margin: float) -> str:
     """The component table, the phase peaks and the verdict."""
     rows = [f"{'component':<30} {'phase':<9} {'group':<15} {'per device':>10}  formula"]
@@ -317,25 +335,38 @@ def plan_json(plan: MemoryPlan, margin: float) -> dict[str, Any]:
     }
 
 
+def _drop(_: str) -> None:
+    """An output that prints nothing (--json prints the figures itself)."""
+
+
 def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) -> int:
     """Exit codes: 0 fits, 2 does not fit (or the plan cannot be made)."""
     parser = argparse.ArgumentParser(prog="rlver-jax plan", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="run config YAML (default: the defaults)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     parser.add_argument("--accelerator", help="TPU slice, e.g. v5p-32, v6e-16 (devices + memory)")
-    parser.add_argument("--num-devices", type=int, help="default: accelerator's, mesh's, jax's")
+    parser.add_argument(
+        "--num-devices", "--devices", type=int, help="default: accelerator's, mesh's, jax's"
+    )
     parser.add_argument("--device-kind", help="v5p, v6e, v5e, v4, h100, h200, a100, cpu")
     parser.add_argument("--device-memory-gb", type=float, help="memory per device (GB, 1e9 B)")
     parser.add_argument("--margin", type=float, default=0.05, help="kept free (default 0.05)")
     parser.add_argument("--user-prompt-tokens", type=int, help="LLM user prompt length")
     parser.add_argument("--hf-config", help="config.json (or a known name) for absent hf paths")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="also lower and compile every program of one RL step on that many (fake CPU) "
+        "devices, abstract inputs: XLA's per-device memory, collectives and FLOPs",
+    )  # fmt: skip
     args = parser.parse_intermixed_args(argv)
     kw: dict[str, Any] = {"user_prompt_tokens": args.user_prompt_tokens}
     with tempfile.TemporaryDirectory(prefix="rlver_plan_") as tmp:
         try:
             data = load_plan_data(args.config, args.overrides, Path(tmp), args.hf_config)
             run = with_overrides(data)
+            if args.compile:  # before JAX starts: fake CPU devices for the mesh
+                plan_compile.reserve_cpu_devices(expected_devices(args, run.mesh))
             num, memory, source = detect_devices(args, run.mesh)
             on_cpu = source.startswith("cpu") or device_kind_key(args.device_kind or "") == "cpu"
             kw["platform"] = "cpu" if on_cpu else "accelerator"
@@ -356,6 +387,29 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
                 f"{policy.param_dtype}, compute {policy.dtype}, remat {policy.remat}; "
                 f"{lc.algorithm}, kl_coef {lc.kl_coef}, user {run.user.kind}")  # fmt: skip
             out(format_plan(plan, args.margin))
+        if args.compile:
+            usable, platform = (1 - args.margin) * plan.device_memory, target_platform(args)
+            try:
+                figures = plan_compile.dry_run(
+                    run, policy, user, num, platform, args.user_prompt_tokens
+                )
+            except ValueError as err:
+                print(f"rlver-jax plan: {err}", file=sys.stderr)
+                return 2
+            on_accel = platform != "cpu" and plan_compile.compiles_on_cpu(num)
+            if args.json:
+                out(json.dumps({"compiled": [f.as_json() for f in figures]}, indent=1))
+            else:
+                out(f"compiled dry run (abstract inputs, {num} devices, auto knobs for "
+                    f"{platform}):")  # fmt: skip
+            show = _drop if args.json else out
+            bf16 = policy.num_params() * 2
+            if not plan_compile.report(figures, plan, usable, bf16, on_accel, show):
+                worst = max(figures, key=lambda f: plan_compile.peak_of(f, on_accel))
+                print(f"rlver-jax plan: REFUSED: the compiled {worst.name} needs "
+                      f"{fmt_bytes(plan_compile.peak_of(worst, on_accel))} per device > "
+                      f"{fmt_bytes(usable)} usable", file=sys.stderr)  # fmt: skip
+                return 2
         if fits:
             return 0
         fixes = suggest_fixes(data, plan, num, args.margin, **kw)

@@ -253,10 +253,16 @@ class Sampler:
         layouts = [None] * len(leaves) if targets is None else jax.tree.leaves(targets)
         if all(_in_layout(x, sh, dtype) for x, sh in zip(leaves, layouts, strict=True)):
             return None
-        if self._reshard is None:
-            self._reshard = jax.jit(
-                lambda p: jax.tree.map(lambda x: x.astype(dtype), p), out_shardings=targets
-            )
+        if self._reshard is None:  # cast where the weights are, then move the narrower copy
+            sources = jax.tree.map(lambda x: getattr(x, "sharding", None), params)
+
+            def cast(x: jax.Array, source: Any) -> jax.Array:
+                if source is None:
+                    return x.astype(dtype)
+                y = jax.lax.with_sharding_constraint(x.astype(dtype), source)
+                return jax.lax.optimization_barrier(y)  # not moved after the gather
+
+            self._reshard = jax.jit(lambda p: jax.tree.map(cast, p, sources), out_shardings=targets)
         return self._reshard
 
     def trace_programs(self, batch: int, prompt_len: int, new_tokens: int) -> dict[str, Any]:
