@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 OUT = REPO / "docs" / "performance.md"
 
-KINDS = ("sample", "train", "rollout", "peer", "collectives")
+KINDS = ("sample", "train", "rollout", "peer", "collectives", "dry_run")
 MACHINES = {
     "cpu": "CPU: this project's 2-core machine (AMD EPYC, no AVX-512)",
     "h100": "GPU: one NVIDIA H100 80GB HBM3",
@@ -54,6 +54,7 @@ RECORD = {
     "peer": "bash bench/setup_peer_env.sh && /tmp/rlver-peer-venv/bin/python "
     "bench/peer_bench.py --json FILE.json",
     "collectives": "python bench/rollout_collectives.py --devices 16 --fsdp 16 --json FILE.json",
+    "dry_run": "rlver-jax plan --compile --config CONFIG --json > FILE.json",
 }
 PROGRAM = {
     "sample": "rlver-jax bench sample",
@@ -61,6 +62,7 @@ PROGRAM = {
     "rollout": "rlver-jax bench rollout",
     "peer": "python bench/peer_bench.py",
     "collectives": "python bench/rollout_collectives.py",
+    "dry_run": "rlver-jax plan",
 }
 
 # Runs made before the JSON recorded its command and time: folder/file -> (the arguments of
@@ -269,6 +271,8 @@ def command_of(run: Run, legacy_args: str, in_legacy: bool) -> str:
     """The command that produced `run`: its argv, LEGACY's entry, or one rebuilt."""
     argv = run.data.get("argv")
     if isinstance(argv, list) and all(isinstance(a, str) for a in argv):
+        if run.kind == "dry_run":  # --json is a flag there: the JSON goes to stdout
+            return f"{PROGRAM[run.kind]} {shlex.join(argv)} > FILE.json"
         return f"{PROGRAM[run.kind]} {shlex.join(with_json(argv))}"
     if in_legacy:
         return f"{PROGRAM[run.kind]} {legacy_args} --json FILE.json".replace("  ", " ")
@@ -494,6 +498,29 @@ def collectives_rows(run: Run) -> list[tuple[tuple[Any, ...], tuple[Any, ...], l
     return out
 
 
+def dry_run_rows(run: Run) -> list[tuple[tuple[Any, ...], tuple[Any, ...], list[str]]]:
+    out = []
+    d = run.data
+    setup = (d.get("config"), d.get("devices"), d.get("platform"))
+    gb = lambda x: "-" if not isinstance(x, int | float) else f"{x / 1e9:.1f}"
+    for i, r in enumerate(d["rows"]):
+        traffic = r.get("traffic") or {}
+        per_token = sum((traffic.get("per_iteration") or {}).values())
+        per_call = sum((traffic.get("per_call") or {}).values())
+        per_call += (r.get("iterations") or 1) * per_token
+        flops = (r.get("flops") or 0) + (r.get("iterations") or 1) * (
+            r.get("flops_per_iteration") or 0
+        )
+        cells = [
+            str(r.get("name")), gb(r.get("peak")), gb(r.get("judged_peak")),
+            gb(r.get("formula_peak")), gb(per_call),
+            f"{per_token / 1e6:.1f}" if (r.get("iterations") or 1) > 1 else "-",
+            f"{flops / max(1, d.get('devices') or 1) / 1e12:.3g}",
+        ]  # fmt: skip
+        out.append((setup, (setup, i, str(r.get("name"))), cells))
+    return out
+
+
 COLUMNS = {
     "sample": ("decode", "dtype", "batch", "prefill ms", "ms / step", "decode tok/s",
                "e2e tok/s", "bound ms", "x bound", "vs torch", "RSS peak MB",
@@ -508,6 +535,8 @@ COLUMNS = {
              "step s", "compile s"),
     "collectives": ("layout", "devices (mesh)", "GB per decoded token per device",
                     "x the policy's bf16 weights", "compile s"),
+    "dry_run": ("program", "peak GB (XLA:CPU)", "judged peak GB", "formula GB",
+                "collectives GB / call", "MB / decoded token", "TFLOP / device"),
 }  # fmt: skip
 TITLES = {
     "sample": "Sampling (`bench sample`)",
@@ -515,10 +544,11 @@ TITLES = {
     "rollout": "RL step (`bench rollout`)",
     "peer": "Against tunix (`bench/peer_bench.py`)",
     "collectives": "Decode collectives at full size (`bench/rollout_collectives.py`)",
+    "dry_run": "One RL step compiled at full size (`rlver-jax plan --compile`)",
 }
 ROWS = {
     "sample": sample_rows, "train": train_rows, "rollout": rollout_rows, "peer": peer_rows,
-    "collectives": collectives_rows,
+    "collectives": collectives_rows, "dry_run": dry_run_rows,
 }  # fmt: skip
 ABOUT = {
     "sample": (
@@ -548,6 +578,14 @@ ABOUT = {
         "compute, compiled by XLA from abstract inputs on fake CPU devices; the bytes its "
         "collectives move per decoded token per device, with the learner's FSDP layout and "
         "with the rollout layout (`parallel.rules.ROLLOUT_RULES`)."
+    ),
+    "dry_run": (
+        "`rlver-jax plan --compile`: every program of one RL step of {setup}, compiled by XLA "
+        "from abstract inputs on fake CPU devices (`rlver_jax.step_programs`). Per device: "
+        "*peak* = arguments + outputs - donated + temporaries + what else is live (learner "
+        "state, user weights, the rollout copy); *judged peak* leaves out XLA:CPU's f32 copies "
+        "of bf16 work, which an accelerator does not make; *formula* = `rlver-jax plan`'s "
+        "estimate of the same program. Collectives per call count loops by their trip counts."
     ),
 }
 
@@ -589,6 +627,9 @@ def setup_text(kind: str, setup: tuple[Any, ...]) -> str:
         )
     if kind == "peer":
         return ", ".join(f"{k} {v}" for k, v in setup) or "(not recorded)"
+    if kind == "dry_run" and len(setup) == 3:
+        config, devices, platform = setup
+        return f"`{config}` on {fmt(devices)} devices, `auto` knobs resolved for {platform}"
     if kind == "collectives" and len(setup) == 4:
         model, batch, prompt, new = setup
         return f"{model}, batch {fmt(batch)}, prompt {fmt(prompt)}, {fmt(new)} new tokens"

@@ -360,6 +360,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         "devices, abstract inputs: XLA's per-device memory, collectives and FLOPs",
     )  # fmt: skip
     args = parser.parse_intermixed_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     kw: dict[str, Any] = {"user_prompt_tokens": args.user_prompt_tokens}
     with tempfile.TemporaryDirectory(prefix="rlver_plan_") as tmp:
         try:
@@ -377,7 +378,8 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
             return 2
         fits = plan.fits(args.margin)
         if args.json:
-            out(json.dumps(plan_json(plan, args.margin), indent=1))
+            if not args.compile:  # else one JSON with the compiled figures, below
+                out(json.dumps(plan_json(plan, args.margin), indent=1))
         else:
             mesh = " ".join(f"{k}={v}" for k, v in plan.mesh.items())
             out(f"memory plan: {args.config or '(defaults)'} on {num} devices, mesh {mesh}; "
@@ -398,7 +400,9 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
                 return 2
             on_accel = platform != "cpu" and plan_compile.compiles_on_cpu(num)
             if args.json:
-                out(json.dumps({"compiled": [f.as_json() for f in figures]}, indent=1))
+                doc = plan_compile.dry_run_json(figures, plan, platform, on_accel, argv)
+                out(json.dumps(doc | {"config": args.config, "plan": plan_json(plan, args.margin)},
+                               indent=1))  # fmt: skip
             else:
                 out(f"compiled dry run (abstract inputs, {num} devices, auto knobs for "
                     f"{platform}):")  # fmt: skip

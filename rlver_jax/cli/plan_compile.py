@@ -68,7 +68,7 @@ def format_figures(
         f"{'TFLOP/dev':>9}"
     )
     rows = [head]
-    devices = max(1, plan.mesh["data"] * plan.mesh["fsdp"] * plan.mesh["tensor"])
+    devices = max(1, _devices(plan))
     for f in figures:
         formula = formula_peak(plan, f.name)
         per_token = fmt_bytes(f.traffic.total_per_iteration) if f.iterations > 1 else "-"
@@ -89,6 +89,29 @@ def format_figures(
         f"{100 * peak / usable:.0f}% of {fmt_bytes(usable)} usable: {verdict}"
     )
     return "\n".join(rows)
+
+
+def dry_run_json(
+    figures: list[ProgramFigures], plan: MemoryPlan, platform: str, on_accelerator: bool,
+    argv: list[str],
+) -> dict[str, Any]:  # fmt: skip
+    """The figures as a `bench/results` JSON (kind "dry_run", rendered by bench/perf_doc.py)."""
+    import jax
+
+    rows = [
+        f.as_json() | {"formula_peak": formula_peak(plan, f.name),
+                       "judged_peak": peak_of(f, on_accelerator)}
+        for f in figures
+    ]  # fmt: skip
+    return {
+        "kind": "dry_run", "argv": argv, "jax": jax.__version__,
+        "platform": platform, "devices": _devices(plan),
+        "mesh": plan.mesh, "device_memory": plan.device_memory, "rows": rows,
+    }  # fmt: skip
+
+
+def _devices(plan: MemoryPlan) -> int:
+    return plan.mesh["data"] * plan.mesh["fsdp"] * plan.mesh["tensor"]
 
 
 def dry_run(
