@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from rlver_jax.bench.models import model_config
+from rlver_jax.env.llm_judge import CandidateTable, JudgeScorer
 from rlver_jax.models.sharding import param_shardings
 from rlver_jax.models.transformer import param_shapes
 from rlver_jax.parallel import MeshConfig, make_mesh, shard_params
@@ -130,3 +131,28 @@ def test_rules_from_the_config_merge_over_the_defaults() -> None:
         MeshConfig(rules={"embd": "fsdp"})
     with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
         MeshConfig(rollout_rules={"mlp": "model"})
+
+
+@pytest.mark.parametrize("mesh_cfg", MESHES, ids=["fsdp8", "fsdp2_tensor4"])
+def test_the_llm_user_judges_and_replies_alike_in_both_layouts(mesh_cfg: MeshConfig) -> None:
+    """The LLM user's two programs, its judge (`JudgeScorer`) and its reply sampler, on weights
+    placed as `LLMUser` places them (`shard_params` in the rollout's rules) give the scores and
+    the greedy replies of the learner's layout and of one device."""
+    params = _params()
+    mesh = make_mesh(mesh_cfg)
+    table = CandidateTable(
+        changes=(-1, 0, 1), texts=("-1", "0", "1"), ids=((5, 6), (7,), (8, 9)), terminators=(3,)
+    )
+    kw = {"pad_id": PAD, "prompt_buckets": (16,), "batch_buckets": (8,)}
+    ref = JudgeScorer(CONFIG, **kw)(params, PROMPTS, table)
+    ref_reply = Sampler(CONFIG, pad_id=PAD, sampler_config=BUCKETS)(
+        params, PROMPTS, max_new_tokens=8, temperature=0.0
+    )
+    for rules in (ROLLOUT_RULES, DEFAULT_RULES):
+        placed = shard_params(params, param_shardings(CONFIG, mesh, rules))
+        scores = JudgeScorer(CONFIG, mesh=mesh, rules=rules, **kw)(placed, PROMPTS, table)
+        np.testing.assert_allclose(scores, ref, atol=1e-4)
+        sampler = Sampler(CONFIG, mesh=mesh, pad_id=PAD, sampler_config=BUCKETS, rules=rules)
+        reply = sampler(placed, PROMPTS, max_new_tokens=8, temperature=0.0)
+        np.testing.assert_array_equal(reply.tokens, ref_reply.tokens)
+        np.testing.assert_allclose(reply.logprobs, ref_reply.logprobs, atol=1e-4)
